@@ -1,0 +1,44 @@
+// Token shift with n_mix mixing vectors:
+//   out[m, n, c] = x[n, c] + (prev[n, c] - x[n, c]) * mix[m, c]
+// where prev is the previous token of the same sequence, or the carried state
+// (the last token's x from the previous call) for the first token of a sequence.
+
+struct Params {
+    n_tok: u32,
+    dim: u32,
+    n_mix: u32,
+    mix_offset: u32,   // mix [n_mix, dim] in vecs
+    state_stride: u32, // elements per sequence in state
+    state_offset: u32, // this layer's shift state within a sequence
+    out_plane: u32,    // elements between consecutive m in out
+    _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;         // [n_tok, dim]
+@group(0) @binding(2) var<storage, read> tok_seq: array<u32>;   // [n_tok] sequence of each token
+@group(0) @binding(3) var<storage, read> seq_start: array<u32>; // [n_seq + 1] first token of each sequence
+@group(0) @binding(4) var<storage, read> state: array<f32>;     // [n_seq, state_stride]
+@group(0) @binding(5) var<storage, read> vecs: array<f32>;      // per-layer vectors
+@group(0) @binding(6) var<storage, read_write> out: array<f32>; // [n_mix, out_plane]
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let n = gid.y;
+    if (c >= p.dim || n >= p.n_tok) {
+        return;
+    }
+    let b = tok_seq[n];
+    let cur = x[n * p.dim + c];
+    var prev: f32;
+    if (n == seq_start[b]) {
+        prev = state[b * p.state_stride + p.state_offset + c];
+    } else {
+        prev = x[(n - 1u) * p.dim + c];
+    }
+    let d = prev - cur;
+    for (var m = 0u; m < p.n_mix; m++) {
+        out[m * p.out_plane + n * p.dim + c] = cur + d * vecs[p.mix_offset + m * p.dim + c];
+    }
+}

@@ -1,0 +1,70 @@
+//! One error type for the library. Every variant names what was wrong:
+//! the file, the tensor, the expected and the found shape or dtype.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is truncated: {detail}")]
+    TruncatedFile { path: PathBuf, detail: String },
+
+    #[error("{path} has a bad safetensors header: {detail}")]
+    BadHeader { path: PathBuf, detail: String },
+
+    #[error("{path} is not an RWKV checkpoint: {detail}")]
+    NotRwkv { path: PathBuf, detail: String },
+
+    #[error("{path}: RWKV version {version} is recognised but not supported yet (supported: 7)")]
+    UnsupportedVersion { path: PathBuf, version: String },
+
+    #[error("missing tensor `{name}`")]
+    MissingTensor { name: String },
+
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor `{name}`: dtype {dtype} is not supported (expected F32, F16 or BF16)")]
+    UnsupportedDtype { name: String, dtype: String },
+
+    #[error("unsupported model shape: {0}")]
+    UnsupportedShape(String),
+
+    #[error("token id {token} at position {position} of sequence {sequence} is out of range (vocab {vocab})")]
+    BadToken {
+        sequence: usize,
+        position: usize,
+        token: u32,
+        vocab: usize,
+    },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+
+    #[error("cannot open a device on adapter `{adapter}`: {detail}")]
+    RequestDevice { adapter: String, detail: String },
+
+    #[error("GPU out of memory while allocating {what} ({bytes} bytes)")]
+    OutOfMemory { what: String, bytes: u64 },
+
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+
+    #[error("GPU error: {0}")]
+    Gpu(String),
+}

@@ -1,0 +1,247 @@
+//! The compute kernels: one WGSL file each under `shaders/`, and for each one
+//! the `#[repr(C)]` struct that mirrors its `Params` uniform field by field.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::GpuContext;
+use crate::error::{Error, Result};
+use crate::loader::Dtype;
+
+/// Shared WGSL helpers prepended to every kernel (WGSL has no includes).
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Embedding,
+    LayerNorm,
+    TokenShift,
+    StoreLast,
+    GatherRows,
+    Linear,
+    V7Prep,
+    Wkv7,
+    V7Out,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 9] = [
+        Kernel::Embedding,
+        Kernel::LayerNorm,
+        Kernel::TokenShift,
+        Kernel::StoreLast,
+        Kernel::GatherRows,
+        Kernel::Linear,
+        Kernel::V7Prep,
+        Kernel::Wkv7,
+        Kernel::V7Out,
+    ];
+
+    fn source(self) -> &'static str {
+        match self {
+            Kernel::Embedding => include_str!("../../shaders/embedding.wgsl"),
+            Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
+            Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
+            Kernel::StoreLast => include_str!("../../shaders/store_last.wgsl"),
+            Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
+            Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
+            Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
+            Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
+            Kernel::V7Out => include_str!("../../shaders/v7_out.wgsl"),
+        }
+    }
+}
+
+/// Workgroup size of every kernel (threads along x).
+pub const WG: u32 = 64;
+/// Tokens per invocation in `linear.wgsl` (its `TN`).
+pub const LINEAR_TN: u32 = 4;
+/// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
+pub const MAX_HEAD_SIZE: usize = 64;
+
+/// `WDTYPE` override value for a weight dtype.
+pub fn wdtype(d: Dtype) -> u32 {
+    match d {
+        Dtype::F32 => 0,
+        Dtype::F16 => 1,
+        Dtype::BF16 => 2,
+    }
+}
+
+/// Activation applied by `linear.wgsl` before storing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Act {
+    None = 0,
+    Tanh = 1,
+    Sigmoid = 2,
+    /// relu(x)², the RWKV channel-mix key activation.
+    ReluSq = 3,
+}
+
+/// `linear.wgsl`: Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct LinearParams {
+    pub n_rows: u32,
+    pub d_in: u32,
+    pub d_out: u32,
+    pub row0: u32,
+    pub part_rows: u32,
+    pub x_offset: u32,
+    pub y_offset: u32,
+    pub act: u32,
+    pub accumulate: u32,
+    pub _pad: [u32; 3],
+}
+
+/// `embedding.wgsl`: out[n, :] = W[tokens[n] - row0, :] for tokens in this part.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct EmbeddingParams {
+    pub n_tok: u32,
+    pub dim: u32,
+    pub row0: u32,
+    pub part_rows: u32,
+}
+
+/// `layer_norm.wgsl`: y = (x - mean) / sqrt(var + eps) * w + b per row.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct LayerNormParams {
+    pub n_rows: u32,
+    pub dim: u32,
+    pub x_offset: u32,
+    pub y_offset: u32,
+    pub w_offset: u32,
+    pub b_offset: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+/// `token_shift.wgsl`: out[m, n, c] = x + (prev - x) * mix[m, c].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct TokenShiftParams {
+    pub n_tok: u32,
+    pub dim: u32,
+    pub n_mix: u32,
+    pub mix_offset: u32,
+    pub state_stride: u32,
+    pub state_offset: u32,
+    pub out_plane: u32,
+    pub _pad: u32,
+}
+
+/// `store_last.wgsl`: state[b] = x[last token of b] for sequences with tokens.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct StoreLastParams {
+    pub n_seq: u32,
+    pub dim: u32,
+    pub state_stride: u32,
+    pub state_offset: u32,
+}
+
+/// `gather_rows.wgsl`: out[r, :] = x[rows[r], :].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GatherParams {
+    pub n_out: u32,
+    pub dim: u32,
+    pub rows_offset: u32,
+    pub _pad: u32,
+}
+
+/// `v7_prep.wgsl`: decay, a, kk, k and the value residual of RWKV-7.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct V7PrepParams {
+    pub n_tok: u32,
+    pub dim: u32,
+    pub head_size: u32,
+    pub plane: u32,
+    pub layer0: u32,
+    pub w0: u32,
+    pub a0: u32,
+    pub v0: u32,
+    pub k_k: u32,
+    pub k_a: u32,
+    pub _pad: [u32; 2],
+}
+
+/// `wkv7.wgsl`: the RWKV-7 state recurrence, one workgroup per (head, sequence).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Wkv7Params {
+    pub n_seq: u32,
+    pub n_head: u32,
+    pub head_size: u32,
+    pub dim: u32,
+    pub plane: u32,
+    pub state_stride: u32,
+    pub state_offset: u32,
+    pub _pad: u32,
+}
+
+/// `v7_out.wgsl`: group norm, the r·k·r_k bonus and the gate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct V7OutParams {
+    pub n_tok: u32,
+    pub dim: u32,
+    pub head_size: u32,
+    pub plane: u32,
+    pub lnx_w: u32,
+    pub lnx_b: u32,
+    pub r_k: u32,
+    pub eps: f32,
+}
+
+/// Plane indices of the RWKV-7 time-mix activation buffer `[PLANES, tokens, C]`.
+pub mod plane {
+    pub const R: u32 = 0;
+    pub const W: u32 = 1;
+    pub const K: u32 = 2;
+    pub const V: u32 = 3;
+    pub const A: u32 = 4;
+    pub const G: u32 = 5;
+    pub const KK: u32 = 6;
+    pub const V_FIRST: u32 = 7;
+    pub const V_GATE: u32 = 8;
+    pub const COUNT: u32 = 9;
+}
+
+impl GpuContext {
+    /// The compiled pipeline for `kernel` (with weights of `wdtype`), built on
+    /// first use and cached.
+    pub fn pipeline(&self, kernel: Kernel, wdtype: u32) -> Result<wgpu::ComputePipeline> {
+        let key = (kernel, wdtype);
+        if let Some(p) = self.shared.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let device = self.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let source = format!("{COMMON}\n{}", kernel.source());
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&format!("{kernel:?}")),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let constants = [("WDTYPE", wdtype as f64)];
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&format!("{kernel:?}")),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("compiling kernel {kernel:?}: {e}")));
+        }
+        self.shared.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

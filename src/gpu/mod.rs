@@ -1,0 +1,394 @@
+//! GPU context: adapter choice, device with the adapter's real limits, tracked
+//! buffers, and errors turned into values instead of panics.
+
+pub mod kernels;
+mod recorder;
+
+pub use kernels::{Act, Kernel};
+pub use recorder::{ParamArena, Recorder};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// Environment variable that selects an adapter: a substring of the adapter
+/// name (`llvmpipe`, `NVIDIA`, ...) or a backend (`vulkan`, `metal`, `dx12`, `gl`).
+pub const ADAPTER_ENV: &str = "RWKV_ADAPTER";
+
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Adapter name substring or backend name; `None` reads [`ADAPTER_ENV`],
+    /// and if that is unset too, the best adapter is chosen (discrete, then
+    /// integrated, then virtual, then CPU).
+    pub adapter: Option<String>,
+}
+
+/// What was chosen, for printing.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {}", self.name, self.backend, self.device_type)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        write!(f, ")")
+    }
+}
+
+struct Shared {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    adapter: AdapterSummary,
+    /// Bytes of every live buffer made through this context.
+    allocated: AtomicU64,
+    /// First uncaptured error or device loss, reported at the next sync point.
+    fault: Mutex<Option<Error>>,
+    pipelines: Mutex<HashMap<(Kernel, u32), wgpu::ComputePipeline>>,
+    dispatches: AtomicU64,
+}
+
+/// Cheap to clone; all clones share one device.
+#[derive(Clone)]
+pub struct GpuContext {
+    shared: Arc<Shared>,
+}
+
+impl GpuContext {
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let wanted = opts
+            .adapter
+            .clone()
+            .or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let backends = match wanted.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            Some("gl") | Some("gles") | Some("opengl") => wgpu::Backends::GL,
+            _ => wgpu::Backends::PRIMARY,
+        };
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        let found: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect();
+        let adapter = match &wanted {
+            Some(w) => {
+                let w = w.to_ascii_lowercase();
+                adapters.into_iter().find(|a| {
+                    let i = a.get_info();
+                    i.name.to_ascii_lowercase().contains(&w)
+                        || format!("{:?}", i.backend).to_ascii_lowercase() == w
+                })
+            }
+            None => adapters.into_iter().min_by_key(|a| {
+                match a.get_info().device_type {
+                    wgpu::DeviceType::DiscreteGpu => 0,
+                    wgpu::DeviceType::IntegratedGpu => 1,
+                    wgpu::DeviceType::VirtualGpu => 2,
+                    wgpu::DeviceType::Cpu => 3,
+                    wgpu::DeviceType::Other => 4,
+                }
+            }),
+        };
+        let adapter = adapter.ok_or_else(|| {
+            let what = match &wanted {
+                Some(w) => format!(" matching `{w}`"),
+                None => String::new(),
+            };
+            Error::NoAdapter(format!(
+                "{what}; adapters found: [{}]{}",
+                found.join(", "),
+                if found.is_empty() {
+                    " (install a Vulkan driver, e.g. Mesa's lavapipe: mesa-vulkan-drivers)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        let info = adapter.get_info();
+        let summary = AdapterSummary {
+            name: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: [info.driver.as_str(), info.driver_info.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        // The adapter's real limits: lavapipe allows 128 MiB storage bindings
+        // where the WebGPU defaults stop at 128 MiB too, but discrete GPUs allow
+        // far more, and defaults would cap workgroup storage and buffer counts.
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("rwkv-wgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: summary.name.clone(),
+            detail: e.to_string(),
+        })?;
+        let shared = Arc::new(Shared {
+            device,
+            queue,
+            limits,
+            adapter: summary,
+            allocated: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            pipelines: Mutex::new(HashMap::new()),
+            dispatches: AtomicU64::new(0),
+        });
+        // Validation errors and device loss become values reported by the next
+        // `check`/sync point instead of wgpu's default panic.
+        let weak = Arc::downgrade(&shared);
+        shared
+            .device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                if let Some(s) = weak.upgrade() {
+                    let err = match &e {
+                        wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory {
+                            what: "a GPU operation".into(),
+                            bytes: 0,
+                        },
+                        other => Error::Gpu(other.to_string()),
+                    };
+                    s.fault.lock().unwrap().get_or_insert(err);
+                }
+            }));
+        let weak = Arc::downgrade(&shared);
+        shared
+            .device
+            .set_device_lost_callback(move |reason, msg| {
+                if let Some(s) = weak.upgrade() {
+                    if reason != wgpu::DeviceLostReason::Destroyed {
+                        s.fault
+                            .lock()
+                            .unwrap()
+                            .get_or_insert(Error::DeviceLost(format!("{reason:?}: {msg}")));
+                    }
+                }
+            });
+        Ok(Self { shared })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.shared.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.shared.queue
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.shared.limits
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.shared.adapter
+    }
+
+    /// Largest buffer that one storage binding may cover.
+    pub fn max_binding_bytes(&self) -> u64 {
+        (self.shared.limits.max_storage_buffer_binding_size as u64).min(self.shared.limits.max_buffer_size)
+    }
+
+    /// Bytes of all live buffers allocated through this context.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.shared.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Compute dispatches recorded since the context was made.
+    pub fn dispatch_count(&self) -> u64 {
+        self.shared.dispatches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_dispatches(&self, n: u64) {
+        self.shared.dispatches.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Returns (and clears) an error that happened asynchronously.
+    pub fn check(&self) -> Result<()> {
+        match self.shared.fault.lock().unwrap().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a zeroed buffer (wgpu zero-initialises every buffer),
+    /// reporting out-of-memory as an error.
+    pub fn buffer(&self, what: &str, size: u64, usage: wgpu::BufferUsages) -> Result<GpuBuffer> {
+        let size = size.max(4).next_multiple_of(4);
+        self.create(what, size, usage, false)
+    }
+
+    fn create(&self, what: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> Result<GpuBuffer> {
+        let max = self.shared.limits.max_buffer_size;
+        if size > max {
+            return Err(Error::OutOfMemory {
+                what: format!("{what} (larger than the adapter's max buffer size {max})"),
+                bytes: size,
+            });
+        }
+        let device = &self.shared.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size,
+            usage,
+            mapped_at_creation: mapped,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory {
+                what: format!("{what}: {e}"),
+                bytes: size,
+            });
+        }
+        Ok(self.track(buffer, size))
+    }
+
+    /// Creates a buffer holding `bytes` (zero-padded to a multiple of 4),
+    /// copied straight from `bytes` (e.g. a memory-mapped file) into the
+    /// buffer's mapping: no second CPU copy of the data is made.
+    pub fn buffer_from_bytes(&self, what: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> Result<GpuBuffer> {
+        let size = (bytes.len() as u64).max(4).next_multiple_of(4);
+        let buf = self.create(what, size, usage, true)?;
+        let buffer = buf.raw();
+        {
+            let mut view = buffer.get_mapped_range_mut(..).map_err(|e| Error::Gpu(format!("mapping {what}: {e}")))?;
+            let mut w = view.slice(..);
+            w.slice(..bytes.len()).copy_from_slice(bytes);
+            if size as usize > bytes.len() {
+                w.slice(bytes.len()..).copy_from_slice(&[0u8; 4][..size as usize - bytes.len()]);
+            }
+        }
+        buffer.unmap();
+        Ok(buf)
+    }
+
+    /// A storage buffer holding `data` as f32.
+    pub fn storage_f32(&self, what: &str, data: &[f32]) -> Result<GpuBuffer> {
+        self.buffer_from_bytes(what, bytemuck::cast_slice(data), STORAGE)
+    }
+
+    /// A storage buffer holding `data` as u32.
+    pub fn storage_u32(&self, what: &str, data: &[u32]) -> Result<GpuBuffer> {
+        self.buffer_from_bytes(what, bytemuck::cast_slice(data), STORAGE)
+    }
+
+    fn track(&self, buffer: wgpu::Buffer, size: u64) -> GpuBuffer {
+        self.shared.allocated.fetch_add(size, Ordering::Relaxed);
+        GpuBuffer {
+            buffer,
+            size,
+            ctx: self.shared.clone(),
+        }
+    }
+
+    /// Waits for all submitted work; reports device loss and async errors.
+    pub fn sync(&self) -> Result<()> {
+        self.shared
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        self.check()
+    }
+
+    /// Copies `size` bytes at `offset` of `src` back to the CPU through
+    /// `staging` (a MAP_READ | COPY_DST buffer at least `size` bytes long).
+    pub fn read_into(&self, src: &GpuBuffer, offset: u64, size: u64, staging: &GpuBuffer, out: &mut [u8]) -> Result<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        let mut enc = self.device().create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src.raw(), offset, staging.raw(), 0, size);
+        self.queue().submit([enc.finish()]);
+        self.map_read(staging, out)
+    }
+
+    /// Waits for the GPU, maps `staging` and copies its first `out.len()`
+    /// bytes out. The copy into `staging` must already be submitted.
+    pub fn map_read(&self, staging: &GpuBuffer, out: &mut [u8]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let size = (out.len() as u64).next_multiple_of(4);
+        let slice = staging.raw().slice(..size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.sync()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("buffer map callback dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping a buffer for reading: {e}")))?;
+        {
+            let view = slice.get_mapped_range().map_err(|e| Error::Gpu(e.to_string()))?;
+            out.copy_from_slice(&view[..out.len()]);
+        }
+        staging.raw().unmap();
+        Ok(())
+    }
+
+    /// Reads `size` bytes of a buffer with a temporary staging buffer.
+    pub fn read_bytes(&self, src: &GpuBuffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let staging = self.buffer("readback staging", size, READBACK)?;
+        let mut out = vec![0u8; size as usize];
+        self.read_into(src, offset, size.next_multiple_of(4), &staging, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads a whole buffer as f32.
+    pub fn read_f32(&self, src: &GpuBuffer) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(src, 0, src.size())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}
+
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
+
+/// A GPU buffer whose bytes are counted in [`GpuContext::allocated_bytes`]
+/// for as long as it lives.
+pub struct GpuBuffer {
+    buffer: wgpu::Buffer,
+    size: u64,
+    ctx: Arc<Shared>,
+}
+
+impl GpuBuffer {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        self.ctx.allocated.fetch_sub(self.size, Ordering::Relaxed);
+    }
+}

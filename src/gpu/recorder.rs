@@ -1,0 +1,184 @@
+//! Records the dispatches of one step, then encodes them into a single
+//! command buffer and one submission. Every dispatch's `Params` goes into one
+//! uniform buffer (the arena), at 256-byte aligned slots, written once per
+//! submission: nothing is allocated per step once the arena has its size.
+
+use bytemuck::Pod;
+
+use super::{GpuBuffer, GpuContext, Kernel};
+use crate::error::{Error, Result};
+
+enum Op<'a> {
+    Dispatch {
+        pipeline: wgpu::ComputePipeline,
+        params: Vec<u8>,
+        buffers: Vec<&'a GpuBuffer>,
+        groups: [u32; 3],
+    },
+    Copy {
+        src: &'a GpuBuffer,
+        src_offset: u64,
+        dst: &'a GpuBuffer,
+        dst_offset: u64,
+        size: u64,
+    },
+}
+
+pub struct Recorder<'a> {
+    ctx: &'a GpuContext,
+    ops: Vec<Op<'a>>,
+}
+
+/// The uniform buffer that holds every dispatch's parameters.
+#[derive(Default)]
+pub struct ParamArena {
+    buffer: Option<GpuBuffer>,
+    bytes: Vec<u8>,
+}
+
+impl ParamArena {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(ctx: &'a GpuContext) -> Self {
+        Self { ctx, ops: Vec::new() }
+    }
+
+    /// Records one dispatch of `kernel`: binding 0 is `params`, bindings
+    /// 1.. are `buffers` in order, bound whole.
+    pub fn dispatch<P: Pod>(
+        &mut self,
+        kernel: Kernel,
+        wdtype: u32,
+        params: &P,
+        buffers: &[&'a GpuBuffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.ctx.limits().max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::InvalidArgument(format!(
+                "{kernel:?} needs {groups:?} workgroups, over the adapter's limit of {max} per dimension"
+            )));
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.ctx.pipeline(kernel, wdtype)?;
+        self.ops.push(Op::Dispatch {
+            pipeline,
+            params: bytemuck::bytes_of(params).to_vec(),
+            buffers: buffers.to_vec(),
+            groups,
+        });
+        Ok(())
+    }
+
+    /// Records a buffer copy, ordered with the dispatches around it.
+    pub fn copy(&mut self, src: &'a GpuBuffer, src_offset: u64, dst: &'a GpuBuffer, dst_offset: u64, size: u64) {
+        if size > 0 {
+            self.ops.push(Op::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            });
+        }
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.ops.iter().filter(|o| matches!(o, Op::Dispatch { .. })).count()
+    }
+
+    /// Encodes everything recorded into one command buffer and submits it.
+    pub fn submit(self, arena: &mut ParamArena) -> Result<()> {
+        let ctx = self.ctx;
+        let align = (ctx.limits().min_uniform_buffer_offset_alignment as usize).max(16);
+        let slot = 64usize.next_multiple_of(align);
+        let n = self.ops.len();
+        let need = (n.max(1) * slot) as u64;
+        if arena.buffer.as_ref().is_none_or(|b| b.size() < need) {
+            arena.buffer = None;
+            arena.buffer = Some(ctx.buffer(
+                "params arena",
+                need,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            )?);
+        }
+        let arena_buf = arena.buffer.as_ref().unwrap();
+        arena.bytes.clear();
+        arena.bytes.resize(n * slot, 0);
+        for (i, op) in self.ops.iter().enumerate() {
+            if let Op::Dispatch { params, .. } = op {
+                arena.bytes[i * slot..i * slot + params.len()].copy_from_slice(params);
+            }
+        }
+        if !arena.bytes.is_empty() {
+            ctx.queue().write_buffer(arena_buf.raw(), 0, &arena.bytes);
+        }
+
+        let device = ctx.device();
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rwkv step") });
+        let mut dispatches = 0u64;
+        let mut i = 0;
+        while i < n {
+            if let Op::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            } = &self.ops[i]
+            {
+                enc.copy_buffer_to_buffer(src.raw(), *src_offset, dst.raw(), *dst_offset, *size);
+                i += 1;
+                continue;
+            }
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            while i < n {
+                let Op::Dispatch {
+                    pipeline,
+                    params,
+                    buffers,
+                    groups,
+                } = &self.ops[i]
+                else {
+                    break;
+                };
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: arena_buf.raw(),
+                        offset: (i * slot) as u64,
+                        size: wgpu::BufferSize::new(params.len() as u64),
+                    }),
+                }];
+                for (b, buf) in buffers.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: b as u32 + 1,
+                        resource: buf.raw().as_entire_binding(),
+                    });
+                }
+                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                dispatches += 1;
+                i += 1;
+            }
+        }
+        ctx.queue().submit([enc.finish()]);
+        ctx.count_dispatches(dispatches);
+        ctx.check()
+    }
+}

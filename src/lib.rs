@@ -1,0 +1,29 @@
+//! rwkv-wgpu: RWKV language models on any GPU through wgpu and WGSL compute
+//! shaders.
+//!
+//! ```no_run
+//! use rwkv_wgpu::{GpuContext, GpuOptions, LoadOptions, LogitsMode, Model};
+//! # fn main() -> rwkv_wgpu::Result<()> {
+//! let ctx = GpuContext::new(&GpuOptions::default())?;
+//! let mut model = Model::load(&ctx, "model.safetensors", &LoadOptions::default())?;
+//! let mut state = model.new_state(1)?;
+//! let logits = model.forward(&mut state, &[&[510, 4419, 310]], LogitsMode::Last)?;
+//! assert_eq!(logits[0].len(), model.info().vocab);
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod gpu;
+pub mod loader;
+pub mod matrix;
+pub mod model;
+pub mod npy;
+pub mod reference;
+pub mod state;
+
+pub use error::{Error, Result};
+pub use gpu::{GpuContext, GpuOptions};
+pub use loader::{Dtype, SafeTensorsFile};
+pub use matrix::Matrix;
+pub use model::{detect_version, LoadOptions, LogitsMode, Model, ModelInfo, Version};
+pub use state::{State, StateData};

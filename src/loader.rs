@@ -1,0 +1,223 @@
+//! Memory-mapped safetensors reading with shape and dtype checks.
+//!
+//! The file is mapped, never read into RAM as a whole: tensors are handed out
+//! as borrowed byte slices of the mapping, and the GPU upload copies each one
+//! straight into a mapped GPU buffer. Dropping the `SafeTensorsFile` releases
+//! the mapping.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::SafeTensorError;
+
+use crate::error::{Error, Result};
+
+/// Element types the runtime reads from a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+        }
+    }
+}
+
+struct Entry {
+    dtype: std::result::Result<Dtype, String>,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// An opened, validated safetensors file.
+pub struct SafeTensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    entries: HashMap<String, Entry>,
+}
+
+/// A borrowed view of one tensor in the mapping.
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    /// Little-endian element bytes, row-major.
+    pub bytes: &'a [u8],
+}
+
+impl SafeTensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        // SAFETY: the mapping is read-only; a file changed underneath us while
+        // loading can give wrong weights but not memory unsafety in our code,
+        // which only ever copies bytes out of it.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| header_error(&path, mmap.len(), e))?;
+        let data_start = 8 + header_len;
+        let mut entries = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => Ok(Dtype::F32),
+                safetensors::Dtype::F16 => Ok(Dtype::F16),
+                safetensors::Dtype::BF16 => Ok(Dtype::BF16),
+                other => Err(format!("{other:?}")),
+            };
+            let (a, b) = info.data_offsets;
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + a,
+                    end: data_start + b,
+                },
+            );
+        }
+        Ok(Self {
+            path,
+            mmap,
+            entries,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// A tensor of any shape; errors if missing or of an unsupported dtype.
+    pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDtype {
+            name: name.into(),
+            dtype,
+        })?;
+        Ok(Tensor {
+            name: key,
+            dtype,
+            shape: &e.shape,
+            bytes: &self.mmap[e.start..e.end],
+        })
+    }
+
+    /// A tensor that must have exactly `shape`.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor<'_>> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+}
+
+fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {
+    let path = path.to_path_buf();
+    match e {
+        SafeTensorError::HeaderTooSmall => Error::TruncatedFile {
+            path,
+            detail: format!("{file_len} bytes, shorter than the 8-byte header length"),
+        },
+        SafeTensorError::InvalidHeaderLength => Error::TruncatedFile {
+            path,
+            detail: format!("the header length runs past the end of the file ({file_len} bytes)"),
+        },
+        SafeTensorError::MetadataIncompleteBuffer => Error::TruncatedFile {
+            path,
+            detail: format!(
+                "the tensor data does not match the file size ({file_len} bytes)"
+            ),
+        },
+        other => Error::BadHeader {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+impl Tensor<'_> {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` widened to f32 (exact for all three dtypes).
+    #[inline]
+    pub fn at(&self, i: usize) -> f32 {
+        let b = self.bytes;
+        match self.dtype {
+            Dtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+            Dtype::F16 => f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+            Dtype::BF16 => bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+        }
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        (0..self.len()).map(|i| self.at(i)).collect()
+    }
+
+    pub fn to_f64(&self) -> Vec<f64> {
+        (0..self.len()).map(|i| self.at(i) as f64).collect()
+    }
+
+    /// The bytes of a 2-D tensor `[rows, cols]` transposed to `[cols, rows]`,
+    /// in the same dtype (a pure permutation, so exact).
+    pub fn transposed_bytes(&self) -> Vec<u8> {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let s = self.dtype.size();
+        let mut out = vec![0u8; self.bytes.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                let src = (r * cols + c) * s;
+                let dst = (c * rows + r) * s;
+                out[dst..dst + s].copy_from_slice(&self.bytes[src..src + s]);
+            }
+        }
+        out
+    }
+}

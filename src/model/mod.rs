@@ -1,0 +1,295 @@
+//! Loading a checkpoint, detecting its RWKV generation, and running it over
+//! batches of token sequences in bounded chunks.
+
+pub mod v7;
+
+use std::fmt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::loader::{Dtype, SafeTensorsFile};
+use crate::state::State;
+
+/// RWKV generations, as ChatRWKV tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V4,
+    V5_0,
+    V5_1,
+    V5_2,
+    V6,
+    V7,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Version::V4 => "4",
+            Version::V5_0 => "5.0",
+            Version::V5_1 => "5.1",
+            Version::V5_2 => "5.2",
+            Version::V6 => "6",
+            Version::V7 => "7",
+        })
+    }
+}
+
+/// Detects the generation from tensor names and shapes:
+/// `r_k` → 7, `time_maa_x` → 6, `ln_x` without a gate → 5.0,
+/// `time_decay` of shape `[H]` → 5.1, `[H, N]` → 5.2, otherwise 4.
+pub fn detect_version(f: &SafeTensorsFile) -> Result<Version> {
+    if !f.contains("emb.weight") || !f.contains("blocks.0.ln1.weight") {
+        let mut names: Vec<&str> = f.names().collect();
+        names.sort_unstable();
+        let shown: Vec<&str> = names.iter().take(8).copied().collect();
+        return Err(Error::NotRwkv {
+            path: f.path().to_path_buf(),
+            detail: format!(
+                "no `emb.weight` / `blocks.0.ln1.weight`; found {} tensors: [{}{}]",
+                names.len(),
+                shown.join(", "),
+                if names.len() > shown.len() { ", ..." } else { "" }
+            ),
+        });
+    }
+    let a = "blocks.0.att.";
+    Ok(if f.contains(&format!("{a}r_k")) {
+        Version::V7
+    } else if f.contains(&format!("{a}time_maa_x")) {
+        Version::V6
+    } else if f.contains(&format!("{a}ln_x.weight")) {
+        if !f.contains(&format!("{a}gate.weight")) {
+            Version::V5_0
+        } else if f.shape(&format!("{a}time_decay")).is_some_and(|s| s.len() == 1) {
+            Version::V5_1
+        } else {
+            Version::V5_2
+        }
+    } else {
+        Version::V4
+    })
+}
+
+/// Which logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// `[vocab]` for the last token of each sequence (empty for a sequence given no tokens).
+    Last,
+    /// `[tokens, vocab]` for every token of each sequence.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Split weight matrices into parts of at most this many bytes (default:
+    /// the adapter's storage-binding limit). Smaller values exist for tests.
+    pub max_part_bytes: Option<u64>,
+    /// Most tokens (summed over the batch) processed in one GPU step;
+    /// per-step buffers are sized by it.
+    pub chunk_tokens: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_part_bytes: None,
+            chunk_tokens: DEFAULT_CHUNK_TOKENS,
+        }
+    }
+}
+
+pub const DEFAULT_CHUNK_TOKENS: usize = 128;
+
+/// Dimensions and sizes, derived from the tensor shapes.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub version: Version,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub head_size: usize,
+    pub vocab: usize,
+    pub ffn: usize,
+    /// Named LoRA widths (v7: decay, aaa, mv, gate).
+    pub lora: Vec<(&'static str, usize)>,
+    pub dtype: Dtype,
+    pub parameters: u64,
+    /// GPU bytes of the uploaded weights.
+    pub weight_bytes: u64,
+    pub state_bytes_per_sequence: u64,
+}
+
+/// One GPU step: the tokens of every sequence laid end to end.
+#[derive(Debug, Default, Clone)]
+pub struct Chunk {
+    /// [n_tok] token ids.
+    pub tokens: Vec<u32>,
+    /// [n_tok] sequence of each token.
+    pub tok_seq: Vec<u32>,
+    /// [batch + 1] first token row of each sequence; sequence b owns rows
+    /// `seq_start[b] .. seq_start[b+1]` (possibly none).
+    pub seq_start: Vec<u32>,
+    /// Token rows whose logits are wanted, in output order.
+    pub head_rows: Vec<u32>,
+}
+
+enum Inner {
+    V7(v7::V7),
+}
+
+/// A loaded model, ready to run.
+pub struct Model {
+    inner: Inner,
+    chunk_tokens: usize,
+}
+
+impl Model {
+    /// Loads a safetensors checkpoint with the official tensor names.
+    pub fn load(ctx: &GpuContext, path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let file = SafeTensorsFile::open(path.as_ref())?;
+        let version = detect_version(&file)?;
+        let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
+        let inner = match version {
+            Version::V7 => Inner::V7(v7::V7::load(ctx, &file, max_part)?),
+            other => {
+                return Err(Error::UnsupportedVersion {
+                    path: path.as_ref().to_path_buf(),
+                    version: other.to_string(),
+                })
+            }
+        };
+        // `file` (the mapping) is dropped here: weights live on the GPU only.
+        let mut model = Self { inner, chunk_tokens: 1 };
+        model.set_chunk_tokens(opts.chunk_tokens)?;
+        Ok(model)
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        match &self.inner {
+            Inner::V7(m) => &m.info,
+        }
+    }
+
+    /// A fresh (zero) state for `batch` sequences.
+    pub fn new_state(&self, batch: usize) -> Result<State> {
+        match &self.inner {
+            Inner::V7(m) => m.new_state(batch),
+        }
+    }
+
+    pub fn chunk_tokens(&self) -> usize {
+        self.chunk_tokens
+    }
+
+    /// Caps the tokens of one GPU step. The per-step buffers are sized by
+    /// this cap; it is clamped so that every per-step buffer fits one binding.
+    pub fn set_chunk_tokens(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(Error::InvalidArgument("the chunk size must be at least 1 token".into()));
+        }
+        let max = match &self.inner {
+            Inner::V7(m) => m.max_chunk_tokens(),
+        };
+        self.chunk_tokens = n.min(max);
+        Ok(())
+    }
+
+    /// Reads `tokens[b]` into sequence `b` of `state` (one slice per sequence
+    /// of the batch; slices may differ in length or be empty) and returns the
+    /// logits `mode` asks for, one `Vec` per sequence.
+    pub fn forward(&mut self, state: &mut State, tokens: &[&[u32]], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
+        let info = self.info().clone();
+        if tokens.len() != state.batch() {
+            return Err(Error::InvalidArgument(format!(
+                "{} token sequences for a state of batch {}",
+                tokens.len(),
+                state.batch()
+            )));
+        }
+        let expected = self.new_state_layout_stride();
+        if state.layout().n_layer != info.n_layer || state.layout().stride != expected {
+            return Err(Error::InvalidArgument("the state was made for a different model".into()));
+        }
+        for (s, seq) in tokens.iter().enumerate() {
+            if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= info.vocab) {
+                return Err(Error::BadToken {
+                    sequence: s,
+                    position: p,
+                    token: t,
+                    vocab: info.vocab,
+                });
+            }
+        }
+        let batch = tokens.len();
+        let cap = self.chunk_tokens.max(batch);
+        let mut pos = vec![0usize; batch];
+        let mut out: Vec<Vec<f32>> = tokens
+            .iter()
+            .map(|t| match mode {
+                LogitsMode::All => Vec::with_capacity(t.len() * info.vocab),
+                LogitsMode::Last => Vec::new(),
+            })
+            .collect();
+        loop {
+            let active: Vec<usize> = (0..batch).filter(|&b| pos[b] < tokens[b].len()).collect();
+            if active.is_empty() {
+                break;
+            }
+            // A fair share of the step for every unfinished sequence, then
+            // whatever is left to the first ones that can use it.
+            let mut take = vec![0usize; batch];
+            let mut budget = cap;
+            let share = (cap / active.len()).max(1);
+            for &b in &active {
+                take[b] = share.min(tokens[b].len() - pos[b]).min(budget);
+                budget -= take[b];
+            }
+            for &b in &active {
+                let extra = (tokens[b].len() - pos[b] - take[b]).min(budget);
+                take[b] += extra;
+                budget -= extra;
+            }
+            let mut chunk = Chunk::default();
+            let mut owners = Vec::new();
+            for b in 0..batch {
+                chunk.seq_start.push(chunk.tokens.len() as u32);
+                let seq = &tokens[b][pos[b]..pos[b] + take[b]];
+                for _ in seq {
+                    chunk.tok_seq.push(b as u32);
+                }
+                let first_row = chunk.tokens.len() as u32;
+                chunk.tokens.extend_from_slice(seq);
+                match mode {
+                    LogitsMode::All => {
+                        for r in 0..seq.len() as u32 {
+                            chunk.head_rows.push(first_row + r);
+                            owners.push(b);
+                        }
+                    }
+                    LogitsMode::Last => {
+                        if !seq.is_empty() && pos[b] + take[b] == tokens[b].len() {
+                            chunk.head_rows.push(first_row + seq.len() as u32 - 1);
+                            owners.push(b);
+                        }
+                    }
+                }
+                pos[b] += take[b];
+            }
+            chunk.seq_start.push(chunk.tokens.len() as u32);
+            let logits = match &mut self.inner {
+                Inner::V7(m) => m.step(state, &chunk, cap)?,
+            };
+            for (row, &b) in owners.iter().enumerate() {
+                out[b].extend_from_slice(&logits[row * info.vocab..(row + 1) * info.vocab]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn new_state_layout_stride(&self) -> usize {
+        match &self.inner {
+            Inner::V7(m) => m.state_layout().stride,
+        }
+    }
+}

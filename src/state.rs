@@ -1,0 +1,253 @@
+//! The recurrent state: f32, on the GPU, one buffer per layer holding
+//! `[batch, stride]` floats, where each layer of each sequence is a run of
+//! named fields (v7: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`). Its size
+//! is fixed by the model and the batch: it never grows with the tokens read.
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuBuffer, GpuContext, READBACK, STORAGE};
+
+/// One field of a layer's state.
+#[derive(Debug, Clone)]
+pub struct StateField {
+    pub name: &'static str,
+    /// Shape of the field within one layer (e.g. `[C]` or `[H, N, N]`).
+    pub shape: Vec<usize>,
+    /// Element offset within the layer's run.
+    pub offset: usize,
+    /// Value of the fresh state.
+    pub init: f32,
+}
+
+impl StateField {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where each field lives; made by the model.
+#[derive(Debug, Clone)]
+pub struct StateLayout {
+    pub n_layer: usize,
+    pub fields: Vec<StateField>,
+    /// Floats per layer per sequence.
+    pub stride: usize,
+}
+
+impl StateLayout {
+    pub fn new(n_layer: usize, fields: &[(&'static str, Vec<usize>, f32)]) -> Self {
+        let mut offset = 0;
+        let fields = fields
+            .iter()
+            .map(|(name, shape, init)| {
+                let f = StateField {
+                    name,
+                    shape: shape.clone(),
+                    offset,
+                    init: *init,
+                };
+                offset += f.len();
+                f
+            })
+            .collect();
+        Self {
+            n_layer,
+            fields,
+            stride: offset,
+        }
+    }
+
+    pub fn field(&self, name: &str) -> Option<&StateField> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
+    /// Bytes of state per sequence.
+    pub fn bytes_per_sequence(&self) -> u64 {
+        (self.n_layer * self.stride * 4) as u64
+    }
+
+    fn fresh_layer(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.stride];
+        for f in &self.fields {
+            v[f.offset..f.offset + f.len()].fill(f.init);
+        }
+        v
+    }
+}
+
+/// One sequence's state on the CPU: each field stacked over layers, in the
+/// layout of the golden files (`att_x [L, C]`, `att_kv [L, H, N, N]`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateData {
+    /// (name, shape including the leading layer axis, values)
+    pub fields: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl StateData {
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.fields.iter().find(|f| f.0 == name).map(|f| f.2.as_slice())
+    }
+}
+
+/// The GPU state of `batch` sequences.
+pub struct State {
+    ctx: GpuContext,
+    layout: StateLayout,
+    batch: usize,
+    /// One `[batch, stride]` f32 buffer per layer.
+    pub(crate) layers: Vec<GpuBuffer>,
+}
+
+impl State {
+    pub(crate) fn new(ctx: &GpuContext, layout: StateLayout, batch: usize) -> Result<Self> {
+        if batch == 0 {
+            return Err(Error::InvalidArgument("a state needs a batch of at least 1".into()));
+        }
+        let fresh = layout.fresh_layer();
+        let mut all = Vec::with_capacity(batch * layout.stride);
+        for _ in 0..batch {
+            all.extend_from_slice(&fresh);
+        }
+        let layers = (0..layout.n_layer)
+            .map(|_| ctx.storage_f32("state", &all))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            layout,
+            batch,
+            layers,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn layout(&self) -> &StateLayout {
+        &self.layout
+    }
+
+    /// Total GPU bytes of this state.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().map(|b| b.size()).sum()
+    }
+
+    fn check_seq(&self, seq: usize) -> Result<()> {
+        if seq >= self.batch {
+            return Err(Error::InvalidArgument(format!(
+                "sequence {seq} is out of range for a state of batch {}",
+                self.batch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies one sequence's state back to the CPU.
+    pub fn read(&self, seq: usize) -> Result<StateData> {
+        self.check_seq(seq)?;
+        let row = (self.layout.stride * 4) as u64;
+        let l = self.layout.n_layer;
+        let staging = self.ctx.buffer("state readback", row * l as u64, READBACK)?;
+        let mut enc = self.ctx.device().create_command_encoder(&Default::default());
+        for (i, buf) in self.layers.iter().enumerate() {
+            enc.copy_buffer_to_buffer(buf.raw(), seq as u64 * row, staging.raw(), i as u64 * row, row);
+        }
+        self.ctx.queue().submit([enc.finish()]);
+        let mut bytes = vec![0u8; (row * l as u64) as usize];
+        self.ctx.map_read(&staging, &mut bytes)?;
+        let flat: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        let fields = self
+            .layout
+            .fields
+            .iter()
+            .map(|f| {
+                let mut values = Vec::with_capacity(l * f.len());
+                for layer in 0..l {
+                    let start = layer * self.layout.stride + f.offset;
+                    values.extend_from_slice(&flat[start..start + f.len()]);
+                }
+                let mut shape = vec![l];
+                shape.extend_from_slice(&f.shape);
+                (f.name.to_string(), shape, values)
+            })
+            .collect();
+        Ok(StateData { fields })
+    }
+
+    /// Overwrites one sequence's state. Every field of the layout must be
+    /// present with its exact shape.
+    pub fn write(&mut self, seq: usize, data: &StateData) -> Result<()> {
+        self.check_seq(seq)?;
+        let l = self.layout.n_layer;
+        let mut layers = vec![self.layout.fresh_layer(); l];
+        for f in &self.layout.fields {
+            let mut expected = vec![l];
+            expected.extend_from_slice(&f.shape);
+            let (_, shape, values) = data
+                .fields
+                .iter()
+                .find(|d| d.0 == f.name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: format!("state.{}", f.name),
+                })?;
+            if *shape != expected || values.len() != l * f.len() {
+                return Err(Error::ShapeMismatch {
+                    name: format!("state.{}", f.name),
+                    expected,
+                    found: shape.clone(),
+                });
+            }
+            for (layer, dst) in layers.iter_mut().enumerate() {
+                dst[f.offset..f.offset + f.len()].copy_from_slice(&values[layer * f.len()..(layer + 1) * f.len()]);
+            }
+        }
+        let row = (self.layout.stride * 4) as u64;
+        for (buf, values) in self.layers.iter().zip(&layers) {
+            self.ctx.queue().write_buffer(buf.raw(), seq as u64 * row, bytemuck::cast_slice(values));
+        }
+        self.ctx.check()
+    }
+
+    /// Returns sequence `seq` (or every sequence, with `None`) to the fresh state.
+    pub fn reset(&mut self, seq: Option<usize>) -> Result<()> {
+        let fresh = self.layout.fresh_layer();
+        let row = (self.layout.stride * 4) as u64;
+        let seqs: Vec<usize> = match seq {
+            Some(s) => {
+                self.check_seq(s)?;
+                vec![s]
+            }
+            None => (0..self.batch).collect(),
+        };
+        for buf in &self.layers {
+            for &s in &seqs {
+                self.ctx.queue().write_buffer(buf.raw(), s as u64 * row, bytemuck::cast_slice(&fresh));
+            }
+        }
+        self.ctx.check()
+    }
+
+    /// A new state with the same contents, copied on the GPU.
+    pub fn try_clone(&self) -> Result<State> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|b| self.ctx.buffer("state", b.size(), STORAGE))
+            .collect::<Result<Vec<_>>>()?;
+        let mut enc = self.ctx.device().create_command_encoder(&Default::default());
+        for (src, dst) in self.layers.iter().zip(&layers) {
+            enc.copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, src.size());
+        }
+        self.ctx.queue().submit([enc.finish()]);
+        self.ctx.check()?;
+        Ok(State {
+            ctx: self.ctx.clone(),
+            layout: self.layout.clone(),
+            batch: self.batch,
+            layers,
+        })
+    }
+}
