@@ -1,0 +1,102 @@
+//! The `rwkv` binary: `logits` writes checkable .npy files, `inspect`
+//! reports the model, and bad input gives a one-line error and a non-zero exit.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn rwkv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rwkv")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `error: ...` lines (the Vulkan loader may print its own noise).
+fn error_lines(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR"))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn logits_npy_matches_golden() {
+    if gpu().is_none() {
+        return;
+    }
+    let name = "v7-L2-C128-V512-fp32";
+    let g = Golden::load(name);
+    let tokens: Vec<String> = g.tokens.iter().map(|t| t.to_string()).collect();
+    let tokens = tokens.join(",");
+    let dir = std::env::temp_dir().join(format!("rwkv-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = model_path(name);
+    let model = model.to_str().unwrap();
+
+    let all = dir.join("all.npy");
+    let o = rwkv(&["logits", "--model", model, "--tokens", &tokens, "--all", "--chunk", "7", "--out", all.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("adapter: "), "rwkv must say which adapter it uses");
+    let (shape, data) = rwkv_wgpu::npy::decode_f32(&std::fs::read(&all).unwrap()).unwrap();
+    assert_eq!(shape, vec![g.tokens.len(), g.vocab]);
+    let err = rel_l2(&data, &g.logits);
+    assert!(err <= LOGITS_REL_L2, "--all logits rel L2 {err:.3e}");
+
+    let last = dir.join("last.npy");
+    let o = rwkv(&["logits", "--model", model, "--tokens", &tokens, "--out", last.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, data) = rwkv_wgpu::npy::decode_f32(&std::fs::read(&last).unwrap()).unwrap();
+    assert_eq!(shape, vec![1, g.vocab]);
+    let err = rel_l2(&data, &g.logits[(g.tokens.len() - 1) * g.vocab..]);
+    assert!(err <= LOGITS_REL_L2, "last logits rel L2 {err:.3e}");
+}
+
+#[test]
+fn inspect_reports_the_model() {
+    if gpu().is_none() {
+        return;
+    }
+    let o = rwkv(&["inspect", "--model", model_path("v7-L3-C64-V512-fp16-l0v").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    for want in ["RWKV-7", "layers          3", "width           64", "heads           1 x 64", "vocab           512", "F16", "adapter"] {
+        assert!(out.contains(want), "inspect output lacks `{want}`:\n{out}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let model = model_path("v7-L2-C128-V512-fp32");
+    let model = model.to_str().unwrap();
+    let out = std::env::temp_dir().join("rwkv-cli-never-written.npy");
+    let out = out.to_str().unwrap();
+
+    let o = rwkv(&["logits", "--model", model, "--tokens", "1", "--out", out, "--bogus"]);
+    assert_eq!(o.status.code(), Some(2), "unknown flag: {}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+
+    let o = rwkv(&["logits", "--model", model, "--tokens", "1,x", "--out", out]);
+    assert_eq!(o.status.code(), Some(2), "bad token list: {}", stderr(&o));
+
+    if gpu().is_none() {
+        return;
+    }
+    for (args, what) in [
+        (vec!["logits", "--model", "/nonexistent/model.safetensors", "--tokens", "1", "--out", out], "nonexistent"),
+        (vec!["logits", "--model", model, "--tokens", "1,99999", "--out", out], "99999"),
+        (vec!["logits", "--model", model, "--tokens", "1", "--chunk", "0", "--out", out], "--chunk"),
+        (vec!["inspect", "--model", "/nonexistent/model.safetensors"], "nonexistent"),
+    ] {
+        let o = rwkv(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let errors = error_lines(&o);
+        assert_eq!(errors.len(), 1, "{args:?}: want one error line, got {}", stderr(&o));
+        assert!(errors[0].contains(what), "{args:?}: error should name `{what}`: {}", errors[0]);
+        assert!(!stderr(&o).contains("panicked"));
+    }
+}
