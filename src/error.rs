@@ -50,6 +50,9 @@ pub enum Error {
         vocab: usize,
     },
 
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

@@ -19,11 +19,17 @@ pub mod matrix;
 pub mod model;
 pub mod npy;
 pub mod reference;
+pub mod sampler;
+pub mod session;
 pub mod state;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use gpu::{GpuContext, GpuOptions};
 pub use loader::{Dtype, SafeTensorsFile};
 pub use matrix::Matrix;
 pub use model::{detect_version, LoadOptions, LogitsMode, Model, ModelInfo, Version};
+pub use sampler::{Sampler, SamplerConfig};
+pub use session::{GenerateOptions, Generation, Session, StopReason};
 pub use state::{State, StateData};
+pub use tokenizer::{TextStream, Tokenizer};

@@ -46,10 +46,26 @@ struct Entry {
     end: usize,
 }
 
+/// The bytes of a checkpoint: a file mapping, or data built into the binary.
+enum Backing {
+    Mmap(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Static(s) => s,
+        }
+    }
+}
+
 /// An opened, validated safetensors file.
 pub struct SafeTensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Backing,
     entries: HashMap<String, Entry>,
 }
 
@@ -75,6 +91,16 @@ impl SafeTensorsFile {
         // loading can give wrong weights but not memory unsafety in our code,
         // which only ever copies bytes out of it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, Backing::Mmap(mmap))
+    }
+
+    /// A checkpoint held in memory for the life of the program (e.g. a model
+    /// embedded with `include_bytes!`); `name` stands in for the path in errors.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
+        Self::parse(PathBuf::from(name), Backing::Static(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: Backing) -> Result<Self> {
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| header_error(&path, mmap.len(), e))?;
         let data_start = 8 + header_len;
@@ -110,6 +136,11 @@ impl SafeTensorsFile {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.entries.values().map(|e| (e.end - e.start) as u64).sum()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -1,17 +1,31 @@
 //! `rwkv`: the command-line tool.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use rwkv_wgpu::{GpuContext, GpuOptions, LoadOptions, LogitsMode, Model};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use rwkv_wgpu::model::DEFAULT_CHUNK_TOKENS;
+use rwkv_wgpu::state::StateData;
+use rwkv_wgpu::tokenizer::HfTokenizer;
+use rwkv_wgpu::{
+    GenerateOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile, Sampler, SamplerConfig,
+    Session, StopReason, Tokenizer,
+};
+
+/// The built-in demo model: a 4.1M-parameter RWKV-7 trained on Jane Austen
+/// (assets/austen-rwkv7/README.md), used when no --model is given.
+const DEMO_MODEL: &[u8] = include_bytes!("../assets/austen-rwkv7/austen-rwkv7-fp16.safetensors");
+const DEMO_TOKENIZER: &[u8] = include_bytes!("../assets/austen-rwkv7/tokenizer.json");
+const DEMO_NAME: &str = "built-in austen-rwkv7 (fp16)";
 
 #[derive(Parser)]
 #[command(name = "rwkv", version, about = "RWKV language models on any GPU (wgpu + WGSL)")]
 struct Cli {
-    /// GPU adapter to use: a substring of its name (e.g. `llvmpipe`, `nvidia`)
-    /// or a backend (`vulkan`, `metal`, `dx12`, `gl`). Default: $RWKV_ADAPTER,
-    /// else the best one found.
+    /// GPU adapter: a substring of its name (e.g. `llvmpipe`, `nvidia`) or a
+    /// backend (`vulkan`, `metal`, `dx12`, `gl`). Default: $RWKV_ADAPTER, else the best found.
     #[arg(long, global = true)]
     adapter: Option<String>,
 
@@ -19,41 +33,137 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model file (.safetensors with the official RWKV tensor names).
+    /// Default: the built-in Jane Austen demo model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokenizer: `world` (the RWKV World vocab, built in), a `rwkv_vocab*.txt`,
+    /// or a Hugging Face `tokenizer.json`. Default: tokenizer.json or
+    /// rwkv_vocab*.txt next to the model, else World for 65536-token models.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Most tokens processed in one GPU step (bounds per-step GPU memory).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
+    chunk: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1: off).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than min-p × the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Subtracted from the logit of every token already generated.
+    #[arg(long)]
+    presence_penalty: Option<f32>,
+    /// Subtracted per occurrence of a token already generated.
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    /// Divide positive (multiply negative) logits of generated tokens by this (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Per-token decay of the occurrence counts used by the penalties (1: none).
+    #[arg(long)]
+    penalty_decay: Option<f32>,
+    /// Add BIAS to the logit of token ID, as ID=BIAS (repeatable; -inf bans).
+    #[arg(long, value_name = "ID=BIAS")]
+    logit_bias: Vec<String>,
+    /// Stop when this text is generated (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Random seed (default: from the clock). Same seed, model and prompt: same output.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep going past the end-of-text token (id 0).
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Continue a prompt, streaming the text as it is generated.
+    Generate {
+        /// The prompt; read from stdin when absent or `-`.
+        prompt: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Multi-turn chat on stdin (`User: …` / `Assistant: …`), keeping the
+    /// state between turns. Commands: /reset, /save FILE, /load FILE, /quit.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Read raw bytes on stdin, print their token ids as a JSON array.
+    Tokenize {
+        /// `world`, a rwkv_vocab*.txt or a tokenizer.json.
+        #[arg(long, default_value = "world")]
+        tokenizer: String,
+    },
+    /// Read a JSON array of token ids on stdin, write their raw bytes to stdout.
+    Detokenize {
+        /// `world`, a rwkv_vocab*.txt or a tokenizer.json.
+        #[arg(long, default_value = "world")]
+        tokenizer: String,
+    },
+    /// Loss and perplexity of a model on a text file (read from the zero state in one stream).
+    Perplexity {
+        /// Text file to score.
+        file: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// Run token ids through a model and write the logits as a .npy file.
     Logits {
-        /// Model file (.safetensors with the official RWKV tensor names).
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Comma-separated token ids, e.g. 1,2,3.
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<u32>,
         /// Write logits for every position ([T, V]) instead of the last ([1, V]).
         #[arg(long)]
         all: bool,
-        /// Most tokens processed in one GPU step.
-        #[arg(long, default_value_t = rwkv_wgpu::model::DEFAULT_CHUNK_TOKENS)]
-        chunk: usize,
         /// Output .npy file (f32).
         #[arg(long)]
         out: PathBuf,
     },
     /// Print a model's version, dimensions and memory use.
     Inspect {
-        /// Model file (.safetensors).
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
     },
 }
 
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return;
+        }
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
+            // One line: clap's first line, which names the problem.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see `rwkv --help`)");
+            std::process::exit(2);
         }
     };
     if let Err(e) = run(cli) {
@@ -70,24 +180,186 @@ fn gpu(cli: &Cli) -> Result<GpuContext> {
     Ok(ctx)
 }
 
+/// Loads the model (with a progress bar on a terminal) and its tokenizer.
+fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Model, Option<Tokenizer>)> {
+    if args.chunk == 0 {
+        bail!("--chunk must be at least 1");
+    }
+    let mut opts = LoadOptions {
+        chunk_tokens: args.chunk,
+        ..Default::default()
+    };
+    let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    if let Some(bar) = &bar {
+        let bar = bar.clone();
+        opts.progress = Some(Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }));
+    }
+    let (file, name) = match &args.model {
+        Some(p) => (SafeTensorsFile::open(p), p.display().to_string()),
+        None => (SafeTensorsFile::from_static(DEMO_NAME, DEMO_MODEL), DEMO_NAME.to_string()),
+    };
+    let model = file
+        .and_then(|f| Model::from_file(ctx, f, &opts))
+        .with_context(|| format!("loading {name}"))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !need_tokenizer {
+        return Ok((model, None));
+    }
+    let vocab = model.info().vocab;
+    let tok = match (&args.model, &args.tokenizer) {
+        (None, None) => {
+            let t = Tokenizer::Hf(HfTokenizer::from_bytes(DEMO_TOKENIZER, "built-in austen tokenizer.json")?);
+            t.check_vocab(vocab)?;
+            t
+        }
+        (path, spec) => Tokenizer::for_model(spec.as_deref(), path.as_deref(), vocab)?,
+    };
+    Ok((model, Some(tok)))
+}
+
+fn sampler_config(s: &SamplingArgs, chat: bool) -> Result<SamplerConfig> {
+    let mut bias = Vec::new();
+    for b in &s.logit_bias {
+        let (id, v) = b
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--logit-bias wants ID=BIAS, got `{b}`"))?;
+        let id: u32 = id.trim().parse().map_err(|_| anyhow!("--logit-bias: `{id}` is not a token id"))?;
+        let v: f32 = match v.trim() {
+            "-inf" => f32::NEG_INFINITY,
+            other => other.parse().map_err(|_| anyhow!("--logit-bias: `{other}` is not a number"))?,
+        };
+        bias.push((id, v));
+    }
+    // Chat defaults follow the RWKV chat tools: a narrower nucleus and decayed penalties.
+    let (top_p, presence, frequency, decay) = if chat { (0.5, 0.4, 0.4, 0.996) } else { (0.9, 0.0, 0.0, 1.0) };
+    Ok(SamplerConfig {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p.unwrap_or(top_p),
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty.unwrap_or(presence),
+        frequency_penalty: s.frequency_penalty.unwrap_or(frequency),
+        repetition_penalty: s.repetition_penalty,
+        penalty_decay: s.penalty_decay.unwrap_or(decay),
+        logit_bias: bias,
+        seed: s.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        }),
+    })
+}
+
+fn generate_options(s: &SamplingArgs, extra_stop: &[&str]) -> GenerateOptions {
+    let mut stop = s.stop.clone();
+    stop.extend(extra_stop.iter().map(|s| s.to_string()));
+    GenerateOptions {
+        max_tokens: s.max_tokens,
+        stop,
+        eos: if s.ignore_eos { None } else { Some(rwkv_wgpu::session::EOS) },
+    }
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+    Ok(buf)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Logits {
-            model,
-            tokens,
-            all,
-            chunk,
-            out,
-        } => {
-            if *chunk == 0 {
-                bail!("--chunk must be at least 1");
-            }
-            let ctx = gpu(&cli)?;
-            let opts = LoadOptions {
-                chunk_tokens: *chunk,
-                ..Default::default()
+        Command::Generate { prompt, model, sampling } => {
+            let prompt = match prompt.as_deref() {
+                Some("-") | None => read_stdin()?,
+                Some(p) => p.as_bytes().to_vec(),
             };
-            let mut m = Model::load(&ctx, model, &opts).with_context(|| format!("loading {}", model.display()))?;
+            if prompt.is_empty() {
+                bail!("empty prompt: give the text to continue as an argument or on stdin");
+            }
+            let cfg = sampler_config(sampling, false)?;
+            let mut sampler = Sampler::new(cfg)?;
+            let ctx = gpu(&cli)?;
+            let (mut m, tok) = load(&ctx, model, true)?;
+            let tok = tok.unwrap();
+            let mut session = Session::new(&mut m, &tok)?;
+            let t0 = Instant::now();
+            let n_prompt = session.feed_text(&prompt)?;
+            let t1 = Instant::now();
+            let mut out = std::io::stdout().lock();
+            let mut write_err = None;
+            let g = session.generate(&mut sampler, &generate_options(sampling, &[]), |text| {
+                if write_err.is_none() {
+                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                        write_err = Some(e);
+                    }
+                }
+            })?;
+            if let Some(e) = write_err {
+                return Err(e).context("writing to stdout");
+            }
+            if out.is_terminal() {
+                writeln!(out)?;
+            }
+            let dt = t1.elapsed().as_secs_f64();
+            eprintln!(
+                "\n[prompt: {n_prompt} tokens in {:.2} s; generated {} tokens in {dt:.2} s, {:.2} tokens/s; stop: {}; seed {}]",
+                (t1 - t0).as_secs_f64(),
+                g.tokens.len(),
+                g.tokens.len() as f64 / dt.max(1e-9),
+                stop_name(&g.stop),
+                sampler.config().seed
+            );
+        }
+        Command::Chat { model, sampling } => chat(&cli, model, sampling)?,
+        Command::Tokenize { tokenizer } => {
+            let tok = Tokenizer::from_spec(tokenizer)?;
+            let ids = tok.encode(&read_stdin()?)?;
+            let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            println!("[{}]", list.join(", "));
+        }
+        Command::Detokenize { tokenizer } => {
+            let tok = Tokenizer::from_spec(tokenizer)?;
+            let text = String::from_utf8(read_stdin()?).map_err(|_| anyhow!("stdin is not a JSON array of ids"))?;
+            let ids = parse_id_array(&text)?;
+            let bytes = tok.decode(&ids)?;
+            std::io::stdout().write_all(&bytes).context("writing to stdout")?;
+        }
+        Command::Perplexity { file, model } => {
+            let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let ctx = gpu(&cli)?;
+            let (mut m, tok) = load(&ctx, model, true)?;
+            let tok = tok.unwrap();
+            let ids = tok.encode(&text)?;
+            if ids.len() < 2 {
+                bail!("{} has {} tokens; perplexity needs at least 2", file.display(), ids.len());
+            }
+            let t0 = Instant::now();
+            let r = perplexity(&mut m, &tok, &ids)?;
+            println!(
+                "tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}",
+                ids.len(),
+                r.0,
+                r.0.exp(),
+                r.1
+            );
+            eprintln!("[{:.1} tokens/s]", ids.len() as f64 / t0.elapsed().as_secs_f64());
+        }
+        Command::Logits { model, tokens, all, out } => {
+            let ctx = gpu(&cli)?;
+            let (mut m, _) = load(&ctx, model, false)?;
             let vocab = m.info().vocab;
             let mut state = m.new_state(1)?;
             let mode = if *all { LogitsMode::All } else { LogitsMode::Last };
@@ -99,10 +371,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { model } => {
             let ctx = gpu(&cli)?;
-            let m = Model::load(&ctx, model, &LoadOptions::default())
-                .with_context(|| format!("loading {}", model.display()))?;
+            let (m, _) = load(&ctx, model, false)?;
             let i = m.info();
-            println!("file            {}", model.display());
+            let name = model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(DEMO_NAME.into());
+            println!("file            {name}");
             println!("version         RWKV-{}", i.version);
             println!("layers          {}", i.n_layer);
             println!("width           {}", i.n_embd);
@@ -120,4 +392,154 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn stop_name(s: &StopReason) -> String {
+    match s {
+        StopReason::MaxTokens => "max tokens".into(),
+        StopReason::Eos => "end of text".into(),
+        StopReason::StopSequence(t) => format!("{t:?}"),
+    }
+}
+
+/// Mean negative log-likelihood (nats/token) of ids[1..] given their prefix,
+/// and bits per byte of those tokens. Logits are taken chunk by chunk.
+fn perplexity(m: &mut Model, tok: &Tokenizer, ids: &[u32]) -> Result<(f64, f64)> {
+    let vocab = m.info().vocab;
+    let mut state = m.new_state(1)?;
+    let step = m.chunk_tokens().max(1);
+    let (mut nll, mut bytes) = (0f64, 0usize);
+    let inputs = &ids[..ids.len() - 1];
+    for (c, chunk) in inputs.chunks(step).enumerate() {
+        let logits = m.forward(&mut state, &[chunk], LogitsMode::All)?.remove(0);
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            let target = ids[c * step + i + 1] as usize;
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            nll += lse - row[target] as f64;
+            bytes += tok.token_bytes(target as u32).map_or(0, |b| b.len());
+        }
+    }
+    let n = (ids.len() - 1) as f64;
+    Ok((nll / n, nll / std::f64::consts::LN_2 / bytes.max(1) as f64))
+}
+
+fn parse_id_array(text: &str) -> Result<Vec<u32>> {
+    let t = text.trim();
+    let inner = t
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .ok_or_else(|| anyhow!("stdin is not a JSON array of ids, e.g. [1, 2, 3]"))?;
+    if inner.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    inner
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| anyhow!("`{}` is not a token id", s.trim()))
+        })
+        .collect()
+}
+
+fn chat(cli: &Cli, model: &ModelArgs, sampling: &SamplingArgs) -> Result<()> {
+    let cfg = sampler_config(sampling, true)?;
+    let mut sampler = Sampler::new(cfg)?;
+    let ctx = gpu(cli)?;
+    let (mut m, tok) = load(&ctx, model, true)?;
+    let tok = tok.unwrap();
+    let mut session = Session::new(&mut m, &tok)?;
+    let opts = generate_options(sampling, &["\n\n"]);
+    let interactive = std::io::stdin().is_terminal();
+    let mut out = std::io::stdout().lock();
+    let mut turn = 0;
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        if std::io::stdin().read_line(&mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        let msg = line.trim();
+        if msg.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = msg.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').map_or((cmd, ""), |(a, b)| (a, b.trim()));
+            match (name, arg) {
+                ("quit" | "exit", _) => break,
+                ("reset", _) => {
+                    session.reset()?;
+                    sampler.reset();
+                    eprintln!("[state reset]");
+                }
+                ("save", f) if !f.is_empty() => {
+                    save_state(&session.state().read(0)?, Path::new(f))?;
+                    eprintln!("[state saved to {f}]");
+                }
+                ("load", f) if !f.is_empty() => match load_state(Path::new(f)).and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
+                    Ok(()) => eprintln!("[state loaded from {f}]"),
+                    Err(e) => eprintln!("error: {e:#}"),
+                },
+                _ => eprintln!("error: unknown command `/{cmd}` (try /reset, /save FILE, /load FILE, /quit)"),
+            }
+            continue;
+        }
+        turn += 1;
+        // The state holds everything said so far: only this turn is read.
+        let prompt = format!("User: {msg}\n\nAssistant:");
+        let n_prompt = session.feed_text(prompt.as_bytes())?;
+        write!(out, "Assistant:")?;
+        out.flush()?;
+        let t0 = Instant::now();
+        let g = session.generate(&mut sampler, &opts, |text| {
+            let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        })?;
+        writeln!(out)?;
+        out.flush()?;
+        if g.stop != StopReason::StopSequence("\n\n".into()) {
+            // Keep the format for the next turn when the reply ended otherwise.
+            session.feed_text(b"\n\n")?;
+        }
+        eprintln!(
+            "[turn {turn}: read {n_prompt} prompt tokens, generated {} tokens, {:.2} tokens/s]",
+            g.tokens.len(),
+            g.tokens.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Writes one sequence's state as safetensors (f32, one tensor per field).
+fn save_state(state: &StateData, path: &Path) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = state
+        .fields
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(values),
+            )?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "rwkv-wgpu state".to_string())]);
+    let bytes = safetensors::serialize(views, Some(meta))?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn load_state(path: &Path) -> Result<StateData> {
+    let f = SafeTensorsFile::open(path)?;
+    let mut names: Vec<String> = f.names().map(String::from).collect();
+    names.sort();
+    let mut fields = Vec::new();
+    for n in names {
+        let t = f.get(&n)?;
+        fields.push((n.clone(), t.shape.to_vec(), t.to_f32()));
+    }
+    Ok(StateData { fields })
 }

@@ -80,7 +80,10 @@ pub enum LogitsMode {
     All,
 }
 
-#[derive(Debug, Clone)]
+/// Called as weights are uploaded with (bytes done, bytes in all).
+pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct LoadOptions {
     /// Split weight matrices into parts of at most this many bytes (default:
     /// the adapter's storage-binding limit). Smaller values exist for tests.
@@ -88,6 +91,8 @@ pub struct LoadOptions {
     /// Most tokens (summed over the batch) processed in one GPU step;
     /// per-step buffers are sized by it.
     pub chunk_tokens: usize,
+    /// Upload progress callback (the CLI draws a progress bar with it).
+    pub progress: Option<Progress>,
 }
 
 impl Default for LoadOptions {
@@ -95,6 +100,7 @@ impl Default for LoadOptions {
         Self {
             max_part_bytes: None,
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
+            progress: None,
         }
     }
 }
@@ -118,6 +124,26 @@ pub struct ModelInfo {
     /// GPU bytes of the uploaded weights.
     pub weight_bytes: u64,
     pub state_bytes_per_sequence: u64,
+}
+
+/// What a model's loader uploads with: the context, the part size and the
+/// progress report.
+pub(crate) struct Uploader<'a> {
+    pub ctx: &'a GpuContext,
+    pub max_part: u64,
+    total: u64,
+    done: std::cell::Cell<u64>,
+    progress: Option<Progress>,
+}
+
+impl Uploader<'_> {
+    /// Reports that `bytes` more of the checkpoint were uploaded.
+    pub fn advance(&self, bytes: usize) {
+        self.done.set(self.done.get() + bytes as u64);
+        if let Some(p) = &self.progress {
+            p(self.done.get().min(self.total), self.total);
+        }
+    }
 }
 
 /// One GPU step: the tokens of every sequence laid end to end.
@@ -147,14 +173,25 @@ pub struct Model {
 impl Model {
     /// Loads a safetensors checkpoint with the official tensor names.
     pub fn load(ctx: &GpuContext, path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
-        let file = SafeTensorsFile::open(path.as_ref())?;
+        Self::from_file(ctx, SafeTensorsFile::open(path.as_ref())?, opts)
+    }
+
+    /// Loads from an opened checkpoint (a mapped file or built-in bytes).
+    pub fn from_file(ctx: &GpuContext, file: SafeTensorsFile, opts: &LoadOptions) -> Result<Self> {
         let version = detect_version(&file)?;
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
+        let uploader = Uploader {
+            ctx,
+            max_part,
+            total: file.data_bytes(),
+            done: std::cell::Cell::new(0),
+            progress: opts.progress.clone(),
+        };
         let inner = match version {
-            Version::V7 => Inner::V7(v7::V7::load(ctx, &file, max_part)?),
+            Version::V7 => Inner::V7(v7::V7::load(&uploader, &file)?),
             other => {
                 return Err(Error::UnsupportedVersion {
-                    path: path.as_ref().to_path_buf(),
+                    path: file.path().to_path_buf(),
                     version: other.to_string(),
                 })
             }

@@ -23,7 +23,7 @@ use crate::gpu::kernels::{
 use crate::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, READBACK, STORAGE};
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
-use crate::model::{Chunk, ModelInfo, Version};
+use crate::model::{Chunk, ModelInfo, Uploader, Version};
 use crate::state::{State, StateLayout};
 
 /// LayerNorm eps of ln0, ln1, ln2 and ln_out.
@@ -112,7 +112,8 @@ pub struct V7 {
 }
 
 impl V7 {
-    pub fn load(ctx: &GpuContext, f: &SafeTensorsFile, max_part: u64) -> Result<Self> {
+    pub(crate) fn load(up: &Uploader, f: &SafeTensorsFile) -> Result<Self> {
+        let (ctx, max_part) = (up.ctx, up.max_part);
         // Dimensions from shapes.
         let emb_t = f.get("emb.weight")?;
         if emb_t.shape.len() != 2 {
@@ -166,6 +167,7 @@ impl V7 {
                 f.expect(&name, &[rows, cols])?
             };
             parameters += t.len() as u64;
+            up.advance(t.bytes.len());
             if lora {
                 Matrix::from_tensor_transposed(ctx, &t, max_part)
             } else {
@@ -176,6 +178,7 @@ impl V7 {
         let mut vec_into = |dst: &mut [f32], slot: usize, name: String, shape: &[usize]| -> Result<()> {
             let t = f.expect(&name, shape)?;
             vec_params += t.len() as u64;
+            up.advance(t.bytes.len());
             for (i, v) in dst[slot * c..(slot + 1) * c].iter_mut().enumerate() {
                 *v = t.at(i);
             }
