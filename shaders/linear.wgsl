@@ -39,18 +39,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (o >= p.part_rows || n0 >= p.n_rows) {
         return;
     }
+    // The TN = 4 token rows, unrolled by hand so that the d_in loop is the
+    // only loop whatever the compiler unrolls: llvmpipe silently ends a loop
+    // nest after 65535 iterations in all.
     let last = p.n_rows - 1u;
-    var rows: array<u32, 4>;
-    for (var t = 0u; t < TN; t++) {
-        rows[t] = p.x_offset + min(n0 + t, last) * p.d_in;
-    }
+    let r0 = p.x_offset + n0 * p.d_in;
+    let r1 = p.x_offset + min(n0 + 1u, last) * p.d_in;
+    let r2 = p.x_offset + min(n0 + 2u, last) * p.d_in;
+    let r3 = p.x_offset + min(n0 + 3u, last) * p.d_in;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     let wbase = o * p.d_in;
     for (var i = 0u; i < p.d_in; i++) {
         let wv = weight(wbase + i);
-        for (var t = 0u; t < TN; t++) {
-            acc[t] = acc[t] + wv * x[rows[t] + i];
-        }
+        acc[0] += wv * x[r0 + i];
+        acc[1] += wv * x[r1 + i];
+        acc[2] += wv * x[r2 + i];
+        acc[3] += wv * x[r3 + i];
     }
     for (var t = 0u; t < TN; t++) {
         let n = n0 + t;

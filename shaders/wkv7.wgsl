@@ -1,6 +1,6 @@
 // The RWKV-7 recurrence. One workgroup per (head, sequence); invocation i owns
 // row i (value index) of the head's state S [head_size x head_size], kept in
-// registers for the whole chunk, and walks the sequence's tokens in order:
+// registers for the whole dispatch, and walks the sequence's tokens in order:
 //   S[i, j] = S[i, j] * w[j] - (S kk)[i] * (kk[j] * a[j]) + v[i] * k[j]
 //   y[i]    = sum_j S[i, j] * r[j]        (read out with the new state)
 // The state layout is [head, value i, key j], the official one.
@@ -13,7 +13,11 @@ struct Params {
     plane: u32,        // elements per plane of att
     state_stride: u32, // elements per sequence in state
     state_offset: u32, // this layer's att_kv within a sequence
+    t_first: u32,      // walk tokens t_first .. t_first + t_count of each sequence
+    t_count: u32,      // (llvmpipe caps a loop nest at 65535 iterations in all)
     _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 const R: u32 = 0u;
@@ -50,7 +54,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     if (i == 0u) {
-        bounds = vec2<u32>(seq_start[b], seq_start[b + 1u]);
+        let end = seq_start[b + 1u];
+        let first = min(seq_start[b] + p.t_first, end);
+        bounds = vec2<u32>(first, min(first + p.t_count, end));
     }
     let range = workgroupUniformLoad(&bounds);
     for (var n = range.x; n < range.y; n++) {

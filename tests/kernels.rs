@@ -112,6 +112,28 @@ fn linear_all_dtypes_acts_and_parts() {
     }
 }
 
+/// Rows as long as the widest real FFN (16384 for a 7B model): llvmpipe
+/// silently stops loop nests after 65535 iterations, so the kernel's d_in
+/// loop must not nest another loop.
+#[test]
+fn linear_long_rows() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let (n, d_in, d_out) = (5, 16384 + 3, 3);
+    let w = rng.vec(d_out * d_in, 0.05);
+    let m = Matrix::upload(&ctx, "w", Dtype::F32, d_out, d_in, bytemuck::cast_slice(&w), 1 << 30).unwrap();
+    let x = rng.vec(n * d_in, 1.0);
+    let (xb, yb) = (ctx.storage_f32("x", &x).unwrap(), zeros(&ctx, n * d_out));
+    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, n, Act::None, false).unwrap());
+    let want: Vec<f64> = (0..n)
+        .flat_map(|t| {
+            let (w, x) = (&w, &x);
+            (0..d_out).map(move |o| (0..d_in).map(|i| w[o * d_in + i] as f64 * x[t * d_in + i] as f64).sum())
+        })
+        .collect();
+    check("linear d_in 16387", &ctx.read_f32(&yb).unwrap(), &want);
+}
+
 #[test]
 fn linear_tanh_extremes_stay_finite() {
     let Some(ctx) = gpu() else { return };
@@ -352,70 +374,93 @@ fn v7_prep_both_layer_kinds() {
     }
 }
 
-#[test]
-fn wkv7_recurrence_over_uneven_sequences() {
-    let Some(ctx) = gpu() else { return };
-    let mut rng = Rng::new(7);
-    for hs in [64usize, 24] {
-        let nh = 2;
-        let dim = nh * hs;
-        let (seq_start, _) = three_sequences();
-        let n = 9;
-        let n_seq = 3;
-        let cap = 10;
-        let p = cap * dim;
-        let mut att = planes(&mut rng, n, dim, cap);
-        // kk is unit-norm per head in the real model.
-        for t in 0..n {
-            for h in 0..nh {
-                let base = plane::KK as usize * p + t * dim + h * hs;
-                let norm = att[base..base + hs].iter().map(|v| v * v).sum::<f32>().sqrt();
-                att[base..base + hs].iter_mut().for_each(|v| *v /= norm);
-            }
+fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
+    let mut rng = Rng::new(seed);
+    let nh = 2;
+    let dim = nh * hs;
+    let mut seq_start = vec![0u32];
+    for l in seq_lens {
+        seq_start.push(seq_start.last().unwrap() + *l as u32);
+    }
+    let n = *seq_start.last().unwrap() as usize;
+    let n_seq = seq_lens.len();
+    let cap = n + 1;
+    let p = cap * dim;
+    let mut att = planes(&mut rng, n, dim, cap);
+    // kk is unit-norm per head in the real model.
+    for t in 0..n {
+        for h in 0..nh {
+            let base = plane::KK as usize * p + t * dim + h * hs;
+            let norm = att[base..base + hs].iter().map(|v| v * v).sum::<f32>().sqrt();
+            att[base..base + hs].iter_mut().for_each(|v| *v /= norm);
         }
-        let (stride, off) = (nh * hs * hs + 3, 3);
-        let state = rng.vec(n_seq * stride, 0.5);
-        let (ab, ssb, sb) = (
-            ctx.storage_f32("att", &att).unwrap(),
-            ctx.storage_u32("seq_start", &seq_start).unwrap(),
-            ctx.storage_f32("state", &state).unwrap(),
-        );
-        let yb = zeros(&ctx, n * dim);
-        let params = Wkv7Params {
-            n_seq: n_seq as u32,
-            n_head: nh as u32,
-            head_size: hs as u32,
-            dim: dim as u32,
-            plane: p as u32,
-            state_stride: stride as u32,
-            state_offset: off as u32,
-            _pad: 0,
-        };
-        run(&ctx, |rec| rec.dispatch(Kernel::Wkv7, 0, &params, &[&ab, &ssb, &sb, &yb], [nh as u32, n_seq as u32, 1]).unwrap());
-        let mut s = f64s(&state);
-        let mut y = vec![0f64; n * dim];
-        let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
-        for b in 0..n_seq {
-            for t in seq_start[b] as usize..seq_start[b + 1] as usize {
-                for h in 0..nh {
-                    let base = t * dim + h * hs;
-                    for i in 0..hs {
-                        let row = b * stride + off + h * hs * hs + i * hs;
-                        let sa: f64 = (0..hs).map(|j| s[row + j] * g(plane::KK, base + j)).sum();
-                        let mut acc = 0.0;
-                        for j in 0..hs {
-                            let kk_a = g(plane::KK, base + j) * g(plane::A, base + j);
-                            s[row + j] = s[row + j] * g(plane::W, base + j) - sa * kk_a + g(plane::V, base + i) * g(plane::K, base + j);
-                            acc += s[row + j] * g(plane::R, base + j);
-                        }
-                        y[base + i] = acc;
+    }
+    let (stride, off) = (nh * hs * hs + 3, 3);
+    let state = rng.vec(n_seq * stride, 0.5);
+    let (ab, ssb, sb) = (
+        ctx.storage_f32("att", &att).unwrap(),
+        ctx.storage_u32("seq_start", &seq_start).unwrap(),
+        ctx.storage_f32("state", &state).unwrap(),
+    );
+    let yb = zeros(ctx, n * dim);
+    let params = Wkv7Params {
+        n_seq: n_seq as u32,
+        n_head: nh as u32,
+        head_size: hs as u32,
+        dim: dim as u32,
+        plane: p as u32,
+        state_stride: stride as u32,
+        state_offset: off as u32,
+        t_first: 0,
+        t_count: 0,
+        _pad: [0; 3],
+    };
+    // Walk the tokens in runs, as the model does.
+    let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
+    run(ctx, |rec| {
+        for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+            let p = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..params };
+            rec.dispatch(Kernel::Wkv7, 0, &p, &[&ab, &ssb, &sb, &yb], [nh as u32, n_seq as u32, 1]).unwrap();
+        }
+    });
+    let mut s = f64s(&state);
+    let mut y = vec![0f64; n * dim];
+    let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
+    for b in 0..n_seq {
+        for t in seq_start[b] as usize..seq_start[b + 1] as usize {
+            for h in 0..nh {
+                let base = t * dim + h * hs;
+                for i in 0..hs {
+                    let row = b * stride + off + h * hs * hs + i * hs;
+                    let sa: f64 = (0..hs).map(|j| s[row + j] * g(plane::KK, base + j)).sum();
+                    let mut acc = 0.0;
+                    for j in 0..hs {
+                        let kk_a = g(plane::KK, base + j) * g(plane::A, base + j);
+                        s[row + j] = s[row + j] * g(plane::W, base + j) - sa * kk_a + g(plane::V, base + i) * g(plane::K, base + j);
+                        acc += s[row + j] * g(plane::R, base + j);
                     }
+                    y[base + i] = acc;
                 }
             }
         }
-        check(&format!("wkv7 y hs={hs}"), &ctx.read_f32(&yb).unwrap(), &y);
-        check(&format!("wkv7 state hs={hs}"), &ctx.read_f32(&sb).unwrap(), &s);
     }
+    check(&format!("wkv7 y hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&yb).unwrap(), &y);
+    check(&format!("wkv7 state hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&sb).unwrap(), &s);
+}
+
+#[test]
+fn wkv7_recurrence_over_uneven_sequences() {
+    let Some(ctx) = gpu() else { return };
+    // Three sequences of 4, 0 and 5 tokens; head sizes 64 and 24.
+    check_wkv7(&ctx, 64, &[4, 0, 5], 7);
+    check_wkv7(&ctx, 24, &[4, 0, 5], 8);
+}
+
+#[test]
+fn wkv7_long_chunk() {
+    let Some(ctx) = gpu() else { return };
+    // One long sequence (a 600-token prefill chunk) and a short one.
+    check_wkv7(&ctx, 64, &[600, 3], 9);
 }
 
 #[test]

@@ -116,6 +116,23 @@ fn chunkings_agree_and_state40_hands_over() {
     }
 }
 
+/// Steps longer than one WKV dispatch run (and than llvmpipe's loop limit,
+/// about 500 tokens for head size 64) give the same logits as short steps.
+#[test]
+fn long_steps_match_short_steps() {
+    let name = "v7-L2-C128-V512-fp32";
+    let Some(mut model) = load(name, 700) else { return };
+    let mut rng = Rng::new(12);
+    let tokens: Vec<u32> = (0..700).map(|_| rng.below(512)).collect();
+    let mut state = model.new_state(1).unwrap();
+    let long = all_logits(&mut model, &mut state, &tokens);
+    model.set_chunk_tokens(64).unwrap();
+    let mut state = model.new_state(1).unwrap();
+    let short = all_logits(&mut model, &mut state, &tokens);
+    let err = rel_l2(&long, &short);
+    assert!(err <= LOGITS_REL_L2, "700-token steps vs 64-token steps: {err:.3e}");
+}
+
 #[test]
 fn batch_of_uneven_sequences_equals_single_runs() {
     let name = "v7-L2-C128-V512-fp32";
@@ -151,6 +168,7 @@ fn weights_split_across_bindings_give_the_same_logits() {
         LoadOptions {
             max_part_bytes: Some(10 << 10),
             chunk_tokens: 64,
+            ..Default::default()
         },
     ) else {
         return;

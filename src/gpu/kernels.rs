@@ -53,7 +53,7 @@ impl Kernel {
 
 /// Workgroup size of every kernel (threads along x).
 pub const WG: u32 = 64;
-/// Tokens per invocation in `linear.wgsl` (its `TN`).
+/// Tokens per invocation in `linear.wgsl` (its `TN`, unrolled by hand).
 pub const LINEAR_TN: u32 = 4;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
@@ -180,8 +180,17 @@ pub struct Wkv7Params {
     pub plane: u32,
     pub state_stride: u32,
     pub state_offset: u32,
-    pub _pad: u32,
+    /// This dispatch walks tokens `t_first .. t_first + t_count` of each sequence.
+    pub t_first: u32,
+    pub t_count: u32,
+    pub _pad: [u32; 3],
 }
+
+/// Most tokens one `wkv7.wgsl` dispatch walks. llvmpipe (Mesa's lavapipe)
+/// stops any loop nest after 65535 iterations in all, silently: a token costs
+/// about 2 × head_size + 3 of them, so a longer chunk is walked in several
+/// dispatches (the state is loaded and stored once per dispatch).
+pub const WKV_TOKENS_PER_DISPATCH: u32 = 256;
 
 /// `v7_out.wgsl`: group norm, the r·k·r_k bonus and the gate.
 #[repr(C)]

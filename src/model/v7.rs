@@ -18,7 +18,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
     plane, Act, GatherParams, LayerNormParams, StoreLastParams, TokenShiftParams, V7OutParams, V7PrepParams,
-    Wkv7Params, MAX_HEAD_SIZE, WG,
+    Wkv7Params, MAX_HEAD_SIZE, WG, WKV_TOKENS_PER_DISPATCH,
 };
 use crate::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, READBACK, STORAGE};
 use crate::loader::SafeTensorsFile;
@@ -352,7 +352,7 @@ impl V7 {
 
         let mut rec = Recorder::new(&self.ctx);
         if n > 0 {
-            self.record_layers(&mut rec, s, state, n, batch)?;
+            self.record_layers(&mut rec, s, state, chunk, batch)?;
         }
         let vocab = self.info.vocab;
         let mut logits = vec![0f32; chunk.head_rows.len() * vocab];
@@ -385,9 +385,11 @@ impl V7 {
         rec: &mut Recorder<'a>,
         s: &'a Scratch,
         state: &'a State,
-        n: usize,
+        chunk: &Chunk,
         batch: usize,
     ) -> Result<()> {
+        let n = chunk.tokens.len();
+        let longest = chunk.seq_start.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
         let c = self.info.n_embd;
         let (nh, hs) = (self.info.n_head, self.info.head_size);
         let cap = s.capacity;
@@ -453,18 +455,24 @@ impl V7 {
             };
             rec.dispatch(Kernel::V7Prep, 0, &prep, &[&s.att, &b.vecs], [nh as u32, n as u32, 1])?;
 
-            // 8. the WKV recurrence, one workgroup per (head, sequence).
-            let wkv = Wkv7Params {
-                n_seq: batch as u32,
-                n_head: nh as u32,
-                head_size: hs as u32,
-                dim: c as u32,
-                plane: plane_len as u32,
-                state_stride: stride as u32,
-                state_offset: att_kv as u32,
-                _pad: 0,
-            };
-            rec.dispatch(Kernel::Wkv7, 0, &wkv, &[&s.att, &s.seq_start, st, &s.y], [nh as u32, batch as u32, 1])?;
+            // 8. the WKV recurrence, one workgroup per (head, sequence),
+            // in runs of WKV_TOKENS_PER_DISPATCH tokens.
+            for t_first in (0..longest as u32).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+                let wkv = Wkv7Params {
+                    n_seq: batch as u32,
+                    n_head: nh as u32,
+                    head_size: hs as u32,
+                    dim: c as u32,
+                    plane: plane_len as u32,
+                    state_stride: stride as u32,
+                    state_offset: att_kv as u32,
+                    t_first,
+                    t_count: WKV_TOKENS_PER_DISPATCH,
+                    _pad: [0; 3],
+                };
+                let groups = [nh as u32, batch as u32, 1];
+                rec.dispatch(Kernel::Wkv7, 0, &wkv, &[&s.att, &s.seq_start, st, &s.y], groups)?;
+            }
 
             // 9. group norm, bonus, gate.
             let out = V7OutParams {
