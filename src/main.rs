@@ -57,22 +57,26 @@ struct SamplingArgs {
     /// Keep the k most likely tokens (0: off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    /// Nucleus sampling: keep the most likely tokens up to this probability (1: off).
+    /// Nucleus sampling: keep the most likely tokens up to this probability
+    /// (1: off). Default 0.9 for generate, 0.5 for chat.
     #[arg(long)]
     top_p: Option<f32>,
     /// Drop tokens less likely than min-p × the most likely one (0: off).
     #[arg(long, default_value_t = 0.0)]
     min_p: f32,
     /// Subtracted from the logit of every token already generated.
+    /// Default 0 for generate, 0.4 for chat.
     #[arg(long)]
     presence_penalty: Option<f32>,
     /// Subtracted per occurrence of a token already generated.
+    /// Default 0 for generate, 0.4 for chat.
     #[arg(long)]
     frequency_penalty: Option<f32>,
     /// Divide positive (multiply negative) logits of generated tokens by this (1: off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
     /// Per-token decay of the occurrence counts used by the penalties (1: none).
+    /// Default 1 for generate, 0.996 for chat.
     #[arg(long)]
     penalty_decay: Option<f32>,
     /// Add BIAS to the logit of token ID, as ID=BIAS (repeatable; -inf bans).
