@@ -2,6 +2,8 @@
 //! whose shapes are not multiples of the workgroup size (64) or of the
 //! linear kernel's token tile (4).
 
+#![allow(clippy::needless_range_loop)] // index loops mirror the kernels
+
 mod common;
 
 use common::*;

@@ -206,7 +206,7 @@ impl GpuContext {
 
     /// Largest buffer that one storage binding may cover.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.shared.limits.max_storage_buffer_binding_size as u64).min(self.shared.limits.max_buffer_size)
+        self.shared.limits.max_storage_buffer_binding_size.min(self.shared.limits.max_buffer_size)
     }
 
     /// Bytes of all live buffers allocated through this context.

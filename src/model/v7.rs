@@ -13,7 +13,8 @@
 //! 10. x = x + y Wo
 //! 11. xx = LayerNorm(x, ln2); xk = xx + (shifted - xx) * ffn.x_k
 //! 12. x = x + relu(xk Wkey)^2 Wvalue
-//! then logits = LayerNorm(x, ln_out) head. Embedding rows go through ln0 first.
+//!
+//! Then logits = LayerNorm(x, ln_out) head. Embedding rows go through ln0 first.
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
@@ -457,7 +458,7 @@ impl V7 {
 
             // 8. the WKV recurrence, one workgroup per (head, sequence),
             // in runs of WKV_TOKENS_PER_DISPATCH tokens.
-            for t_first in (0..longest as u32).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+            for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
                 let wkv = Wkv7Params {
                     n_seq: batch as u32,
                     n_head: nh as u32,
