@@ -236,3 +236,26 @@ fn user_errors_are_one_line() {
     assert_one_line_error(&rwkv(&["generate", "hi", "--tokenizer", "world"], b""), 1, "tokenizer");
     assert_one_line_error(&rwkv(&["generate", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], b""), 1, "nonexistent");
 }
+
+#[test]
+fn stop_sequences_end_generation_and_are_not_emitted() {
+    let Some((mut model, tok)) = demo() else { return };
+    // Greedy text: ", that it is not so. I am sure it is not a word to be done. I am sure ..."
+    let mut session = Session::new(&mut model, &tok).unwrap();
+    session.feed_text(PROMPT.as_bytes()).unwrap();
+    let mut sampler = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 40,
+        stop: vec!["not a word".into(), "I am sure".into()],
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let g = session.generate(&mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
+    assert_eq!(g.text, ", that it is not so. ");
+    assert_eq!(streamed, g.text, "the stop text is held back, never streamed");
+    assert_eq!(g.stop, rwkv_wgpu::StopReason::StopSequence("I am sure".into()));
+    // Max tokens ends it otherwise.
+    let opts = GenerateOptions { max_tokens: 3, ..Default::default() };
+    let g = session.generate(&mut sampler, &opts, |_| {}).unwrap();
+    assert_eq!((g.tokens.len(), g.stop), (3, rwkv_wgpu::StopReason::MaxTokens));
+}
