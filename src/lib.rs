@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod loader;
@@ -22,6 +23,7 @@ pub mod reference;
 pub mod sampler;
 pub mod session;
 pub mod state;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -138,6 +138,29 @@ impl SafeTensorsFile {
         self.entries.contains_key(name)
     }
 
+    /// Tells the OS it may drop the pages of `t` from memory (they are
+    /// re-read from the file if touched again). No effect on built-in bytes.
+    pub fn release(&self, t: &Tensor) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &self.mmap {
+            let start = t.bytes.as_ptr() as usize - m.as_ptr() as usize;
+            let page = 4096;
+            // Whole pages inside the tensor only.
+            let first = start.next_multiple_of(page);
+            let end = (start + t.bytes.len()) / page * page;
+            if end > first {
+                // SAFETY: the mapping is read-only and file-backed: dropped
+                // pages are read again from the file on the next access, so
+                // no data is lost and no reference is invalidated.
+                unsafe {
+                    let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first);
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
+
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.entries.values().map(|e| (e.end - e.start) as u64).sum()

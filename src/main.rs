@@ -148,6 +148,40 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Measure load time, prefill and decode speed, memory and bytes per
+    /// token, on a model file or on a synthetic model of a given shape.
+    Bench {
+        /// Model file; without it a synthetic model of --shape is generated.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Synthetic model shape, e.g. L12-D768-V65536 (0.1B) or L24-D2048-V65536 (1.5B).
+        #[arg(long, default_value = "L12-D768-V65536")]
+        shape: String,
+        /// Weight dtype of the synthetic model: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// RWKV version of the synthetic model (only 7 for now).
+        #[arg(long = "version", default_value = "7")]
+        rwkv_version: String,
+        /// Prompt tokens for the prefill figure.
+        #[arg(long, default_value_t = 512)]
+        pp: usize,
+        /// Generated tokens per decode figure.
+        #[arg(long, default_value_t = 128)]
+        tg: usize,
+        /// Decode batch sizes (batch 1 is always measured).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        /// Runs per figure; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Also measure decode after this many tokens of context (e.g. 10000).
+        #[arg(long, default_value_t = 0)]
+        deep: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a model's version, dimensions and memory use.
     Inspect {
         #[command(flatten)]
@@ -180,7 +214,10 @@ fn gpu(cli: &Cli) -> Result<GpuContext> {
     let ctx = GpuContext::new(&GpuOptions {
         adapter: cli.adapter.clone(),
     })?;
-    eprintln!("adapter: {}", ctx.adapter());
+    match ctx.subgroup_size() {
+        Some(n) => eprintln!("adapter: {} [subgroups of {n}]", ctx.adapter()),
+        None => eprintln!("adapter: {}", ctx.adapter()),
+    }
     Ok(ctx)
 }
 
@@ -372,6 +409,66 @@ fn run(cli: Cli) -> Result<()> {
             let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
             std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
+        }
+        Command::Bench {
+            model,
+            shape,
+            dtype,
+            rwkv_version,
+            pp,
+            tg,
+            batch,
+            repeat,
+            deep,
+            json,
+        } => {
+            if *pp == 0 || *tg == 0 || batch.contains(&0) {
+                bail!("--pp, --tg and --batch must be at least 1");
+            }
+            let cfg = rwkv_wgpu::bench::BenchConfig {
+                prefill: *pp,
+                decode: *tg,
+                batches: batch.clone(),
+                repeat: *repeat,
+                deep_context: *deep,
+            };
+            let ctx = gpu(&cli)?;
+            let report = match model {
+                Some(path) => {
+                    let name = path.display().to_string();
+                    rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::load(&ctx, path, o))?
+                }
+                None => {
+                    if rwkv_version != "7" {
+                        bail!("synthetic models exist for RWKV version 7 only (got --version {rwkv_version})");
+                    }
+                    let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
+                    let dt = match dtype.to_ascii_lowercase().as_str() {
+                        "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
+                        "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
+                        "bf16" => rwkv_wgpu::Dtype::BF16,
+                        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+                    };
+                    let file = std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
+                    rwkv_wgpu::synthetic::write_v7(&file, shape, dt, 1).context("writing the synthetic model")?;
+                    let name = format!("synthetic v7 {shape} {}", dt.name());
+                    let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
+                        let m = Model::load(&ctx, &file, o);
+                        let _ = std::fs::remove_file(&file);
+                        m
+                    });
+                    let _ = std::fs::remove_file(&file);
+                    r?
+                }
+            };
+            if *json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            for (k, n, t) in ctx.kernel_profile() {
+                eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
+            }
         }
         Command::Inspect { model } => {
             let ctx = gpu(&cli)?;

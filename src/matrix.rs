@@ -8,7 +8,7 @@
 //! buffer, and each op runs once per part.
 
 use crate::error::Result;
-use crate::gpu::kernels::{self, Act, EmbeddingParams, LinearParams, LINEAR_TN, WG};
+use crate::gpu::kernels::{self, Act, EmbeddingParams, LinearParams, LINEAR_SG_ROWS, LINEAR_TN, WG};
 use crate::gpu::{GpuBuffer, GpuContext, Kernel, Recorder, STORAGE};
 use crate::loader::{Dtype, Tensor};
 
@@ -85,6 +85,17 @@ impl Matrix {
         self.parts.len()
     }
 
+    /// Whether `linear` can use the subgroup kernel: the adapter has
+    /// fixed-size subgroups, and rows are whole vec4 words (8 weights of
+    /// 16 bits or 4 of f32).
+    fn use_subgroups(&self, ctx: &GpuContext) -> bool {
+        ctx.subgroup_size().is_some()
+            && match self.encoding {
+                Encoding::Float(Dtype::F32) => self.cols % 4 == 0,
+                Encoding::Float(_) => self.cols % 8 == 0,
+            }
+    }
+
     fn wdtype(&self) -> u32 {
         match self.encoding {
             Encoding::Float(d) => kernels::wdtype(d),
@@ -118,12 +129,18 @@ impl Matrix {
                 accumulate: accumulate as u32,
                 _pad: [0; 3],
             };
-            let groups = [
-                (part.rows as u32).div_ceil(WG),
-                (n_rows as u32).div_ceil(LINEAR_TN),
-                1,
-            ];
-            rec.dispatch(Kernel::Linear, self.wdtype(), &params, &[&part.buffer, x, y], groups)?;
+            let token_groups = (n_rows as u32).div_ceil(LINEAR_TN);
+            if self.use_subgroups(rec.ctx()) && x_offset % 4 == 0 {
+                // One subgroup-sized workgroup per LINEAR_SG_ROWS output rows
+                // and 4 tokens (1 for a single token: decode).
+                let tn = if n_rows == 1 { 1 } else { LINEAR_TN };
+                let groups = [(part.rows as u32).div_ceil(LINEAR_SG_ROWS), (n_rows as u32).div_ceil(tn), 1];
+                let variant = self.wdtype() | (tn << 8);
+                rec.dispatch(Kernel::LinearSg, variant, &params, &[&part.buffer, x, y], groups)?;
+            } else {
+                let groups = [(part.rows as u32).div_ceil(WG), token_groups, 1];
+                rec.dispatch(Kernel::Linear, self.wdtype(), &params, &[&part.buffer, x, y], groups)?;
+            }
         }
         Ok(())
     }

@@ -114,6 +114,67 @@ fn linear_all_dtypes_acts_and_parts() {
     }
 }
 
+/// The subgroup matmul (`linear_sg.wgsl`, used where the adapter has fixed
+/// subgroups, as lavapipe does) against the CPU, for every dtype, one token
+/// (decode, TN 1) and several (prefill, TN 4), rows not a multiple of its
+/// 16-row tile, and X at an offset.
+#[test]
+fn linear_subgroup_kernel() {
+    let Some(ctx) = gpu() else { return };
+    if ctx.subgroup_size().is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI runs on lavapipe, which has fixed-size subgroups: the subgroup kernel must be tested");
+        }
+        return;
+    }
+    let mut rng = Rng::new(14);
+    let (d_in, d_out) = (104, 37);
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        for (n, tn) in [(1usize, 1u32), (7, LINEAR_TN)] {
+            for (act, accumulate) in [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false)] {
+                let w = rng.vec(d_out * d_in, 0.3);
+                let (wb, wv) = encode(&w, dtype);
+                let wbuf = ctx.buffer_from_bytes("w", &wb, STORAGE).unwrap();
+                let x_off = 8;
+                let x = rng.vec(x_off + n * d_in, 1.0);
+                let y0 = rng.vec(3 + n * (d_out + 2), 1.0);
+                let (xb, yb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+                // Y rows are d_out + 2 wide and this matrix fills columns 2.. (row0 = 2).
+                let params = LinearParams {
+                    n_rows: n as u32,
+                    d_in: d_in as u32,
+                    d_out: (d_out + 2) as u32,
+                    row0: 2,
+                    part_rows: d_out as u32,
+                    x_offset: x_off as u32,
+                    y_offset: 3,
+                    act: act as u32,
+                    accumulate: accumulate as u32,
+                    _pad: [0; 3],
+                };
+                let groups = [(d_out as u32).div_ceil(LINEAR_SG_ROWS), (n as u32).div_ceil(tn), 1];
+                let variant = wdtype(dtype) | (tn << 8);
+                run(&ctx, |rec| rec.dispatch(Kernel::LinearSg, variant, &params, &[&wbuf, &xb, &yb], groups).unwrap());
+                let mut want = f64s(&y0);
+                for t in 0..n {
+                    for o in 0..d_out {
+                        let acc: f64 = (0..d_in).map(|i| wv[o * d_in + i] * x[x_off + t * d_in + i] as f64).sum();
+                        let v = match act {
+                            Act::None => acc,
+                            Act::Tanh => acc.tanh(),
+                            Act::Sigmoid => sigmoid(acc),
+                            Act::ReluSq => acc.max(0.0).powi(2),
+                        };
+                        let yi = 3 + t * (d_out + 2) + 2 + o;
+                        want[yi] = if accumulate { want[yi] + v } else { v };
+                    }
+                }
+                check(&format!("linear_sg {dtype:?} n={n} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want);
+            }
+        }
+    }
+}
+
 /// Rows as long as the widest real FFN (16384 for a 7B model): llvmpipe
 /// silently stops loop nests after 65535 iterations, so the kernel's d_in
 /// loop must not nest another loop.

@@ -18,19 +18,21 @@ pub enum Kernel {
     StoreLast,
     GatherRows,
     Linear,
+    LinearSg,
     V7Prep,
     Wkv7,
     V7Out,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::Embedding,
         Kernel::LayerNorm,
         Kernel::TokenShift,
         Kernel::StoreLast,
         Kernel::GatherRows,
         Kernel::Linear,
+        Kernel::LinearSg,
         Kernel::V7Prep,
         Kernel::Wkv7,
         Kernel::V7Out,
@@ -44,6 +46,7 @@ impl Kernel {
             Kernel::StoreLast => include_str!("../../shaders/store_last.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
+            Kernel::LinearSg => include_str!("../../shaders/linear_sg.wgsl"),
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::V7Out => include_str!("../../shaders/v7_out.wgsl"),
@@ -53,8 +56,11 @@ impl Kernel {
 
 /// Workgroup size of every kernel (threads along x).
 pub const WG: u32 = 64;
-/// Tokens per invocation in `linear.wgsl` (its `TN`, unrolled by hand).
+/// Tokens per invocation in `linear.wgsl` and per workgroup in
+/// `linear_sg.wgsl` (their `TN`, unrolled by hand).
 pub const LINEAR_TN: u32 = 4;
+/// Output rows per workgroup of `linear_sg.wgsl` (its `ROWS`).
+pub const LINEAR_SG_ROWS: u32 = 16;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
 
@@ -221,8 +227,8 @@ pub mod plane {
 }
 
 impl GpuContext {
-    /// The compiled pipeline for `kernel` (with weights of `wdtype`), built on
-    /// first use and cached.
+    /// The compiled pipeline for `kernel` (with weights of `wdtype`, and for
+    /// LinearSg its token tile in bits 8..), built on first use and cached.
     pub fn pipeline(&self, kernel: Kernel, wdtype: u32) -> Result<wgpu::ComputePipeline> {
         let key = (kernel, wdtype);
         if let Some(p) = self.shared.pipelines.lock().unwrap().get(&key) {
@@ -235,7 +241,13 @@ impl GpuContext {
             label: Some(&format!("{kernel:?}")),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let constants = [("WDTYPE", wdtype as f64)];
+        // `variant` is the WDTYPE, plus for LinearSg its tokens per workgroup << 8.
+        let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64)];
+        if kernel == Kernel::LinearSg {
+            let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearSg needs a fixed subgroup size".into()))?;
+            constants.push(("WG", sg as f64));
+            constants.push(("TN", (wdtype >> 8).max(1) as f64));
+        }
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&format!("{kernel:?}")),
             layout: None,

@@ -54,7 +54,11 @@ struct Shared {
     /// First uncaptured error or device loss, reported at the next sync point.
     fault: Mutex<Option<Error>>,
     pipelines: Mutex<HashMap<(Kernel, u32), wgpu::ComputePipeline>>,
+    /// The subgroup size when the adapter has subgroups of one fixed size.
+    subgroup_size: Option<u32>,
     dispatches: AtomicU64,
+    /// With RWKV_PROFILE set: every dispatch is timed alone (slow; for finding hot kernels).
+    profile: Option<Mutex<HashMap<Kernel, (u64, f64)>>>,
 }
 
 /// Cheap to clone; all clones share one device.
@@ -135,9 +139,21 @@ impl GpuContext {
         // where the WebGPU defaults stop at 128 MiB too, but discrete GPUs allow
         // far more, and defaults would cap workgroup storage and buffer counts.
         let limits = adapter.limits();
+        // Subgroup operations, used only where every subgroup has one known
+        // size (lavapipe: 8); the kernels that need them have fallbacks.
+        let subgroup_size = (adapter.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size
+            && (4..=128).contains(&info.subgroup_min_size)
+            && std::env::var_os("RWKV_NO_SUBGROUPS").is_none())
+        .then_some(info.subgroup_min_size);
+        let features = if subgroup_size.is_some() {
+            wgpu::Features::SUBGROUP
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("rwkv-wgpu"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -153,7 +169,9 @@ impl GpuContext {
             allocated: AtomicU64::new(0),
             fault: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
+            subgroup_size,
             dispatches: AtomicU64::new(0),
+            profile: std::env::var_os("RWKV_PROFILE").map(|_| Mutex::new(HashMap::new())),
         });
         // Validation errors and device loss become values reported by the next
         // `check`/sync point instead of wgpu's default panic.
@@ -204,6 +222,12 @@ impl GpuContext {
         &self.shared.adapter
     }
 
+    /// The subgroup size the subgroup kernels are built for, if the adapter
+    /// has subgroups of one fixed size (and `RWKV_NO_SUBGROUPS` is unset).
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.shared.subgroup_size
+    }
+
     /// Largest buffer that one storage binding may cover.
     pub fn max_binding_bytes(&self) -> u64 {
         self.shared.limits.max_storage_buffer_binding_size.min(self.shared.limits.max_buffer_size)
@@ -221,6 +245,27 @@ impl GpuContext {
 
     pub(crate) fn count_dispatches(&self, n: u64) {
         self.shared.dispatches.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn profiling(&self) -> bool {
+        self.shared.profile.is_some()
+    }
+
+    pub(crate) fn record_kernel_time(&self, kernel: Kernel, secs: f64) {
+        if let Some(p) = &self.shared.profile {
+            let mut p = p.lock().unwrap();
+            let e = p.entry(kernel).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += secs;
+        }
+    }
+
+    /// Per kernel: (dispatches, seconds), when RWKV_PROFILE is set; slowest first.
+    pub fn kernel_profile(&self) -> Vec<(Kernel, u64, f64)> {
+        let Some(p) = &self.shared.profile else { return Vec::new() };
+        let mut v: Vec<_> = p.lock().unwrap().iter().map(|(k, (n, t))| (*k, *n, *t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// Returns (and clears) an error that happened asynchronously.

@@ -136,13 +136,27 @@ pub(crate) struct Uploader<'a> {
     progress: Option<Progress>,
 }
 
+/// Upload bytes between two flushes of wgpu's upload staging.
+const FLUSH_BYTES: u64 = 32 << 20;
+
 impl Uploader<'_> {
-    /// Reports that `bytes` more of the checkpoint were uploaded.
-    pub fn advance(&self, bytes: usize) {
-        self.done.set(self.done.get() + bytes as u64);
+    /// Called once a tensor has been uploaded: reports progress, lets the OS
+    /// drop the tensor's pages of the file mapping, and every FLUSH_BYTES
+    /// submits the pending copies so wgpu frees its staging buffers. Peak
+    /// memory while loading stays near the GPU copy of the weights instead of
+    /// the file plus the staging plus the GPU copy.
+    pub fn uploaded(&self, file: &SafeTensorsFile, t: &crate::loader::Tensor) -> Result<()> {
+        let before = self.done.get();
+        self.done.set(before + t.bytes.len() as u64);
+        file.release(t);
+        if self.done.get() / FLUSH_BYTES != before / FLUSH_BYTES {
+            self.ctx.queue().submit([]);
+            self.ctx.sync()?;
+        }
         if let Some(p) = &self.progress {
             p(self.done.get().min(self.total), self.total);
         }
+        Ok(())
     }
 }
 

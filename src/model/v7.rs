@@ -29,6 +29,9 @@ use crate::state::{State, StateLayout};
 
 /// LayerNorm eps of ln0, ln1, ln2 and ln_out.
 pub const LN_EPS: f32 = 1e-5;
+/// Rows of logits computed per head pass when every position's logits are
+/// wanted (bounds the logits and staging buffers).
+const HEAD_ROWS: usize = 64;
 /// GroupNorm eps of ln_x (the official 64e-5, i.e. 1e-5 * head_size).
 pub const GN_EPS: f32 = 64e-5;
 
@@ -168,22 +171,22 @@ impl V7 {
                 f.expect(&name, &[rows, cols])?
             };
             parameters += t.len() as u64;
-            up.advance(t.bytes.len());
-            if lora {
-                Matrix::from_tensor_transposed(ctx, &t, max_part)
+            let m = if lora {
+                Matrix::from_tensor_transposed(ctx, &t, max_part)?
             } else {
-                Matrix::from_tensor(ctx, &t, max_part)
-            }
+                Matrix::from_tensor(ctx, &t, max_part)?
+            };
+            up.uploaded(f, &t)?;
+            Ok(m)
         };
         let mut vec_params = 0u64;
         let mut vec_into = |dst: &mut [f32], slot: usize, name: String, shape: &[usize]| -> Result<()> {
             let t = f.expect(&name, shape)?;
             vec_params += t.len() as u64;
-            up.advance(t.bytes.len());
             for (i, v) in dst[slot * c..(slot + 1) * c].iter_mut().enumerate() {
                 *v = t.at(i);
             }
-            Ok(())
+            up.uploaded(f, &t)
         };
 
         let emb = mat("emb.weight".into(), vocab, c, false)?;
@@ -311,7 +314,12 @@ impl V7 {
         self.scratch = None;
         let ctx = &self.ctx;
         let (c, f, v) = (self.info.n_embd, self.info.ffn, self.info.vocab);
-        let head_cap = capacity.min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
+        // The head runs over at most head_cap rows per pass: all of a batch's
+        // last tokens at once, and at least HEAD_ROWS for all-position logits,
+        // but never [chunk, vocab] (128 MiB for 512 tokens of a 65536 vocab).
+        let head_cap = capacity
+            .min(batch.max(HEAD_ROWS))
+            .min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
         let f32s = |what: &str, n: usize| ctx.buffer(what, (n * 4) as u64, STORAGE);
         self.scratch = Some(Scratch {
             capacity,

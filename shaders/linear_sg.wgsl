@@ -1,0 +1,130 @@
+// Y[n, row0 + o] (= or +=) act( sum_i X[n, i] * W[o, i] )   (x @ W.T)
+// The same product as linear.wgsl, shaped for adapters with a fixed subgroup
+// size: one workgroup of WG invocations (= one subgroup) per ROWS output rows
+// and TN tokens. Each lane reads whole vec4 words of the weight row (eight
+// f16/bf16 weights or four f32) and the matching vec4s of x: few, wide loads,
+// which is what llvmpipe needs most. Partial sums are combined with
+// subgroupAdd (no barriers). Needs d_in % 8 == 0 (16-bit) or % 4 == 0 (f32)
+// and x_offset % 4 == 0; TN (1 for decode, 4 for prefill) is a pipeline constant.
+
+struct Params {
+    n_rows: u32,
+    d_in: u32,
+    d_out: u32,
+    row0: u32,
+    part_rows: u32,
+    x_offset: u32,
+    y_offset: u32,
+    act: u32,
+    accumulate: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+override WG: u32 = 8u;
+override TN: u32 = 4u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;  // [part_rows, d_in] in WDTYPE
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;  // [n_rows, d_in] at x_offset
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // [n_rows, d_out] at y_offset
+
+const ROWS: u32 = 16u;
+
+fn finish(v: f32, n: u32, o: u32) {
+    var r = v;
+    switch p.act {
+        case 1u: { r = tanh_safe(r); }
+        case 2u: { r = sigmoid(r); }
+        case 3u: { let q = max(r, 0.0); r = q * q; }
+        default: {}
+    }
+    let yi = p.y_offset + n * p.d_out + p.row0 + o;
+    if (p.accumulate == 1u) {
+        r = r + y[yi];
+    }
+    y[yi] = r;
+}
+
+fn lo4(q: vec4<u32>) -> vec4<f32> {
+    if (WDTYPE == 1u) {
+        return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u));
+}
+
+fn hi4(q: vec4<u32>) -> vec4<f32> {
+    if (WDTYPE == 1u) {
+        return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n0 = wid.y * TN;
+    let o_first = wid.x * ROWS;
+    if (n0 >= p.n_rows) {
+        return; // the whole workgroup leaves together
+    }
+    let o_end = min(o_first + ROWS, p.part_rows);
+    let last = p.n_rows - 1u;
+    let row4 = p.d_in / 4u; // vec4s of x per token
+    let xo = p.x_offset / 4u;
+    let r0 = xo + n0 * row4;
+    let r1 = xo + min(n0 + 1u, last) * row4;
+    let r2 = xo + min(n0 + 2u, last) * row4;
+    let r3 = xo + min(n0 + 3u, last) * row4;
+    for (var o = o_first; o < o_end; o++) {
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        if (WDTYPE == 0u) {
+            let base = o * row4;
+            for (var j = 0u; j < row4; j += WG) {
+                let k = min(j + lid, row4 - 1u);
+                let m = select(0.0, 1.0, j + lid < row4);
+                let wv = m * bitcast<vec4<f32>>(w[base + k]);
+                a0 += wv * x[r0 + k];
+                if (TN > 1u) {
+                    a1 += wv * x[r1 + k];
+                    a2 += wv * x[r2 + k];
+                    a3 += wv * x[r3 + k];
+                }
+            }
+        } else {
+            let row8 = p.d_in / 8u; // vec4<u32> words (8 weights) per row
+            let base = o * row8;
+            // A uniform loop (every lane runs every trip; the tail lanes
+            // re-read the last word with weight 0): llvmpipe runs uniform
+            // loops without per-lane masks.
+            for (var j = 0u; j < row8; j += WG) {
+                let k = min(j + lid, row8 - 1u);
+                let m = select(0.0, 1.0, j + lid < row8);
+                let q = w[base + k];
+                let lo = m * lo4(q);
+                let hi = m * hi4(q);
+                a0 += lo * x[r0 + 2u * k] + hi * x[r0 + 2u * k + 1u];
+                if (TN > 1u) {
+                    a1 += lo * x[r1 + 2u * k] + hi * x[r1 + 2u * k + 1u];
+                    a2 += lo * x[r2 + 2u * k] + hi * x[r2 + 2u * k + 1u];
+                    a3 += lo * x[r3 + 2u * k] + hi * x[r3 + 2u * k + 1u];
+                }
+            }
+        }
+        let s0 = subgroupAdd(a0.x + a0.y + a0.z + a0.w);
+        let s1 = subgroupAdd(a1.x + a1.y + a1.z + a1.w);
+        let s2 = subgroupAdd(a2.x + a2.y + a2.z + a2.w);
+        let s3 = subgroupAdd(a3.x + a3.y + a3.z + a3.w);
+        if (lid == 0u) {
+            finish(s0, n0, o);
+            if (TN > 1u) {
+                if (n0 + 1u < p.n_rows) { finish(s1, n0 + 1u, o); }
+                if (n0 + 2u < p.n_rows) { finish(s2, n0 + 2u, o); }
+                if (n0 + 3u < p.n_rows) { finish(s3, n0 + 3u, o); }
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! End-to-end speed measurement, in the spirit of llama-bench: load time,
+//! prefill and decode throughput (medians over repeats after a warm-up that
+//! compiles every pipeline), memory, dispatches and bytes per token.
+
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::model::{LoadOptions, LogitsMode, Model};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Prompt tokens for the prefill figure (pp).
+    pub prefill: usize,
+    /// Generated tokens for the decode figures (tg).
+    pub decode: usize,
+    /// Batch sizes for decode (1 is always measured).
+    pub batches: Vec<usize>,
+    pub repeat: usize,
+    /// Also measure decode after this many tokens of context (0: skip).
+    pub deep_context: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            prefill: 512,
+            decode: 128,
+            batches: vec![1, 8, 32],
+            repeat: 3,
+            deep_context: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DecodeFigure {
+    pub batch: usize,
+    /// Aggregate tokens/s over the batch.
+    pub tokens_per_s: f64,
+    pub cpu_ms_per_token: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub model: String,
+    pub adapter: String,
+    pub weight_bytes: u64,
+    pub load_s: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub prefill_cpu_ms_per_token: f64,
+    pub decode: Vec<DecodeFigure>,
+    pub dispatches_per_token: f64,
+    /// Weight bytes one decoded token reads at batch 1 (all but the embedding table).
+    pub weight_bytes_per_token: u64,
+    pub gpu_bytes: u64,
+    pub peak_rss_bytes: u64,
+    /// Decode tokens/s (batch 1) after `deep_context` tokens, and GPU bytes then.
+    pub deep_context: usize,
+    pub deep_decode_tokens_per_s: f64,
+    pub gpu_bytes_after_deep: u64,
+}
+
+impl BenchReport {
+    pub fn decode_at(&self, batch: usize) -> f64 {
+        self.decode.iter().find(|d| d.batch == batch).map_or(0.0, |d| d.tokens_per_s)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = format!(
+            "{{\"model\":{:?},\"adapter\":{:?},\"weight_bytes\":{},\"load_s\":{:.3},\"prefill_tokens\":{},\
+             \"prefill_tokens_per_s\":{:.3},\"prefill_cpu_ms_per_token\":{:.3},\"decode_tokens_per_s\":{:.3},\
+             \"decode_cpu_ms_per_token\":{:.3},\"dispatches_per_token\":{:.1},\"weight_bytes_per_token\":{},\
+             \"decode_gb_per_s\":{:.3},\"gpu_bytes\":{},\"peak_rss_bytes\":{}",
+            self.model,
+            self.adapter,
+            self.weight_bytes,
+            self.load_s,
+            self.prefill_tokens,
+            self.prefill_tokens_per_s,
+            self.prefill_cpu_ms_per_token,
+            self.decode_at(1),
+            self.decode.first().map_or(0.0, |d| d.cpu_ms_per_token),
+            self.dispatches_per_token,
+            self.weight_bytes_per_token,
+            self.weight_bytes_per_token as f64 * self.decode_at(1) / 1e9,
+            self.gpu_bytes,
+            self.peak_rss_bytes
+        );
+        for d in &self.decode {
+            if d.batch != 1 {
+                s.push_str(&format!(
+                    ",\"decode_batch{}_tokens_per_s\":{:.3},\"decode_batch{}_cpu_ms_per_token\":{:.3}",
+                    d.batch, d.tokens_per_s, d.batch, d.cpu_ms_per_token
+                ));
+            }
+        }
+        if self.deep_context > 0 {
+            s.push_str(&format!(
+                ",\"deep_context\":{},\"deep_decode_tokens_per_s\":{:.3},\"gpu_bytes_after_deep\":{}",
+                self.deep_context, self.deep_decode_tokens_per_s, self.gpu_bytes_after_deep
+            ));
+        }
+        s.push('}');
+        s
+    }
+
+    pub fn to_table(&self) -> String {
+        let mut t = String::new();
+        let gb = |b: u64| b as f64 / (1u64 << 30) as f64;
+        t.push_str(&format!("model              {}\n", self.model));
+        t.push_str(&format!("adapter            {}\n", self.adapter));
+        t.push_str(&format!("weights            {:.3} GiB, loaded in {:.2} s\n", gb(self.weight_bytes), self.load_s));
+        t.push_str(&format!(
+            "prefill pp{}       {:.2} tokens/s ({:.2} CPU ms/token)\n",
+            self.prefill_tokens, self.prefill_tokens_per_s, self.prefill_cpu_ms_per_token
+        ));
+        for d in &self.decode {
+            t.push_str(&format!(
+                "decode batch {:<4}  {:.2} tokens/s ({:.2} CPU ms/token)\n",
+                d.batch, d.tokens_per_s, d.cpu_ms_per_token
+            ));
+        }
+        t.push_str(&format!(
+            "per decoded token  {:.0} dispatches, {:.1} MiB of weights read = {:.2} GB/s at batch 1\n",
+            self.dispatches_per_token,
+            self.weight_bytes_per_token as f64 / (1 << 20) as f64,
+            self.weight_bytes_per_token as f64 * self.decode_at(1) / 1e9
+        ));
+        if self.deep_context > 0 {
+            t.push_str(&format!(
+                "decode at context {}: {:.2} tokens/s; GPU bytes {} (was {})\n",
+                self.deep_context, self.deep_decode_tokens_per_s, self.gpu_bytes_after_deep, self.gpu_bytes
+            ));
+        }
+        t.push_str(&format!("GPU bytes          {:.3} GiB\n", gb(self.gpu_bytes)));
+        t.push_str(&format!("peak RSS           {:.3} GiB\n", gb(self.peak_rss_bytes)));
+        t
+    }
+}
+
+/// CPU time (user + system) of this process in seconds, where the OS tells it.
+pub fn cpu_seconds() -> f64 {
+    // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks
+    // (USER_HZ, 100 on Linux). Elsewhere this returns 0.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of this process in bytes (Linux; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Deterministic token ids below `vocab`.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy decode of `n` steps for every sequence of `state`; returns
+/// (seconds, cpu seconds).
+fn decode_run(model: &mut Model, state: &mut crate::State, n: usize, seed: u64) -> Result<(f64, f64)> {
+    let b = state.batch();
+    let vocab = model.info().vocab;
+    let mut next: Vec<u32> = tokens(b, vocab, seed);
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    for _ in 0..n {
+        let seqs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let logits = model.forward(state, &refs, LogitsMode::Last)?;
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    Ok((t0.elapsed().as_secs_f64(), cpu_seconds() - c0))
+}
+
+/// Loads the model with `load` (timed) and measures it.
+pub fn run(ctx: &GpuContext, name: &str, cfg: &BenchConfig, load: impl FnOnce(&LoadOptions) -> Result<Model>) -> Result<BenchReport> {
+    let opts = LoadOptions {
+        chunk_tokens: cfg.prefill.max(1),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut model = load(&opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let info = model.info().clone();
+    let vocab = info.vocab;
+    let repeat = cfg.repeat.max(1);
+    let mut batches = vec![1];
+    batches.extend(cfg.batches.iter().copied().filter(|&b| b > 1));
+
+    // Warm-up: every pipeline compiled, every per-step buffer allocated.
+    for &b in &batches {
+        let mut s = model.new_state(b)?;
+        decode_run(&mut model, &mut s, 2, 1)?;
+    }
+    let prompt = tokens(cfg.prefill, vocab, 7);
+    let mut s = model.new_state(1)?;
+    model.forward(&mut s, &[&prompt], LogitsMode::Last)?;
+
+    // Prefill.
+    let (mut pp, mut pp_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let mut s = model.new_state(1)?;
+        let (t, c) = (Instant::now(), cpu_seconds());
+        model.forward(&mut s, &[&prompt], LogitsMode::Last)?;
+        pp.push(cfg.prefill as f64 / t.elapsed().as_secs_f64());
+        pp_cpu.push((cpu_seconds() - c) * 1e3 / cfg.prefill as f64);
+    }
+
+    // Decode.
+    let mut decode = Vec::new();
+    let mut dispatches_per_token = 0.0;
+    for &b in &batches {
+        let (mut tps, mut cpu) = (Vec::new(), Vec::new());
+        for r in 0..repeat {
+            let mut s = model.new_state(b)?;
+            let d0 = ctx.dispatch_count();
+            let (secs, cpus) = decode_run(&mut model, &mut s, cfg.decode, 100 + r as u64)?;
+            if b == 1 {
+                dispatches_per_token = (ctx.dispatch_count() - d0) as f64 / cfg.decode as f64;
+            }
+            let n = (b * cfg.decode) as f64;
+            tps.push(n / secs);
+            cpu.push(cpus * 1e3 / n);
+        }
+        decode.push(DecodeFigure {
+            batch: b,
+            tokens_per_s: median(tps),
+            cpu_ms_per_token: median(cpu),
+        });
+    }
+    let gpu_bytes = ctx.allocated_bytes();
+
+    // Decode deep into a context: nothing should depend on the position.
+    let (mut deep_tps, mut gpu_after) = (0.0, 0);
+    if cfg.deep_context > 0 {
+        let mut s = model.new_state(1)?;
+        let ctx_tokens = tokens(cfg.deep_context, vocab, 11);
+        model.forward(&mut s, &[&ctx_tokens], LogitsMode::Last)?;
+        let mut v = Vec::new();
+        for r in 0..repeat {
+            let (secs, _) = decode_run(&mut model, &mut s, cfg.decode, 200 + r as u64)?;
+            v.push(cfg.decode as f64 / secs);
+        }
+        deep_tps = median(v);
+        gpu_after = ctx.allocated_bytes();
+    }
+
+    let emb_row_bytes = (info.n_embd * info.dtype.size()) as u64;
+    let emb_bytes = (info.vocab * info.n_embd * info.dtype.size()) as u64;
+    Ok(BenchReport {
+        model: name.to_string(),
+        adapter: ctx.adapter().to_string(),
+        weight_bytes: info.weight_bytes,
+        load_s,
+        prefill_tokens: cfg.prefill,
+        prefill_tokens_per_s: median(pp),
+        prefill_cpu_ms_per_token: median(pp_cpu),
+        decode,
+        dispatches_per_token,
+        weight_bytes_per_token: info.weight_bytes - emb_bytes + emb_row_bytes,
+        gpu_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+        deep_context: cfg.deep_context,
+        deep_decode_tokens_per_s: deep_tps,
+        gpu_bytes_after_deep: gpu_after,
+    })
+}

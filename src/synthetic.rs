@@ -1,0 +1,185 @@
+//! Synthetic RWKV-7 checkpoints of any shape, with deterministic random
+//! weights, for benchmarks that need no download. Written to a safetensors
+//! file tensor by tensor, so a 1.5B-shaped model never sits in RAM whole.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::loader::Dtype;
+
+/// `L12-D768-V65536` (optionally `-F3072` for the FFN width; default 4·D).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub vocab: usize,
+    pub ffn: usize,
+}
+
+impl FromStr for Shape {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("shape `{s}`: expected e.g. L12-D768-V65536 (optionally -F3072)"));
+        let (mut l, mut d, mut v, mut f) = (None, None, None, None);
+        for part in s.split('-') {
+            let (k, n) = part.split_at(1.min(part.len()));
+            let n: usize = n.parse().map_err(|_| bad())?;
+            match k {
+                "L" => l = Some(n),
+                "D" => d = Some(n),
+                "V" => v = Some(n),
+                "F" => f = Some(n),
+                _ => return Err(bad()),
+            }
+        }
+        let (n_layer, n_embd, vocab) = (l.ok_or_else(bad)?, d.ok_or_else(bad)?, v.ok_or_else(bad)?);
+        if n_layer == 0 || vocab == 0 || n_embd == 0 || n_embd % 64 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "shape `{s}`: layers and vocab must be > 0 and the width a multiple of 64 (head size)"
+            )));
+        }
+        Ok(Shape {
+            n_layer,
+            n_embd,
+            vocab,
+            ffn: f.unwrap_or(4 * n_embd),
+        })
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L{}-D{}-V{}-F{}", self.n_layer, self.n_embd, self.vocab, self.ffn)
+    }
+}
+
+/// The official RWKV-7 LoRA width formula: max(32, round(k · C^e / 32) · 32).
+fn lora(c: usize, k: f64, e: f64) -> usize {
+    (((k * (c as f64).powf(e)) / 32.0).round() as usize * 32).max(32)
+}
+
+/// How a tensor is filled.
+#[derive(Clone, Copy)]
+enum Fill {
+    Const(f32),
+    Uniform(f32, f32),
+}
+
+/// The tensors of a v7 checkpoint of `shape`: (name, shape, fill).
+fn v7_tensors(s: Shape) -> Vec<(String, Vec<usize>, Fill)> {
+    let (c, f, v) = (s.n_embd, s.ffn, s.vocab);
+    let h = c / 64;
+    let (dw, da, dv, dg) = (lora(c, 1.8, 0.5), lora(c, 1.8, 0.5), lora(c, 1.3, 0.5), lora(c, 0.6, 0.8));
+    let sc = 1.0 / (c as f32).sqrt();
+    let u = |a: f32| Fill::Uniform(-a, a);
+    let mut t = vec![
+        ("emb.weight".to_string(), vec![v, c], u(1.0)),
+        ("blocks.0.ln0.weight".into(), vec![c], Fill::Const(1.0)),
+        ("blocks.0.ln0.bias".into(), vec![c], Fill::Const(0.0)),
+    ];
+    for l in 0..s.n_layer {
+        let p = |n: &str| format!("blocks.{l}.{n}");
+        let mix = vec![1, 1, c];
+        for n in ["ln1", "ln2"] {
+            t.push((p(&format!("{n}.weight")), vec![c], Fill::Const(1.0)));
+            t.push((p(&format!("{n}.bias")), vec![c], Fill::Const(0.0)));
+        }
+        for n in ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g"] {
+            t.push((p(&format!("att.{n}")), mix.clone(), Fill::Uniform(0.0, 1.0)));
+        }
+        t.push((p("att.w0"), mix.clone(), Fill::Uniform(-2.0, 0.0)));
+        t.push((p("att.w1"), vec![c, dw], u(0.1)));
+        t.push((p("att.w2"), vec![dw, c], u(0.1)));
+        t.push((p("att.a0"), mix.clone(), u(0.5)));
+        t.push((p("att.a1"), vec![c, da], u(0.1)));
+        t.push((p("att.a2"), vec![da, c], u(0.1)));
+        if l > 0 {
+            t.push((p("att.v0"), mix.clone(), u(0.5)));
+            t.push((p("att.v1"), vec![c, dv], u(0.1)));
+            t.push((p("att.v2"), vec![dv, c], u(0.1)));
+        }
+        t.push((p("att.g1"), vec![c, dg], u(0.1)));
+        t.push((p("att.g2"), vec![dg, c], u(0.1)));
+        t.push((p("att.k_k"), mix.clone(), Fill::Uniform(0.7, 1.0)));
+        t.push((p("att.k_a"), mix.clone(), Fill::Uniform(0.8, 1.2)));
+        t.push((p("att.r_k"), vec![h, 64], u(0.2)));
+        for n in ["receptance", "key", "value", "output"] {
+            t.push((p(&format!("att.{n}.weight")), vec![c, c], u(sc)));
+        }
+        t.push((p("att.ln_x.weight"), vec![c], Fill::Const(1.0)));
+        t.push((p("att.ln_x.bias"), vec![c], Fill::Const(0.0)));
+        t.push((p("ffn.x_k"), mix, Fill::Uniform(0.0, 1.0)));
+        t.push((p("ffn.key.weight"), vec![f, c], u(sc)));
+        t.push((p("ffn.value.weight"), vec![c, f], u(1.0 / (f as f32).sqrt())));
+    }
+    t.push(("ln_out.weight".into(), vec![c], Fill::Const(1.0)));
+    t.push(("ln_out.bias".into(), vec![c], Fill::Const(0.0)));
+    t.push(("head.weight".into(), vec![v, c], u(sc)));
+    t
+}
+
+/// Writes a synthetic RWKV-7 checkpoint; returns its tensor bytes.
+pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
+    let tensors = v7_tensors(shape);
+    let dname = match dtype {
+        Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
+        Dtype::BF16 => "BF16",
+    };
+    let mut header = String::from("{\"__metadata__\":{\"rwkv_version\":\"7\",\"synthetic\":\"");
+    header.push_str(&shape.to_string());
+    header.push_str("\"}");
+    let mut offset = 0usize;
+    for (name, dims, _) in &tensors {
+        let bytes = dims.iter().product::<usize>() * dtype.size();
+        let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+        header.push_str(&format!(
+            ",\"{name}\":{{\"dtype\":\"{dname}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+            dims.join(","),
+            offset + bytes
+        ));
+        offset += bytes;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let mut rng = seed ^ 0x5EED;
+    let mut buf = Vec::new();
+    for (_, dims, fill) in &tensors {
+        let n: usize = dims.iter().product();
+        buf.clear();
+        for _ in 0..n {
+            let x = match *fill {
+                Fill::Const(c) => c,
+                Fill::Uniform(a, b) => {
+                    rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = rng;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    a + (b - a) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+                }
+            };
+            match dtype {
+                Dtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                Dtype::F16 => buf.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
+                Dtype::BF16 => buf.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+            }
+        }
+        w.write_all(&buf).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok(offset as u64)
+}
