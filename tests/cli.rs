@@ -100,3 +100,34 @@ fn bad_input_is_a_one_line_error() {
         assert!(!stderr(&o).contains("panicked"));
     }
 }
+
+#[test]
+fn bench_reports_json_on_a_synthetic_model() {
+    if gpu().is_none() {
+        return;
+    }
+    let o = rwkv(&[
+        "bench", "--shape", "L2-D128-V512", "--pp", "9", "--tg", "3", "--batch", "1,2", "--repeat", "1", "--deep", "300",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "decode_batch2_tokens_per_s",
+        "peak_rss_bytes",
+        "gpu_bytes",
+        "dispatches_per_token",
+        "decode_cpu_ms_per_token",
+        "prefill_cpu_ms_per_token",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {out}");
+    }
+    // Nothing grows with the context: the same GPU bytes after 300 tokens as after 100.
+    assert!(v["gpu_bytes_at_100"].as_u64().is_some_and(|b| b > 0), "{out}");
+    assert_eq!(v["gpu_bytes_after_deep"], v["gpu_bytes_at_100"], "{out}");
+    let o = rwkv(&["bench", "--shape", "L2-D100-V512", "--pp", "4", "--tg", "2"]);
+    assert_eq!(o.status.code(), Some(1), "a width that is not a multiple of 64: {}", stderr(&o));
+}

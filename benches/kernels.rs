@@ -1,0 +1,158 @@
+//! Kernel micro-benchmarks: achieved GB/s and GFLOP/s of the matrix kernels,
+//! the WKV recurrence and the norms, against this machine's measured memory
+//! bandwidth (a CPU copy and a GPU buffer copy). `cargo bench --bench kernels`.
+//! Medians of several runs; each run records many dispatches in one
+//! submission so per-submission overhead is spread out.
+
+use std::time::Instant;
+
+use rwkv_wgpu::gpu::kernels::{Act, LayerNormParams, Wkv7Params, WKV_TOKENS_PER_DISPATCH};
+use rwkv_wgpu::gpu::{GpuContext, GpuOptions, Kernel, ParamArena, Recorder, STORAGE};
+use rwkv_wgpu::{Dtype, Matrix};
+
+const RUNS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(mut record: impl FnMut() -> f64) -> f64 {
+    record(); // warm-up: compile, first touch
+    median((0..RUNS).map(|_| record()).collect())
+}
+
+fn submit_timed<'a>(ctx: &'a GpuContext, arena: &mut ParamArena, f: impl FnOnce(&mut Recorder<'a>)) -> f64 {
+    let mut rec = Recorder::new(ctx);
+    f(&mut rec);
+    let t = Instant::now();
+    rec.submit(arena).unwrap();
+    ctx.sync().unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let ctx = match GpuContext::new(&GpuOptions::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("no GPU adapter: {e}");
+            return;
+        }
+    };
+    println!("adapter: {} (subgroups: {:?})", ctx.adapter(), ctx.subgroup_size());
+    let mut arena = ParamArena::new();
+
+    // Bandwidth probes.
+    let n = 256usize << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let cpu = median(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let cpu_gbs = 2.0 * n as f64 / cpu / 1e9; // read + write
+    let a = ctx.buffer("probe a", n as u64, STORAGE).unwrap();
+    let b = ctx.buffer("probe b", n as u64, STORAGE).unwrap();
+    let gpu_copy = time(|| {
+        let mut rec = Recorder::new(&ctx);
+        rec.copy(&a, 0, &b, 0, n as u64);
+        let t = Instant::now();
+        rec.submit(&mut arena).unwrap();
+        ctx.sync().unwrap();
+        t.elapsed().as_secs_f64()
+    });
+    let gpu_gbs = 2.0 * n as f64 / gpu_copy / 1e9;
+    println!("bandwidth: CPU memcpy {cpu_gbs:.2} GB/s, GPU buffer copy {gpu_gbs:.2} GB/s (read + write)");
+    drop((a, b, src, dst));
+
+    // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, F 3072, V 65536).
+    for (rows, cols) in [(768usize, 768usize), (3072, 768), (768, 3072), (65536, 768)] {
+        let bytes: Vec<u8> = (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
+        let m = Matrix::upload(&ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();
+        for tokens in [1usize, 64] {
+            let x = ctx.storage_f32("x", &vec![0.5f32; tokens * cols]).unwrap();
+            let y = ctx.buffer("y", (tokens * rows * 4) as u64, STORAGE).unwrap();
+            let reps = if rows * cols * tokens > 50_000_000 { 2 } else { 20 };
+            let t = time(|| {
+                submit_timed(&ctx, &mut arena, |rec| {
+                    for _ in 0..reps {
+                        m.linear(rec, &x, 0, &y, 0, tokens, Act::None, false).unwrap();
+                    }
+                })
+            }) / reps as f64;
+            let gbs = (rows * cols * 2) as f64 / t / 1e9;
+            let gflops = 2.0 * (rows * cols * tokens) as f64 / t / 1e9;
+            println!(
+                "linear f16 [{rows}x{cols}] x {tokens:>2} tokens: {:8.3} ms  {gbs:6.2} GB/s weights  {gflops:6.2} GFLOP/s",
+                t * 1e3
+            );
+        }
+    }
+
+    // WKV: 12 heads of 64, 1 and 512 tokens of one sequence.
+    let (nh, hs) = (12usize, 64usize);
+    let c = nh * hs;
+    for tokens in [1usize, 512] {
+        let att = ctx.storage_f32("att", &vec![0.1f32; 9 * tokens * c]).unwrap();
+        let seq = ctx.storage_u32("seq", &[0, tokens as u32]).unwrap();
+        let state = ctx.buffer("state", (nh * hs * hs * 4) as u64, STORAGE).unwrap();
+        let y = ctx.buffer("y", (tokens * c * 4) as u64, STORAGE).unwrap();
+        let t = time(|| {
+            submit_timed(&ctx, &mut arena, |rec| {
+                for t_first in (0..tokens as u32).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+                    let p = Wkv7Params {
+                        n_seq: 1,
+                        n_head: nh as u32,
+                        head_size: hs as u32,
+                        dim: c as u32,
+                        plane: (tokens * c) as u32,
+                        state_stride: (nh * hs * hs) as u32,
+                        state_offset: 0,
+                        t_first,
+                        t_count: WKV_TOKENS_PER_DISPATCH,
+                        _pad: [0; 3],
+                    };
+                    rec.dispatch(Kernel::Wkv7, 0, &p, &[&att, &seq, &state, &y], [nh as u32, 1, 1]).unwrap();
+                }
+            })
+        });
+        let flops = 6.0 * (tokens * nh * hs * hs) as f64;
+        println!("wkv7 12x64 heads x {tokens:>3} tokens: {:8.3} ms  {:6.2} GFLOP/s", t * 1e3, flops / t / 1e9);
+    }
+
+    // LayerNorm over [512, 768] and [1, 768].
+    for rows in [1usize, 512] {
+        let x = ctx.storage_f32("x", &vec![0.3f32; rows * c]).unwrap();
+        let v = ctx.storage_f32("v", &vec![1.0f32; 2 * c]).unwrap();
+        let y = ctx.buffer("y", (rows * c * 4) as u64, STORAGE).unwrap();
+        let p = LayerNormParams {
+            n_rows: rows as u32,
+            dim: c as u32,
+            x_offset: 0,
+            y_offset: 0,
+            w_offset: 0,
+            b_offset: c as u32,
+            eps: 1e-5,
+            _pad: 0,
+        };
+        let reps = 20;
+        let t = time(|| {
+            submit_timed(&ctx, &mut arena, |rec| {
+                for _ in 0..reps {
+                    rec.dispatch(Kernel::LayerNorm, 0, &p, &[&x, &v, &y], [rows as u32, 1, 1]).unwrap();
+                }
+            })
+        }) / reps as f64;
+        println!(
+            "layer_norm [{rows}x{c}]: {:8.3} ms  {:6.2} GB/s",
+            t * 1e3,
+            (2 * rows * c * 4) as f64 / t / 1e9
+        );
+    }
+}
