@@ -61,12 +61,64 @@ fn hi4(q: vec4<u32>) -> vec4<f32> {
     return bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u));
 }
 
+// 16-bit weights over a full tile of ROWS rows: the lanes walk the row's
+// words; x is loaded once per word position and reused for RG rows (all 16
+// for one token; 4 rows at a time for 4 tokens, to stay within 16 vec4
+// accumulators). Loads are what llvmpipe pays for, so this is the fast path.
+fn tile16(o_first: u32, n0: u32, lid: u32) {
+    let row4 = p.d_in / 4u;
+    let row8 = p.d_in / 8u;
+    let last = p.n_rows - 1u;
+    let xo = p.x_offset / 4u;
+    var rt: array<u32, 4>;
+    for (var t = 0u; t < TN; t++) {
+        rt[t] = xo + min(n0 + t, last) * row4;
+    }
+    let rg = 16u / TN; // rows per group
+    var acc: array<vec4<f32>, 16>; // [row in group][token]
+    for (var g = 0u; g < ROWS; g += rg) {
+        for (var i = 0u; i < 16u; i++) {
+            acc[i] = vec4<f32>(0.0);
+        }
+        for (var k = lid; k < row8; k += WG) {
+            var xs: array<vec4<f32>, 8>;
+            for (var t = 0u; t < TN; t++) {
+                xs[2u * t] = x[rt[t] + 2u * k];
+                xs[2u * t + 1u] = x[rt[t] + 2u * k + 1u];
+            }
+            var base = (o_first + g) * row8 + k;
+            for (var r = 0u; r < rg; r++) {
+                let q = w[base];
+                let lo = lo4(q);
+                let hi = hi4(q);
+                for (var t = 0u; t < TN; t++) {
+                    acc[r * TN + t] += lo * xs[2u * t] + hi * xs[2u * t + 1u];
+                }
+                base += row8;
+            }
+        }
+        for (var r = 0u; r < rg; r++) {
+            for (var t = 0u; t < TN; t++) {
+                let a = acc[r * TN + t];
+                let s = subgroupAdd(a.x + a.y + a.z + a.w);
+                if (lid == 0u && n0 + t < p.n_rows) {
+                    finish(s, n0 + t, o_first + g + r);
+                }
+            }
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n0 = wid.y * TN;
     let o_first = wid.x * ROWS;
     if (n0 >= p.n_rows) {
         return; // the whole workgroup leaves together
+    }
+    if (WDTYPE != 0u && o_first + ROWS <= p.part_rows) {
+        tile16(o_first, n0, lid);
+        return;
     }
     let o_end = min(o_first + ROWS, p.part_rows);
     let last = p.n_rows - 1u;
