@@ -47,3 +47,26 @@ fn workgroup_sum(v: f32, lid: u32) -> f32 {
     workgroupBarrier();
     return r;
 }
+
+// Planes of the RWKV-7 time-mix activation buffer `att [PLANES, tokens, dim]`,
+// as `gpu::kernels::plane` in Rust.
+const R: u32 = 0u;
+const W: u32 = 1u;
+const K: u32 = 2u;
+const V: u32 = 3u;
+const A: u32 = 4u;
+const G: u32 = 5u;
+const KK: u32 = 6u;
+const V_FIRST: u32 = 7u;
+const V_GATE: u32 = 8u;
+
+// The activation a linear kernel applies before storing: 0 none, 1 tanh,
+// 2 sigmoid, 3 relu^2 (`gpu::kernels::Act`).
+fn apply_act(v: f32, act: u32) -> f32 {
+    switch act {
+        case 1u: { return tanh_safe(v); }
+        case 2u: { return sigmoid(v); }
+        case 3u: { let r = max(v, 0.0); return r * r; }
+        default: { return v; }
+    }
+}

@@ -61,13 +61,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (n >= p.n_rows) {
             break;
         }
-        var v = acc[t];
-        switch p.act {
-            case 1u: { v = tanh_safe(v); }
-            case 2u: { v = sigmoid(v); }
-            case 3u: { let r = max(v, 0.0); v = r * r; }
-            default: {}
-        }
+        var v = apply_act(acc[t], p.act);
         let yi = p.y_offset + n * p.d_out + p.row0 + o;
         if (p.accumulate == 1u) {
             v = v + y[yi];

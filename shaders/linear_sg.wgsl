@@ -33,13 +33,7 @@ override TN: u32 = 4u;
 const ROWS: u32 = 16u;
 
 fn finish(v: f32, n: u32, o: u32) {
-    var r = v;
-    switch p.act {
-        case 1u: { r = tanh_safe(r); }
-        case 2u: { r = sigmoid(r); }
-        case 3u: { let q = max(r, 0.0); r = q * q; }
-        default: {}
-    }
+    var r = apply_act(v, p.act);
     let yi = p.y_offset + n * p.d_out + p.row0 + o;
     if (p.accumulate == 1u) {
         r = r + y[yi];

@@ -14,11 +14,6 @@ struct Params {
     eps: f32,
 }
 
-const R: u32 = 0u;
-const K: u32 = 2u;
-const V: u32 = 3u;
-const G: u32 = 5u;
-
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>; // [tokens, dim]
 @group(0) @binding(2) var<storage, read> att: array<f32>;     // [PLANES, tokens, dim]

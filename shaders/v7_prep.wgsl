@@ -23,16 +23,6 @@ struct Params {
     _p1: u32,
 }
 
-// Plane indices, as `gpu::kernels::plane` in Rust.
-const R: u32 = 0u;
-const W: u32 = 1u;
-const K: u32 = 2u;
-const V: u32 = 3u;
-const A: u32 = 4u;
-const KK: u32 = 6u;
-const V_FIRST: u32 = 7u;
-const V_GATE: u32 = 8u;
-
 const EXP_M_HALF: f32 = 0.60653065971263342; // e^-0.5
 
 @group(0) @binding(0) var<uniform> p: Params;

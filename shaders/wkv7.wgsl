@@ -20,12 +20,6 @@ struct Params {
     _p2: u32,
 }
 
-const R: u32 = 0u;
-const W: u32 = 1u;
-const K: u32 = 2u;
-const V: u32 = 3u;
-const A: u32 = 4u;
-const KK: u32 = 6u;
 const MAX_N: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
