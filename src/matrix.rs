@@ -91,8 +91,8 @@ impl Matrix {
     fn use_subgroups(&self, ctx: &GpuContext) -> bool {
         ctx.subgroup_size().is_some()
             && match self.encoding {
-                Encoding::Float(Dtype::F32) => self.cols % 4 == 0,
-                Encoding::Float(_) => self.cols % 8 == 0,
+                Encoding::Float(Dtype::F32) => self.cols.is_multiple_of(4),
+                Encoding::Float(_) => self.cols.is_multiple_of(8),
             }
     }
 
@@ -130,7 +130,7 @@ impl Matrix {
                 _pad: [0; 3],
             };
             let token_groups = (n_rows as u32).div_ceil(LINEAR_TN);
-            if self.use_subgroups(rec.ctx()) && x_offset % 4 == 0 {
+            if self.use_subgroups(rec.ctx()) && x_offset.is_multiple_of(4) {
                 // One subgroup-sized workgroup per LINEAR_SG_ROWS output rows
                 // and 4 tokens (1 for a single token: decode).
                 let tn = if n_rows == 1 { 1 } else { LINEAR_TN };
