@@ -66,6 +66,16 @@ fn encode(v: &[f32], dtype: Dtype) -> (Vec<u8>, Vec<f64>) {
     }
 }
 
+/// The linear kernels' activation, on the CPU.
+fn act_ref(act: Act, x: f64) -> f64 {
+    match act {
+        Act::None => x,
+        Act::Tanh => x.tanh(),
+        Act::Sigmoid => sigmoid(x),
+        Act::ReluSq => x.max(0.0).powi(2),
+    }
+}
+
 fn zeros(ctx: &GpuContext, n: usize) -> GpuBuffer {
     ctx.buffer("out", (n * 4) as u64, STORAGE).unwrap()
 }
@@ -99,12 +109,7 @@ fn linear_all_dtypes_acts_and_parts() {
                     for i in 0..d_in {
                         acc += wv[o * d_in + i] * x[x_off + t * d_in + i] as f64;
                     }
-                    let v = match act {
-                        Act::None => acc,
-                        Act::Tanh => acc.tanh(),
-                        Act::Sigmoid => sigmoid(acc),
-                        Act::ReluSq => acc.max(0.0).powi(2),
-                    };
+                    let v = act_ref(act, acc);
                     let yi = 5 + t * d_out + o;
                     want[yi] = if accumulate { want[yi] + v } else { v };
                 }
@@ -159,12 +164,7 @@ fn linear_subgroup_kernel() {
                 for t in 0..n {
                     for o in 0..d_out {
                         let acc: f64 = (0..d_in).map(|i| wv[o * d_in + i] * x[x_off + t * d_in + i] as f64).sum();
-                        let v = match act {
-                            Act::None => acc,
-                            Act::Tanh => acc.tanh(),
-                            Act::Sigmoid => sigmoid(acc),
-                            Act::ReluSq => acc.max(0.0).powi(2),
-                        };
+                        let v = act_ref(act, acc);
                         let yi = 3 + t * (d_out + 2) + 2 + o;
                         want[yi] = if accumulate { want[yi] + v } else { v };
                     }

@@ -25,19 +25,6 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
-        Kernel::Embedding,
-        Kernel::LayerNorm,
-        Kernel::TokenShift,
-        Kernel::StoreLast,
-        Kernel::GatherRows,
-        Kernel::Linear,
-        Kernel::LinearSg,
-        Kernel::V7Prep,
-        Kernel::Wkv7,
-        Kernel::V7Out,
-    ];
-
     fn source(self) -> &'static str {
         match self {
             Kernel::Embedding => include_str!("../../shaders/embedding.wgsl"),

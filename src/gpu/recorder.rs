@@ -95,10 +95,6 @@ impl<'a> Recorder<'a> {
         self.ctx
     }
 
-    pub fn dispatch_count(&self) -> usize {
-        self.ops.iter().filter(|o| matches!(o, Op::Dispatch { .. })).count()
-    }
-
     /// Encodes everything recorded into one command buffer and submits it.
     pub fn submit(self, arena: &mut ParamArena) -> Result<()> {
         let ctx = self.ctx;

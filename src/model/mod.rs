@@ -250,7 +250,7 @@ impl Model {
     /// of the batch; slices may differ in length or be empty) and returns the
     /// logits `mode` asks for, one `Vec` per sequence.
     pub fn forward(&mut self, state: &mut State, tokens: &[&[u32]], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
-        let info = self.info().clone();
+        let (vocab, n_layer) = (self.info().vocab, self.info().n_layer);
         if tokens.len() != state.batch() {
             return Err(Error::InvalidArgument(format!(
                 "{} token sequences for a state of batch {}",
@@ -258,17 +258,19 @@ impl Model {
                 state.batch()
             )));
         }
-        let expected = self.new_state_layout_stride();
-        if state.layout().n_layer != info.n_layer || state.layout().stride != expected {
+        let expected = match &self.inner {
+            Inner::V7(m) => m.state_layout().stride,
+        };
+        if state.layout().n_layer != n_layer || state.layout().stride != expected {
             return Err(Error::InvalidArgument("the state was made for a different model".into()));
         }
         for (s, seq) in tokens.iter().enumerate() {
-            if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= info.vocab) {
+            if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
                 return Err(Error::BadToken {
                     sequence: s,
                     position: p,
                     token: t,
-                    vocab: info.vocab,
+                    vocab: vocab,
                 });
             }
         }
@@ -278,7 +280,7 @@ impl Model {
         let mut out: Vec<Vec<f32>> = tokens
             .iter()
             .map(|t| match mode {
-                LogitsMode::All => Vec::with_capacity(t.len() * info.vocab),
+                LogitsMode::All => Vec::with_capacity(t.len() * vocab),
                 LogitsMode::Last => Vec::new(),
             })
             .collect();
@@ -332,15 +334,10 @@ impl Model {
                 Inner::V7(m) => m.step(state, &chunk, cap)?,
             };
             for (row, &b) in owners.iter().enumerate() {
-                out[b].extend_from_slice(&logits[row * info.vocab..(row + 1) * info.vocab]);
+                out[b].extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
             }
         }
         Ok(out)
     }
 
-    fn new_state_layout_stride(&self) -> usize {
-        match &self.inner {
-            Inner::V7(m) => m.state_layout().stride,
-        }
-    }
 }

@@ -106,6 +106,7 @@ struct Scratch {
 pub struct V7 {
     ctx: GpuContext,
     pub info: ModelInfo,
+    layout: StateLayout,
     d_lora_max: usize,
     emb: Matrix,       // [V, C]
     globals: GpuBuffer, // [4, C]: ln0 w/b, ln_out w/b
@@ -275,6 +276,7 @@ impl V7 {
         Ok(Self {
             ctx: ctx.clone(),
             info,
+            layout,
             d_lora_max,
             emb,
             globals,
@@ -285,12 +287,12 @@ impl V7 {
         })
     }
 
-    pub fn state_layout(&self) -> StateLayout {
-        state_layout(self.info.n_layer, self.info.n_embd, self.info.n_head, self.info.head_size)
+    pub fn state_layout(&self) -> &StateLayout {
+        &self.layout
     }
 
     pub fn new_state(&self, batch: usize) -> Result<State> {
-        State::new(&self.ctx, self.state_layout(), batch)
+        State::new(&self.ctx, self.layout.clone(), batch)
     }
 
     /// Largest chunk whose per-step buffers each fit one storage binding.
@@ -404,7 +406,7 @@ impl V7 {
         let cap = s.capacity;
         let plane_len = cap * c; // elements per plane of mixed and att
         let lora_plane = cap * self.d_lora_max;
-        let stride = self.state_layout().stride;
+        let stride = self.layout.stride;
         let (att_x, ffn_x, att_kv) = (0, c, 2 * c); // offsets within a layer's state
         let rows = [(c as u32).div_ceil(WG), n as u32, 1];
         let at = |p: u32| p as usize * plane_len;
