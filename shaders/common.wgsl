@@ -17,6 +17,22 @@ fn unpack_weight(word: u32, odd: bool) -> f32 {
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, odd));
 }
 
+// Weights 0..3 and 4..7 of a vec4<u32> word of eight 16-bit weights, widened
+// exactly to f32 (f16 through unpack2x16float, bf16 by shifting into place).
+fn unpack_lo4(q: vec4<u32>) -> vec4<f32> {
+    if (WDTYPE == 1u) {
+        return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u));
+}
+
+fn unpack_hi4(q: vec4<u32>) -> vec4<f32> {
+    if (WDTYPE == 1u) {
+        return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u));
+}
+
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
 }

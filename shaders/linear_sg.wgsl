@@ -41,20 +41,6 @@ fn finish(v: f32, n: u32, o: u32) {
     y[yi] = r;
 }
 
-fn lo4(q: vec4<u32>) -> vec4<f32> {
-    if (WDTYPE == 1u) {
-        return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
-    }
-    return bitcast<vec4<f32>>(vec4<u32>(q.x << 16u, q.x & 0xffff0000u, q.y << 16u, q.y & 0xffff0000u));
-}
-
-fn hi4(q: vec4<u32>) -> vec4<f32> {
-    if (WDTYPE == 1u) {
-        return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
-    }
-    return bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u));
-}
-
 // 16-bit weights over a full tile of ROWS rows: the lanes walk the row's
 // words; x is loaded once per word position and reused for RG rows (all 16
 // for one token; 4 rows at a time for 4 tokens, to stay within 16 vec4
@@ -83,8 +69,8 @@ fn tile16(o_first: u32, n0: u32, lid: u32) {
             var base = (o_first + g) * row8 + k;
             for (var r = 0u; r < rg; r++) {
                 let q = w[base];
-                let lo = lo4(q);
-                let hi = hi4(q);
+                let lo = unpack_lo4(q);
+                let hi = unpack_hi4(q);
                 for (var t = 0u; t < TN; t++) {
                     acc[r * TN + t] += lo * xs[2u * t] + hi * xs[2u * t + 1u];
                 }
@@ -150,8 +136,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let k = min(j + lid, row8 - 1u);
                 let m = select(0.0, 1.0, j + lid < row8);
                 let q = w[base + k];
-                let lo = m * lo4(q);
-                let hi = m * hi4(q);
+                let lo = m * unpack_lo4(q);
+                let hi = m * unpack_hi4(q);
                 a0 += lo * x[r0 + 2u * k] + hi * x[r0 + 2u * k + 1u];
                 if (TN > 1u) {
                     a1 += lo * x[r1 + 2u * k] + hi * x[r1 + 2u * k + 1u];

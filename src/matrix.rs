@@ -3,13 +3,22 @@
 //! 4-bit block encodings can be added as new `Encoding`s without touching
 //! any model file.
 //!
-//! A matrix larger than one storage binding (lavapipe allows 128 MiB; a
-//! 65536 x 2048 f16 head is 256 MiB) is split by rows into parts, each its own
-//! buffer, and each op runs once per part.
+//! Where the weights live is chosen per adapter ([`WeightStore`]):
+//! - storage buffers: a matrix larger than one binding (lavapipe allows
+//!   128 MiB; a 65536 x 2048 f16 head is 256 MiB) is split by rows into parts,
+//!   each its own buffer, and each op runs once per part;
+//! - a 2D texture array (CPU adapters): rows of 4-word texels, split by rows
+//!   into layers; `linear` copies x into a texture too and runs
+//!   `linear_tex.wgsl`.
 
-use crate::error::Result;
-use crate::gpu::kernels::{self, Act, EmbeddingParams, LinearParams, LINEAR_SG_ROWS, LINEAR_TN, WG};
-use crate::gpu::{GpuBuffer, GpuContext, Kernel, Recorder, STORAGE};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::{
+    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_ROWS,
+    LINEAR_TEX_PREFILL_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
+};
+use crate::gpu::{Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, WeightStore, STORAGE, WEIGHT_TEXTURE_FORMAT};
 use crate::loader::{Dtype, Tensor};
 
 /// How the elements of a matrix are stored on the GPU.
@@ -26,17 +35,25 @@ struct Part {
     buffer: GpuBuffer,
 }
 
+enum Store {
+    /// Row ranges, each in its own storage buffer.
+    Buffers(Vec<Part>),
+    /// `[layers, layer_rows, texels per row]` of rgba32uint texels.
+    Texture { texture: Arc<GpuTexture>, layer_rows: usize },
+}
+
 /// A `[rows, cols]` weight matrix used as `y = x @ W.T` (rows = outputs).
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub encoding: Encoding,
-    parts: Vec<Part>,
+    store: Store,
 }
 
 impl Matrix {
-    /// Uploads a row-major `[rows, cols]` matrix of `dtype` from `bytes`,
-    /// splitting by rows so each part is at most `max_part_bytes`.
+    /// Uploads a row-major `[rows, cols]` matrix of `dtype` from `bytes` for
+    /// `linear`, in the adapter's preferred store where the shape allows it,
+    /// splitting by rows so each part or layer is at most `max_part_bytes`.
     pub fn upload(
         ctx: &GpuContext,
         name: &str,
@@ -46,7 +63,29 @@ impl Matrix {
         bytes: &[u8],
         max_part_bytes: u64,
     ) -> Result<Self> {
+        Self::upload_to(ctx, ctx.weight_store(), name, dtype, rows, cols, bytes, max_part_bytes)
+    }
+
+    /// As [`Matrix::upload`], in `store` if the shape allows it (textures
+    /// need `cols % 64 == 0`), else in buffers. Tables used with `gather`
+    /// must be in buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_to(
+        ctx: &GpuContext,
+        store: WeightStore,
+        name: &str,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_part_bytes: u64,
+    ) -> Result<Self> {
         let row_bytes = cols * dtype.size();
+        if store == WeightStore::Texture && ctx.subgroup_size().is_some() {
+            if let Some(m) = Self::upload_texture(ctx, name, dtype, rows, cols, bytes, max_part_bytes)? {
+                return Ok(m);
+            }
+        }
         let rows_per_part = ((max_part_bytes as usize) / row_bytes.max(1)).max(1);
         let mut parts = Vec::new();
         let mut row0 = 0;
@@ -61,13 +100,79 @@ impl Matrix {
             rows,
             cols,
             encoding: Encoding::Float(dtype),
-            parts,
+            store: Store::Buffers(parts),
         })
+    }
+
+    /// The texture store, or `None` where the shape does not fit one.
+    #[allow(clippy::too_many_arguments)]
+    fn upload_texture(
+        ctx: &GpuContext,
+        name: &str,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_part_bytes: u64,
+    ) -> Result<Option<Self>> {
+        let (max_dim, max_layers) = ctx.max_texture_dims();
+        let (max_dim, max_layers) = (max_dim as usize, max_layers as usize);
+        let row_bytes = cols * dtype.size();
+        let texels = row_bytes / 16;
+        if rows == 0 || !cols.is_multiple_of(64) || texels > max_dim {
+            return Ok(None);
+        }
+        // Layers of at most max_part_bytes, but whole 16-row tiles (a tile
+        // never straddles two layers).
+        let fit = (max_part_bytes as usize / row_bytes).min(max_dim);
+        let layer_rows = if rows <= fit { rows } else { (fit / 16 * 16).max(16) };
+        if layer_rows > max_dim || rows.div_ceil(layer_rows) > max_layers {
+            return Ok(None);
+        }
+        let layers = rows.div_ceil(layer_rows);
+        let texture = ctx.texture(name, texels as u32, layer_rows as u32, layers as u32, WEIGHT_TEXTURE_FORMAT)?;
+        for l in 0..layers {
+            let r0 = l * layer_rows;
+            let n = layer_rows.min(rows - r0);
+            ctx.queue().write_texture(
+                wgpu::TexelCopyTextureInfo {
+                    texture: texture.raw(),
+                    mip_level: 0,
+                    origin: wgpu::Origin3d { x: 0, y: 0, z: l as u32 },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                &bytes[r0 * row_bytes..(r0 + n) * row_bytes],
+                wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(row_bytes as u32),
+                    rows_per_image: Some(n as u32),
+                },
+                wgpu::Extent3d {
+                    width: texels as u32,
+                    height: n as u32,
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
+        Ok(Some(Self {
+            rows,
+            cols,
+            encoding: Encoding::Float(dtype),
+            store: Store::Texture {
+                texture: Arc::new(texture),
+                layer_rows,
+            },
+        }))
     }
 
     /// A checkpoint tensor `[out, in]` used as `x @ W.T`.
     pub fn from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
         Self::upload(ctx, t.name, t.dtype, t.shape[0], t.shape[1], t.bytes, max_part_bytes)
+    }
+
+    /// A checkpoint table `[rows, dim]` read with `gather` (an embedding).
+    pub fn table_from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
+        Self::upload_to(ctx, WeightStore::Buffer, t.name, t.dtype, t.shape[0], t.shape[1], t.bytes, max_part_bytes)
     }
 
     /// A checkpoint LoRA tensor `[in, out]` used as `x @ W`: stored transposed
@@ -78,11 +183,26 @@ impl Matrix {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.buffer.size()).sum()
+        match &self.store {
+            Store::Buffers(parts) => parts.iter().map(|p| p.buffer.size()).sum(),
+            Store::Texture { texture, .. } => texture.bytes(),
+        }
     }
 
+    /// Buffers, or texture layers, the rows are split into.
     pub fn part_count(&self) -> usize {
-        self.parts.len()
+        match &self.store {
+            Store::Buffers(parts) => parts.len(),
+            Store::Texture { layer_rows, .. } => self.rows.div_ceil(*layer_rows),
+        }
+    }
+
+    /// Where the weights are.
+    pub fn store(&self) -> WeightStore {
+        match self.store {
+            Store::Buffers(_) => WeightStore::Buffer,
+            Store::Texture { .. } => WeightStore::Texture,
+        }
     }
 
     /// Whether `linear` can use the subgroup kernel: the adapter has
@@ -116,7 +236,13 @@ impl Matrix {
         act: Act,
         accumulate: bool,
     ) -> Result<()> {
-        for part in &self.parts {
+        let parts = match &self.store {
+            Store::Buffers(parts) => parts,
+            Store::Texture { texture, layer_rows } => {
+                return self.linear_tex(rec, texture, *layer_rows, x, x_offset, y, y_offset, n_rows, act, accumulate)
+            }
+        };
+        for part in parts {
             let params = LinearParams {
                 n_rows: n_rows as u32,
                 d_in: self.cols as u32,
@@ -145,6 +271,61 @@ impl Matrix {
         Ok(())
     }
 
+    /// `linear` for the texture store: x rows are copied into the shared x
+    /// texture (at most a texture height of tokens at a time), then one
+    /// dispatch of `decode` (1 token) or `prefill`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_tex<'a>(
+        &'a self,
+        rec: &mut Recorder<'a>,
+        texture: &Arc<GpuTexture>,
+        layer_rows: usize,
+        x: &'a GpuBuffer,
+        x_offset: usize,
+        y: &'a GpuBuffer,
+        y_offset: usize,
+        n_rows: usize,
+        act: Act,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !x_offset.is_multiple_of(4) {
+            return Err(Error::InvalidArgument(format!(
+                "texture matrix: x offset {x_offset} is not a multiple of 4 elements"
+            )));
+        }
+        let ctx = rec.ctx();
+        let block = ctx.max_texture_dims().0 as usize;
+        let x_width = (self.cols / 4) as u32;
+        let mut n0 = 0;
+        while n0 < n_rows {
+            let nb = block.min(n_rows - n0);
+            let xt = ctx.x_texture(x_width, nb as u32)?;
+            let src = ((x_offset + n0 * self.cols) * 4) as u64;
+            rec.copy_to_texture(x, src, (self.cols * 4) as u32, xt.clone(), x_width, nb as u32);
+            let params = LinearTexParams {
+                n_rows: nb as u32,
+                d_in: self.cols as u32,
+                d_out: self.rows as u32,
+                layer_rows: layer_rows as u32,
+                y_offset: (y_offset + n0 * self.rows) as u32,
+                act: act as u32,
+                accumulate: accumulate as u32,
+                _pad: 0,
+            };
+            let rows = self.rows as u32;
+            let (tn, groups) = if nb == 1 {
+                (1, [rows.div_ceil(LINEAR_TEX_DECODE_ROWS), 1, 1])
+            } else {
+                let tiles = (nb as u32).div_ceil(LINEAR_TEX_TOKENS);
+                (LINEAR_TEX_TOKENS, [rows.div_ceil(LINEAR_TEX_PREFILL_ROWS), tiles, 1])
+            };
+            let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), Binding::Buffer(y)];
+            rec.dispatch_with(Kernel::LinearTex, self.wdtype() | (tn << 8), &params, bindings, groups)?;
+            n0 += nb;
+        }
+        Ok(())
+    }
+
     /// Records `out[n, :] = W[tokens[n], :]` (an embedding lookup) for `n_tok` tokens.
     pub fn gather<'a>(
         &'a self,
@@ -153,7 +334,10 @@ impl Matrix {
         out: &'a GpuBuffer,
         n_tok: usize,
     ) -> Result<()> {
-        for part in &self.parts {
+        let Store::Buffers(parts) = &self.store else {
+            return Err(Error::InvalidArgument("gather needs a matrix uploaded as a table (buffers)".into()));
+        };
+        for part in parts {
             let params = EmbeddingParams {
                 n_tok: n_tok as u32,
                 dim: self.cols as u32,

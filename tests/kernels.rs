@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use rwkv_wgpu::gpu::kernels::*;
-use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, STORAGE};
+use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE};
 use rwkv_wgpu::loader::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Matrix;
@@ -92,8 +92,8 @@ fn linear_all_dtypes_acts_and_parts() {
             let w = rng.vec(d_out * d_in, 0.3);
             let (wb, wv) = encode(&w, dtype);
             let part_bytes = (30 * d_in * dtype.size()) as u64;
-            let m = Matrix::upload(&ctx, "w", dtype, d_out, d_in, &wb, part_bytes).unwrap();
-            assert_eq!(m.part_count(), 3);
+            let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "w", dtype, d_out, d_in, &wb, part_bytes).unwrap();
+            assert_eq!((m.part_count(), m.store()), (3, WeightStore::Buffer));
             // X sits at an offset inside a larger buffer, as planes do.
             let x_off = 13;
             let x = rng.vec(x_off + n * d_in, 1.0);
@@ -175,6 +175,62 @@ fn linear_subgroup_kernel() {
     }
 }
 
+/// The texture matrix kernel (`linear_tex.wgsl`, lavapipe's default store)
+/// against the CPU: every dtype, one token (`decode`) and several
+/// (`prefill`, token counts not a multiple of its 4-token tile), rows not a
+/// multiple of either row tile and split over three texture layers, X at an
+/// offset, Y accumulated; also rows as long as a 7B model's FFN, and more
+/// tokens than one texture is high where the adapter's limit allows a test.
+#[test]
+fn linear_texture_kernel() {
+    let Some(ctx) = gpu() else { return };
+    if ctx.subgroup_size().is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI runs on lavapipe, which has fixed-size subgroups: the texture kernel must be tested");
+        }
+        return;
+    }
+    let mut rng = Rng::new(21);
+    let (d_in, d_out) = (192, 77);
+    let max_tex = ctx.max_texture_dims().0 as usize;
+    let mut cases = vec![];
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        for (n, act, accumulate) in [(1, Act::None, false), (1, Act::Tanh, true), (2, Act::Sigmoid, false), (7, Act::ReluSq, true), (9, Act::None, false)] {
+            cases.push((dtype, n, d_in, d_out, 32usize, act, accumulate));
+        }
+    }
+    cases.push((Dtype::F16, 3, 16384, 5, 16, Act::None, false));
+    cases.push((Dtype::F32, 1, 16384, 5, 16, Act::None, true));
+    if max_tex <= 16384 {
+        cases.push((Dtype::F16, max_tex + 3, 64, 5, 16, Act::None, false));
+    }
+    for (dtype, n, d_in, d_out, layer_rows, act, accumulate) in cases {
+        let w = rng.vec(d_out * d_in, 0.3);
+        let (wb, wv) = encode(&w, dtype);
+        let part_bytes = (layer_rows * d_in * dtype.size()) as u64;
+        let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", dtype, d_out, d_in, &wb, part_bytes).unwrap();
+        assert_eq!((m.part_count(), m.store()), (d_out.div_ceil(layer_rows), WeightStore::Texture));
+        let x_off = 8;
+        let x = rng.vec(x_off + n * d_in, 1.0);
+        let y0 = rng.vec(5 + n * d_out, 1.0);
+        let (xb, yb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+        run(&ctx, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
+        let mut want = f64s(&y0);
+        for t in 0..n {
+            for o in 0..d_out {
+                let acc: f64 = (0..d_in).map(|i| wv[o * d_in + i] * x[x_off + t * d_in + i] as f64).sum();
+                let v = act_ref(act, acc);
+                let yi = 5 + t * d_out + o;
+                want[yi] = if accumulate { want[yi] + v } else { v };
+            }
+        }
+        check(&format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want);
+    }
+    // Shapes a texture cannot hold fall back to buffers.
+    let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", Dtype::F16, 3, 100, &[0u8; 600], 1 << 20).unwrap();
+    assert_eq!(m.store(), WeightStore::Buffer);
+}
+
 /// Rows as long as the widest real FFN (16384 for a 7B model): llvmpipe
 /// silently stops loop nests after 65535 iterations, so the kernel's d_in
 /// loop must not nest another loop.
@@ -220,7 +276,7 @@ fn embedding_gathers_rows_across_parts() {
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         let table = rng.vec(vocab * dim, 1.0);
         let (bytes, tv) = encode(&table, dtype);
-        let m = Matrix::upload(&ctx, "emb", dtype, vocab, dim, &bytes, (20 * dim * dtype.size()) as u64).unwrap();
+        let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "emb", dtype, vocab, dim, &bytes, (20 * dim * dtype.size()) as u64).unwrap();
         assert_eq!(m.part_count(), 3);
         let mut tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
         tokens[0] = 0;
@@ -588,20 +644,28 @@ fn matrix_larger_than_one_binding() {
             bytes.extend_from_slice(&f16::from_f32(val(r, c)).to_le_bytes());
         }
     }
-    let m = Matrix::upload(&ctx, "big", Dtype::F16, rows, cols, &bytes, part).unwrap();
-    drop(bytes);
-    assert_eq!(m.part_count(), 2);
-    assert!(m.bytes() > ctx.max_binding_bytes().min(128 << 20));
-
     let x: Vec<f32> = (0..cols).map(|c| ((c % 5) as f32 - 2.0) / 4.0).collect();
     let xb = ctx.storage_f32("x", &x).unwrap();
-    let yb = zeros(&ctx, rows);
-    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
-    let got = ctx.read_f32(&yb).unwrap();
     let want: Vec<f64> = (0..rows)
         .map(|r| (0..cols).map(|c| val(r, c) as f64 * x[c] as f64).sum())
         .collect();
-    check("linear over two parts", &got, &want);
+    // In textures (where the adapter has them: layers of at most 16384 rows
+    // on lavapipe, so three here), then in buffers (two parts).
+    if ctx.subgroup_size().is_some() {
+        let m = Matrix::upload_to(&ctx, WeightStore::Texture, "big", Dtype::F16, rows, cols, &bytes, part).unwrap();
+        assert_eq!(m.store(), WeightStore::Texture);
+        assert!(m.part_count() >= 2);
+        let yb = zeros(&ctx, rows);
+        run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
+        check("linear over texture layers", &ctx.read_f32(&yb).unwrap(), &want);
+    }
+    let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "big", Dtype::F16, rows, cols, &bytes, part).unwrap();
+    drop(bytes);
+    assert_eq!(m.part_count(), 2);
+    assert!(m.bytes() > ctx.max_binding_bytes().min(128 << 20));
+    let yb = zeros(&ctx, rows);
+    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
+    check("linear over two parts", &ctx.read_f32(&yb).unwrap(), &want);
 
     let tokens = vec![0u32, (rows - 6) as u32, (rows - 5) as u32, (rows - 1) as u32];
     let tb = ctx.storage_u32("tokens", &tokens).unwrap();

@@ -19,6 +19,7 @@ pub enum Kernel {
     GatherRows,
     Linear,
     LinearSg,
+    LinearTex,
     V7Prep,
     Wkv7,
     V7Out,
@@ -34,6 +35,7 @@ impl Kernel {
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
             Kernel::LinearSg => include_str!("../../shaders/linear_sg.wgsl"),
+            Kernel::LinearTex => include_str!("../../shaders/linear_tex.wgsl"),
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::V7Out => include_str!("../../shaders/v7_out.wgsl"),
@@ -48,6 +50,12 @@ pub const WG: u32 = 64;
 pub const LINEAR_TN: u32 = 4;
 /// Output rows per workgroup of `linear_sg.wgsl` (its `ROWS`).
 pub const LINEAR_SG_ROWS: u32 = 16;
+/// Rows per workgroup of `linear_tex.wgsl`: `decode` (1 token) and `prefill`
+/// (LINEAR_TEX_TOKENS tokens). Texture layers hold a multiple of 16 rows so
+/// no tile straddles two layers.
+pub const LINEAR_TEX_DECODE_ROWS: u32 = 16;
+pub const LINEAR_TEX_PREFILL_ROWS: u32 = 8;
+pub const LINEAR_TEX_TOKENS: u32 = 4;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
 
@@ -85,6 +93,20 @@ pub struct LinearParams {
     pub act: u32,
     pub accumulate: u32,
     pub _pad: [u32; 3],
+}
+
+/// `linear_tex.wgsl`: Y[n, o] (+)= act(Σ_i X[n,i]·W[o,i]), W and X in textures.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct LinearTexParams {
+    pub n_rows: u32,
+    pub d_in: u32,
+    pub d_out: u32,
+    pub layer_rows: u32,
+    pub y_offset: u32,
+    pub act: u32,
+    pub accumulate: u32,
+    pub _pad: u32,
 }
 
 /// `embedding.wgsl`: out[n, :] = W[tokens[n] - row0, :] for tokens in this part.
@@ -230,6 +252,16 @@ impl GpuContext {
         });
         // `variant` is the WDTYPE, plus for LinearSg its tokens per workgroup << 8.
         let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64)];
+        // linear_tex has two entry points: `decode` (1 token) and `prefill`.
+        let entry = match kernel {
+            Kernel::LinearTex if wdtype >> 8 == 1 => "decode",
+            Kernel::LinearTex => "prefill",
+            _ => "main",
+        };
+        if kernel == Kernel::LinearTex {
+            let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearTex needs a fixed subgroup size".into()))?;
+            constants.push(("WG", sg as f64));
+        }
         if kernel == Kernel::LinearSg {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearSg needs a fixed subgroup size".into()))?;
             constants.push(("WG", sg as f64));
@@ -239,7 +271,7 @@ impl GpuContext {
             label: Some(&format!("{kernel:?}")),
             layout: None,
             module: &module,
-            entry_point: Some("main"),
+            entry_point: Some(entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 zero_initialize_workgroup_memory: false,

@@ -5,13 +5,30 @@ pub mod kernels;
 mod recorder;
 
 pub use kernels::{Act, Kernel};
-pub use recorder::{ParamArena, Recorder};
+pub use recorder::{Binding, ParamArena, Recorder};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+
+/// Environment variable that chooses where matrix weights live:
+/// `texture` or `buffer` (default: textures on CPU adapters, see [`WeightStore`]).
+pub const WEIGHTS_ENV: &str = "RWKV_WEIGHTS";
+
+/// Where matrix weights are stored, chosen per adapter.
+///
+/// On llvmpipe (lavapipe) a storage-buffer load is a loop over the eight SIMD
+/// lanes with a bounds check and a branch per lane and per component, while a
+/// texel fetch is one vector gather: `linear_tex.wgsl` reading weights (and x)
+/// from textures measured 4-6x the matrix throughput of the buffer kernel
+/// there. Real GPUs read buffers at full speed and keep the buffer kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightStore {
+    Buffer,
+    Texture,
+}
 
 /// Environment variable that selects an adapter: a substring of the adapter
 /// name (`llvmpipe`, `NVIDIA`, ...) or a backend (`vulkan`, `metal`, `dx12`, `gl`).
@@ -57,6 +74,10 @@ struct Shared {
     /// The subgroup size when the adapter has subgroups of one fixed size.
     subgroup_size: Option<u32>,
     dispatches: AtomicU64,
+    weight_store: WeightStore,
+    /// The `[tokens, d_in / 4]` rgba32float texture that `linear_tex` reads x
+    /// from: one per context, grown to the largest use and then reused.
+    x_texture: Mutex<Option<Arc<GpuTexture>>>,
     /// With RWKV_PROFILE set: every dispatch is timed alone (slow; for finding hot kernels).
     profile: Option<Mutex<HashMap<Kernel, (u64, f64)>>>,
 }
@@ -161,6 +182,13 @@ impl GpuContext {
             adapter: summary.name.clone(),
             detail: e.to_string(),
         })?;
+        // Textures need the subgroup kernel shape (one subgroup per row tile).
+        let weight_store = match std::env::var(WEIGHTS_ENV).ok().as_deref() {
+            Some("buffer") => WeightStore::Buffer,
+            Some("texture") if subgroup_size.is_some() => WeightStore::Texture,
+            _ if subgroup_size.is_some() && info.device_type == wgpu::DeviceType::Cpu => WeightStore::Texture,
+            _ => WeightStore::Buffer,
+        };
         let shared = Arc::new(Shared {
             device,
             queue,
@@ -171,6 +199,8 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             subgroup_size,
             dispatches: AtomicU64::new(0),
+            weight_store,
+            x_texture: Mutex::new(None),
             profile: std::env::var_os("RWKV_PROFILE").map(|_| Mutex::new(HashMap::new())),
         });
         // Validation errors and device loss become values reported by the next
@@ -226,6 +256,86 @@ impl GpuContext {
     /// has subgroups of one fixed size (and `RWKV_NO_SUBGROUPS` is unset).
     pub fn subgroup_size(&self) -> Option<u32> {
         self.shared.subgroup_size
+    }
+
+    /// Where matrices built for `linear` keep their weights on this adapter.
+    pub fn weight_store(&self) -> WeightStore {
+        self.shared.weight_store
+    }
+
+    /// Largest width, height and layer count of a 2D texture array.
+    pub fn max_texture_dims(&self) -> (u32, u32) {
+        (self.shared.limits.max_texture_dimension_2d, self.shared.limits.max_texture_array_layers)
+    }
+
+    /// Creates a `[layers, height, width]` 2D texture array of `format` that
+    /// can be sampled with `textureLoad` and written by copies.
+    pub fn texture(&self, what: &str, width: u32, height: u32, layers: u32, format: wgpu::TextureFormat) -> Result<GpuTexture> {
+        let (max_dim, max_layers) = self.max_texture_dims();
+        if width == 0 || height == 0 || layers == 0 || width > max_dim || height > max_dim || layers > max_layers {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: texture of {layers} x {height} x {width} is outside the adapter's limits ({max_layers} layers of {max_dim} x {max_dim})"
+            )));
+        }
+        let texel = format.block_copy_size(None).unwrap_or(16) as u64;
+        let bytes = width as u64 * height as u64 * layers as u64 * texel;
+        let device = &self.shared.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let texture = device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(what),
+            size: wgpu::Extent3d {
+                width,
+                height,
+                depth_or_array_layers: layers,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory {
+                what: format!("{what}: {e}"),
+                bytes,
+            });
+        }
+        let view = texture.create_view(&wgpu::TextureViewDescriptor {
+            dimension: Some(if format == X_TEXTURE_FORMAT {
+                wgpu::TextureViewDimension::D2
+            } else {
+                wgpu::TextureViewDimension::D2Array
+            }),
+            ..Default::default()
+        });
+        self.shared.allocated.fetch_add(bytes, Ordering::Relaxed);
+        Ok(GpuTexture {
+            texture,
+            view,
+            bytes,
+            ctx: self.shared.clone(),
+        })
+    }
+
+    /// The shared x texture, at least `width` x `height` texels.
+    pub(crate) fn x_texture(&self, width: u32, height: u32) -> Result<Arc<GpuTexture>> {
+        let mut slot = self.shared.x_texture.lock().unwrap();
+        if let Some(t) = slot.as_ref() {
+            let size = t.texture.size();
+            if size.width >= width && size.height >= height {
+                return Ok(t.clone());
+            }
+        }
+        let (w, h) = match slot.as_ref() {
+            Some(t) => (t.texture.size().width.max(width), t.texture.size().height.max(height)),
+            None => (width, height),
+        };
+        // Dropping the old one here is safe: recorded work holds its own Arc.
+        *slot = None;
+        let t = Arc::new(self.texture("x texture", w, h, 1, X_TEXTURE_FORMAT)?);
+        *slot = Some(t.clone());
+        Ok(t)
     }
 
     /// Largest buffer that one storage binding may cover.
@@ -413,6 +523,39 @@ pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
+
+/// Format of the x texture of `linear_tex` (four f32 per texel).
+pub const X_TEXTURE_FORMAT: wgpu::TextureFormat = wgpu::TextureFormat::Rgba32Float;
+/// Format of weight textures: four u32 words per texel (8 f16/bf16 or 4 f32).
+pub const WEIGHT_TEXTURE_FORMAT: wgpu::TextureFormat = wgpu::TextureFormat::Rgba32Uint;
+
+/// A texture counted in [`GpuContext::allocated_bytes`] while it lives.
+pub struct GpuTexture {
+    texture: wgpu::Texture,
+    view: wgpu::TextureView,
+    bytes: u64,
+    ctx: Arc<Shared>,
+}
+
+impl GpuTexture {
+    pub fn raw(&self) -> &wgpu::Texture {
+        &self.texture
+    }
+
+    pub fn view(&self) -> &wgpu::TextureView {
+        &self.view
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for GpuTexture {
+    fn drop(&mut self) {
+        self.ctx.allocated.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// A GPU buffer whose bytes are counted in [`GpuContext::allocated_bytes`]
 /// for as long as it lives.

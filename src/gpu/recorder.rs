@@ -3,18 +3,37 @@
 //! uniform buffer (the arena), at 256-byte aligned slots, written once per
 //! submission: nothing is allocated per step once the arena has its size.
 
+use std::sync::Arc;
+
 use bytemuck::Pod;
 
-use super::{GpuBuffer, GpuContext, Kernel};
+use super::{GpuBuffer, GpuContext, GpuTexture, Kernel};
 use crate::error::{Error, Result};
+
+/// One resource bound to a dispatch (bindings 1.., after the params).
+#[derive(Clone)]
+pub enum Binding<'a> {
+    Buffer(&'a GpuBuffer),
+    Texture(Arc<GpuTexture>),
+}
 
 enum Op<'a> {
     Dispatch {
         kernel: Kernel,
         pipeline: wgpu::ComputePipeline,
         params: Vec<u8>,
-        buffers: Vec<&'a GpuBuffer>,
+        bindings: Vec<Binding<'a>>,
         groups: [u32; 3],
+    },
+    /// `height` rows of `width` texels from `src` (rows `bytes_per_row`
+    /// apart from `src_offset`) into layer 0 of `dst`.
+    CopyToTexture {
+        src: &'a GpuBuffer,
+        src_offset: u64,
+        bytes_per_row: u32,
+        dst: Arc<GpuTexture>,
+        width: u32,
+        height: u32,
     },
     Copy {
         src: &'a GpuBuffer,
@@ -58,6 +77,19 @@ impl<'a> Recorder<'a> {
         buffers: &[&'a GpuBuffer],
         groups: [u32; 3],
     ) -> Result<()> {
+        let bindings = buffers.iter().map(|b| Binding::Buffer(b)).collect();
+        self.dispatch_with(kernel, wdtype, params, bindings, groups)
+    }
+
+    /// As [`Recorder::dispatch`], with textures among the bindings.
+    pub fn dispatch_with<P: Pod>(
+        &mut self,
+        kernel: Kernel,
+        wdtype: u32,
+        params: &P,
+        bindings: Vec<Binding<'a>>,
+        groups: [u32; 3],
+    ) -> Result<()> {
         let max = self.ctx.limits().max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(Error::InvalidArgument(format!(
@@ -72,10 +104,25 @@ impl<'a> Recorder<'a> {
             kernel,
             pipeline,
             params: bytemuck::bytes_of(params).to_vec(),
-            buffers: buffers.to_vec(),
+            bindings,
             groups,
         });
         Ok(())
+    }
+
+    /// Records a copy of `height` rows of `width` texels into `dst`, ordered
+    /// with the dispatches around it. `bytes_per_row` must be a multiple of 256.
+    pub fn copy_to_texture(&mut self, src: &'a GpuBuffer, src_offset: u64, bytes_per_row: u32, dst: Arc<GpuTexture>, width: u32, height: u32) {
+        if width > 0 && height > 0 {
+            self.ops.push(Op::CopyToTexture {
+                src,
+                src_offset,
+                bytes_per_row,
+                dst,
+                width,
+                height,
+            });
+        }
     }
 
     /// Records a buffer copy, ordered with the dispatches around it.
@@ -128,17 +175,46 @@ impl<'a> Recorder<'a> {
         let profiling = ctx.profiling();
         let mut i = 0;
         while i < n {
-            if let Op::Copy {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                size,
-            } = &self.ops[i]
-            {
-                enc.copy_buffer_to_buffer(src.raw(), *src_offset, dst.raw(), *dst_offset, *size);
-                i += 1;
-                continue;
+            match &self.ops[i] {
+                Op::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
+                    enc.copy_buffer_to_buffer(src.raw(), *src_offset, dst.raw(), *dst_offset, *size);
+                    i += 1;
+                    continue;
+                }
+                Op::CopyToTexture {
+                    src,
+                    src_offset,
+                    bytes_per_row,
+                    dst,
+                    width,
+                    height,
+                } => {
+                    enc.copy_buffer_to_texture(
+                        wgpu::TexelCopyBufferInfo {
+                            buffer: src.raw(),
+                            layout: wgpu::TexelCopyBufferLayout {
+                                offset: *src_offset,
+                                bytes_per_row: Some(*bytes_per_row),
+                                rows_per_image: Some(*height),
+                            },
+                        },
+                        dst.raw().as_image_copy(),
+                        wgpu::Extent3d {
+                            width: *width,
+                            height: *height,
+                            depth_or_array_layers: 1,
+                        },
+                    );
+                    i += 1;
+                    continue;
+                }
+                Op::Dispatch { .. } => {}
             }
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: None,
@@ -149,7 +225,7 @@ impl<'a> Recorder<'a> {
                     kernel,
                     pipeline,
                     params,
-                    buffers,
+                    bindings,
                     groups,
                 } = &self.ops[i]
                 else {
@@ -163,10 +239,13 @@ impl<'a> Recorder<'a> {
                         size: wgpu::BufferSize::new(params.len() as u64),
                     }),
                 }];
-                for (b, buf) in buffers.iter().enumerate() {
+                for (b, res) in bindings.iter().enumerate() {
                     entries.push(wgpu::BindGroupEntry {
                         binding: b as u32 + 1,
-                        resource: buf.raw().as_entire_binding(),
+                        resource: match res {
+                            Binding::Buffer(buf) => buf.raw().as_entire_binding(),
+                            Binding::Texture(t) => wgpu::BindingResource::TextureView(t.view()),
+                        },
                     });
                 }
                 let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -164,7 +164,10 @@ impl V7 {
         let d_lora_max = d_w.max(d_a).max(d_g).max(d_v);
         let dtype = emb_t.dtype;
 
-        let mut parameters = 0u64;
+        // The embedding is a table read with `gather`, always in buffers.
+        let emb = Matrix::table_from_tensor(ctx, &emb_t, max_part)?;
+        let mut parameters = emb_t.len() as u64;
+        up.uploaded(f, &emb_t)?;
         let mut mat = |name: String, rows: usize, cols: usize, lora: bool| -> Result<Matrix> {
             let t = if lora {
                 f.expect(&name, &[cols, rows])?
@@ -190,7 +193,6 @@ impl V7 {
             up.uploaded(f, &t)
         };
 
-        let emb = mat("emb.weight".into(), vocab, c, false)?;
         let mut g = vec![0f32; 4 * c];
         vec_into(&mut g, LN0_W, "blocks.0.ln0.weight".into(), &[c])?;
         vec_into(&mut g, LN0_B, "blocks.0.ln0.bias".into(), &[c])?;
