@@ -73,7 +73,8 @@ fn main() {
 
     // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, F 3072, V 65536).
     for (rows, cols) in [(768usize, 768usize), (3072, 768), (768, 3072), (65536, 768)] {
-        let bytes: Vec<u8> = (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
+        let bytes: Vec<u8> =
+            (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
         let m = Matrix::upload(&ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();
         for tokens in [1usize, 64] {
             let x = ctx.storage_f32("x", &vec![0.5f32; tokens * cols]).unwrap();
@@ -149,10 +150,6 @@ fn main() {
                 }
             })
         }) / reps as f64;
-        println!(
-            "layer_norm [{rows}x{c}]: {:8.3} ms  {:6.2} GB/s",
-            t * 1e3,
-            (2 * rows * c * 4) as f64 / t / 1e9
-        );
+        println!("layer_norm [{rows}x{c}]: {:8.3} ms  {:6.2} GB/s", t * 1e3, (2 * rows * c * 4) as f64 / t / 1e9);
     }
 }

@@ -23,13 +23,7 @@ pub struct BenchConfig {
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        Self {
-            prefill: 512,
-            decode: 128,
-            batches: vec![1, 8, 32],
-            repeat: 3,
-            deep_context: 0,
-        }
+        Self { prefill: 512, decode: 128, batches: vec![1, 8, 32], repeat: 3, deep_context: 0 }
     }
 }
 
@@ -225,11 +219,13 @@ fn decode_run(model: &mut Model, state: &mut crate::State, n: usize, seed: u64) 
 }
 
 /// Loads the model with `load` (timed) and measures it.
-pub fn run(ctx: &GpuContext, name: &str, cfg: &BenchConfig, load: impl FnOnce(&LoadOptions) -> Result<Model>) -> Result<BenchReport> {
-    let opts = LoadOptions {
-        chunk_tokens: cfg.prefill.max(1),
-        ..Default::default()
-    };
+pub fn run(
+    ctx: &GpuContext,
+    name: &str,
+    cfg: &BenchConfig,
+    load: impl FnOnce(&LoadOptions) -> Result<Model>,
+) -> Result<BenchReport> {
+    let opts = LoadOptions { chunk_tokens: cfg.prefill.max(1), ..Default::default() };
     let t0 = Instant::now();
     let mut model = load(&opts)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -274,11 +270,7 @@ pub fn run(ctx: &GpuContext, name: &str, cfg: &BenchConfig, load: impl FnOnce(&L
             tps.push(n / secs);
             cpu.push(cpus * 1e3 / n);
         }
-        decode.push(DecodeFigure {
-            batch: b,
-            tokens_per_s: median(tps),
-            cpu_ms_per_token: median(cpu),
-        });
+        decode.push(DecodeFigure { batch: b, tokens_per_s: median(tps), cpu_ms_per_token: median(cpu) });
     }
     let gpu_bytes = ctx.allocated_bytes();
 

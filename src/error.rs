@@ -30,11 +30,7 @@ pub enum Error {
     MissingTensor { name: String },
 
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
 
     #[error("tensor `{name}`: dtype {dtype} is not supported (expected F32, F16 or BF16)")]
     UnsupportedDtype { name: String, dtype: String },
@@ -43,12 +39,7 @@ pub enum Error {
     UnsupportedShape(String),
 
     #[error("token id {token} at position {position} of sequence {sequence} is out of range (vocab {vocab})")]
-    BadToken {
-        sequence: usize,
-        position: usize,
-        token: u32,
-        vocab: usize,
-    },
+    BadToken { sequence: usize, position: usize, token: u32, vocab: usize },
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -82,10 +82,7 @@ pub struct Tensor<'a> {
 impl SafeTensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| Error::Io { path: path.clone(), source };
         let file = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only; a file changed underneath us while
         // loading can give wrong weights but not memory unsafety in our code,
@@ -101,8 +98,8 @@ impl SafeTensorsFile {
     }
 
     fn parse(path: PathBuf, mmap: Backing) -> Result<Self> {
-        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| header_error(&path, mmap.len(), e))?;
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| header_error(&path, mmap.len(), e))?;
         let data_start = 8 + header_len;
         let mut entries = HashMap::new();
         for (name, info) in metadata.tensors() {
@@ -113,21 +110,10 @@ impl SafeTensorsFile {
                 other => Err(format!("{other:?}")),
             };
             let (a, b) = info.data_offsets;
-            entries.insert(
-                name,
-                Entry {
-                    dtype,
-                    shape: info.shape.clone(),
-                    start: data_start + a,
-                    end: data_start + b,
-                },
-            );
+            entries
+                .insert(name, Entry { dtype, shape: info.shape.clone(), start: data_start + a, end: data_start + b });
         }
-        Ok(Self {
-            path,
-            mmap,
-            entries,
-        })
+        Ok(Self { path, mmap, entries })
     }
 
     pub fn path(&self) -> &Path {
@@ -177,31 +163,16 @@ impl SafeTensorsFile {
 
     /// A tensor of any shape; errors if missing or of an unsupported dtype.
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
-        let (key, e) = self
-            .entries
-            .get_key_value(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
-        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDtype {
-            name: name.into(),
-            dtype,
-        })?;
-        Ok(Tensor {
-            name: key,
-            dtype,
-            shape: &e.shape,
-            bytes: &self.mmap[e.start..e.end],
-        })
+        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDtype { name: name.into(), dtype })?;
+        Ok(Tensor { name: key, dtype, shape: &e.shape, bytes: &self.mmap[e.start..e.end] })
     }
 
     /// A tensor that must have exactly `shape`.
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor<'_>> {
         let t = self.get(name)?;
         if t.shape != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                expected: shape.to_vec(),
-                found: t.shape.to_vec(),
-            });
+            return Err(Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: t.shape.to_vec() });
         }
         Ok(t)
     }
@@ -210,24 +181,18 @@ impl SafeTensorsFile {
 fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {
     let path = path.to_path_buf();
     match e {
-        SafeTensorError::HeaderTooSmall => Error::TruncatedFile {
-            path,
-            detail: format!("{file_len} bytes, shorter than the 8-byte header length"),
-        },
+        SafeTensorError::HeaderTooSmall => {
+            Error::TruncatedFile { path, detail: format!("{file_len} bytes, shorter than the 8-byte header length") }
+        }
         SafeTensorError::InvalidHeaderLength => Error::TruncatedFile {
             path,
             detail: format!("the header length runs past the end of the file ({file_len} bytes)"),
         },
         SafeTensorError::MetadataIncompleteBuffer => Error::TruncatedFile {
             path,
-            detail: format!(
-                "the tensor data does not match the file size ({file_len} bytes)"
-            ),
+            detail: format!("the tensor data does not match the file size ({file_len} bytes)"),
         },
-        other => Error::BadHeader {
-            path,
-            detail: other.to_string(),
-        },
+        other => Error::BadHeader { path, detail: other.to_string() },
     }
 }
 

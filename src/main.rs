@@ -211,9 +211,7 @@ fn main() {
 }
 
 fn gpu(cli: &Cli) -> Result<GpuContext> {
-    let ctx = GpuContext::new(&GpuOptions {
-        adapter: cli.adapter.clone(),
-    })?;
+    let ctx = GpuContext::new(&GpuOptions { adapter: cli.adapter.clone() })?;
     match ctx.subgroup_size() {
         Some(n) => eprintln!("adapter: {} [subgroups of {n}]", ctx.adapter()),
         None => eprintln!("adapter: {}", ctx.adapter()),
@@ -226,10 +224,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Mod
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
-    let mut opts = LoadOptions {
-        chunk_tokens: args.chunk,
-        ..Default::default()
-    };
+    let mut opts = LoadOptions { chunk_tokens: args.chunk, ..Default::default() };
     let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -249,9 +244,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Mod
         Some(p) => (SafeTensorsFile::open(p), p.display().to_string()),
         None => (SafeTensorsFile::from_static(DEMO_NAME, DEMO_MODEL), DEMO_NAME.to_string()),
     };
-    let model = file
-        .and_then(|f| Model::from_file(ctx, f, &opts))
-        .with_context(|| format!("loading {name}"))?;
+    let model = file.and_then(|f| Model::from_file(ctx, f, &opts)).with_context(|| format!("loading {name}"))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -273,9 +266,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Mod
 fn sampler_config(s: &SamplingArgs, chat: bool) -> Result<SamplerConfig> {
     let mut bias = Vec::new();
     for b in &s.logit_bias {
-        let (id, v) = b
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--logit-bias wants ID=BIAS, got `{b}`"))?;
+        let (id, v) = b.split_once('=').ok_or_else(|| anyhow!("--logit-bias wants ID=BIAS, got `{b}`"))?;
         let id: u32 = id.trim().parse().map_err(|_| anyhow!("--logit-bias: `{id}` is not a token id"))?;
         let v: f32 = match v.trim() {
             "-inf" => f32::NEG_INFINITY,
@@ -296,10 +287,7 @@ fn sampler_config(s: &SamplingArgs, chat: bool) -> Result<SamplerConfig> {
         penalty_decay: s.penalty_decay.unwrap_or(decay),
         logit_bias: bias,
         seed: s.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
         }),
     })
 }
@@ -410,18 +398,7 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
         }
-        Command::Bench {
-            model,
-            shape,
-            dtype,
-            rwkv_version,
-            pp,
-            tg,
-            batch,
-            repeat,
-            deep,
-            json,
-        } => {
+        Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json } => {
             if *pp == 0 || *tg == 0 || batch.contains(&0) {
                 bail!("--pp, --tg and --batch must be at least 1");
             }
@@ -449,7 +426,8 @@ fn run(cli: Cli) -> Result<()> {
                         "bf16" => rwkv_wgpu::Dtype::BF16,
                         other => bail!("--dtype {other}: expected f32, f16 or bf16"),
                     };
-                    let file = std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
+                    let file =
+                        std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
                     rwkv_wgpu::synthetic::write_v7(&file, shape, dt, 1).context("writing the synthetic model")?;
                     let name = format!("synthetic v7 {shape} {}", dt.name());
                     let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
@@ -534,14 +512,7 @@ fn parse_id_array(text: &str) -> Result<Vec<u32>> {
     if inner.trim().is_empty() {
         return Ok(Vec::new());
     }
-    inner
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<u32>()
-                .map_err(|_| anyhow!("`{}` is not a token id", s.trim()))
-        })
-        .collect()
+    inner.split(',').map(|s| s.trim().parse::<u32>().map_err(|_| anyhow!("`{}` is not a token id", s.trim()))).collect()
 }
 
 fn chat(cli: &Cli, model: &ModelArgs, sampling: &SamplingArgs) -> Result<()> {
@@ -581,10 +552,12 @@ fn chat(cli: &Cli, model: &ModelArgs, sampling: &SamplingArgs) -> Result<()> {
                     save_state(&session.state().read(0)?, Path::new(f))?;
                     eprintln!("[state saved to {f}]");
                 }
-                ("load", f) if !f.is_empty() => match load_state(Path::new(f)).and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
-                    Ok(()) => eprintln!("[state loaded from {f}]"),
-                    Err(e) => eprintln!("error: {e:#}"),
-                },
+                ("load", f) if !f.is_empty() => {
+                    match load_state(Path::new(f)).and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
+                        Ok(()) => eprintln!("[state loaded from {f}]"),
+                        Err(e) => eprintln!("error: {e:#}"),
+                    }
+                }
                 _ => eprintln!("error: unknown command `/{cmd}` (try /reset, /save FILE, /load FILE, /quit)"),
             }
             continue;

@@ -18,7 +18,9 @@ use crate::gpu::kernels::{
     self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_ROWS,
     LINEAR_TEX_PREFILL_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
 };
-use crate::gpu::{Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, WeightStore, STORAGE, WEIGHT_TEXTURE_FORMAT};
+use crate::gpu::{
+    Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, WeightStore, STORAGE, WEIGHT_TEXTURE_FORMAT,
+};
 use crate::loader::{Dtype, Tensor};
 
 /// How the elements of a matrix are stored on the GPU.
@@ -96,12 +98,7 @@ impl Matrix {
             parts.push(Part { row0, rows: n, buffer });
             row0 += n;
         }
-        Ok(Self {
-            rows,
-            cols,
-            encoding: Encoding::Float(dtype),
-            store: Store::Buffers(parts),
-        })
+        Ok(Self { rows, cols, encoding: Encoding::Float(dtype), store: Store::Buffers(parts) })
     }
 
     /// The texture store, or `None` where the shape does not fit one.
@@ -147,21 +144,14 @@ impl Matrix {
                     bytes_per_row: Some(row_bytes as u32),
                     rows_per_image: Some(n as u32),
                 },
-                wgpu::Extent3d {
-                    width: texels as u32,
-                    height: n as u32,
-                    depth_or_array_layers: 1,
-                },
+                wgpu::Extent3d { width: texels as u32, height: n as u32, depth_or_array_layers: 1 },
             );
         }
         Ok(Some(Self {
             rows,
             cols,
             encoding: Encoding::Float(dtype),
-            store: Store::Texture {
-                texture: Arc::new(texture),
-                layer_rows,
-            },
+            store: Store::Texture { texture: Arc::new(texture), layer_rows },
         }))
     }
 

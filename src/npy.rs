@@ -37,15 +37,9 @@ pub fn decode_f32(bytes: &[u8]) -> Option<(Vec<usize>, Vec<f32>)> {
         return None;
     }
     let inner = header.split("'shape': (").nth(1)?.split(')').next()?;
-    let shape: Vec<usize> = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().ok())
-        .collect::<Option<_>>()?;
-    let data: Vec<f32> = bytes[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let shape: Vec<usize> =
+        inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().ok()).collect::<Option<_>>()?;
+    let data: Vec<f32> =
+        bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     (data.len() == shape.iter().product::<usize>()).then_some((shape, data))
 }

@@ -59,10 +59,7 @@ impl Default for SamplerConfig {
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, ..Self::default() }
     }
 
     fn validate(&self) -> Result<()> {
@@ -102,11 +99,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self {
-            rng: SplitMix64(cfg.seed),
-            cfg,
-            counts: HashMap::new(),
-        })
+        Ok(Self { rng: SplitMix64(cfg.seed), cfg, counts: HashMap::new() })
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -149,12 +142,8 @@ impl Sampler {
             }
         }
         // Candidates: (token, logit), most likely first.
-        let mut cand: Vec<(u32, f32)> = l
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| **v > f32::NEG_INFINITY)
-            .map(|(i, v)| (i as u32, *v))
-            .collect();
+        let mut cand: Vec<(u32, f32)> =
+            l.iter().enumerate().filter(|(_, v)| **v > f32::NEG_INFINITY).map(|(i, v)| (i as u32, *v)).collect();
         if cand.is_empty() {
             return Err(Error::InvalidArgument("every token is masked (all logits are -inf)".into()));
         }
@@ -166,10 +155,7 @@ impl Sampler {
             cand.truncate(cfg.top_k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand
-            .iter()
-            .map(|(_, v)| (((*v - max) / cfg.temperature) as f64).exp())
-            .collect();
+        let mut probs: Vec<f64> = cand.iter().map(|(_, v)| (((*v - max) / cfg.temperature) as f64).exp()).collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if cfg.top_p < 1.0 {
@@ -318,7 +304,8 @@ mod tests {
         let mut s = Sampler::new(SamplerConfig::default()).unwrap();
         assert!(s.sample(&[f32::NEG_INFINITY; 4]).is_err());
         assert!(s.sample(&[0.0, f32::NAN]).is_err());
-        let ban_all = SamplerConfig { logit_bias: (0..5).map(|t| (t, f32::NEG_INFINITY)).collect(), ..Default::default() };
+        let ban_all =
+            SamplerConfig { logit_bias: (0..5).map(|t| (t, f32::NEG_INFINITY)).collect(), ..Default::default() };
         assert!(Sampler::new(ban_all).unwrap().sample(&logits()).is_err());
     }
 

@@ -22,11 +22,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self {
-            max_tokens: 200,
-            stop: Vec::new(),
-            eos: Some(EOS),
-        }
+        Self { max_tokens: 200, stop: Vec::new(), eos: Some(EOS) }
     }
 }
 
@@ -56,12 +52,7 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub fn new(model: &'m mut Model, tokenizer: &'m Tokenizer) -> Result<Self> {
         let state = model.new_state(1)?;
-        Ok(Self {
-            model,
-            tokenizer,
-            state,
-            logits: None,
-        })
+        Ok(Self { model, tokenizer, state, logits: None })
     }
 
     pub fn state(&self) -> &State {
@@ -143,11 +134,7 @@ impl<'m> Session<'m> {
                 .min_by_key(|(at, _)| *at)
             {
                 emit(&held[..at], &mut emitted);
-                return Ok(Generation {
-                    tokens,
-                    text: emitted,
-                    stop: StopReason::StopSequence(s.clone()),
-                });
+                return Ok(Generation { tokens, text: emitted, stop: StopReason::StopSequence(s.clone()) });
             }
             // Emit all but the longest tail that could still begin a stop sequence.
             let keep_from = held
@@ -160,10 +147,6 @@ impl<'m> Session<'m> {
         }
         held.push_str(&stream.finish());
         emit(&held, &mut emitted);
-        Ok(Generation {
-            tokens,
-            text: emitted,
-            stop,
-        })
+        Ok(Generation { tokens, text: emitted, stop })
     }
 }

@@ -43,21 +43,12 @@ impl StateLayout {
         let fields = fields
             .iter()
             .map(|(name, shape, init)| {
-                let f = StateField {
-                    name,
-                    shape: shape.clone(),
-                    offset,
-                    init: *init,
-                };
+                let f = StateField { name, shape: shape.clone(), offset, init: *init };
                 offset += f.len();
                 f
             })
             .collect();
-        Self {
-            n_layer,
-            fields,
-            stride: offset,
-        }
+        Self { n_layer, fields, stride: offset }
     }
 
     pub fn field(&self, name: &str) -> Option<&StateField> {
@@ -111,15 +102,8 @@ impl State {
         for _ in 0..batch {
             all.extend_from_slice(&fresh);
         }
-        let layers = (0..layout.n_layer)
-            .map(|_| ctx.storage_f32("state", &all))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            ctx: ctx.clone(),
-            layout,
-            batch,
-            layers,
-        })
+        let layers = (0..layout.n_layer).map(|_| ctx.storage_f32("state", &all)).collect::<Result<_>>()?;
+        Ok(Self { ctx: ctx.clone(), layout, batch, layers })
     }
 
     pub fn batch(&self) -> usize {
@@ -190,15 +174,9 @@ impl State {
                 .fields
                 .iter()
                 .find(|d| d.0 == f.name)
-                .ok_or_else(|| Error::MissingTensor {
-                    name: format!("state.{}", f.name),
-                })?;
+                .ok_or_else(|| Error::MissingTensor { name: format!("state.{}", f.name) })?;
             if *shape != expected || values.len() != l * f.len() {
-                return Err(Error::ShapeMismatch {
-                    name: format!("state.{}", f.name),
-                    expected,
-                    found: shape.clone(),
-                });
+                return Err(Error::ShapeMismatch { name: format!("state.{}", f.name), expected, found: shape.clone() });
             }
             for (layer, dst) in layers.iter_mut().enumerate() {
                 dst[f.offset..f.offset + f.len()].copy_from_slice(&values[layer * f.len()..(layer + 1) * f.len()]);
@@ -232,22 +210,14 @@ impl State {
 
     /// A new state with the same contents, copied on the GPU.
     pub fn try_clone(&self) -> Result<State> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|b| self.ctx.buffer("state", b.size(), STORAGE))
-            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            self.layers.iter().map(|b| self.ctx.buffer("state", b.size(), STORAGE)).collect::<Result<Vec<_>>>()?;
         let mut enc = self.ctx.device().create_command_encoder(&Default::default());
         for (src, dst) in self.layers.iter().zip(&layers) {
             enc.copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, src.size());
         }
         self.ctx.queue().submit([enc.finish()]);
         self.ctx.check()?;
-        Ok(State {
-            ctx: self.ctx.clone(),
-            layout: self.layout.clone(),
-            batch: self.batch,
-            layers,
-        })
+        Ok(State { ctx: self.ctx.clone(), layout: self.layout.clone(), batch: self.batch, layers })
     }
 }

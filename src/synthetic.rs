@@ -42,12 +42,7 @@ impl FromStr for Shape {
                 "shape `{s}`: layers and vocab must be > 0 and the width a multiple of 64 (head size)"
             )));
         }
-        Ok(Shape {
-            n_layer,
-            n_embd,
-            vocab,
-            ffn: f.unwrap_or(4 * n_embd),
-        })
+        Ok(Shape { n_layer, n_embd, vocab, ffn: f.unwrap_or(4 * n_embd) })
     }
 }
 
@@ -148,10 +143,7 @@ pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u6
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;

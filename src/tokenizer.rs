@@ -31,12 +31,10 @@ impl Tokenizer {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         if path.extension().is_some_and(|e| e == "txt") {
-            let text = String::from_utf8(bytes).map_err(|_| Error::Tokenizer(format!("{} is not UTF-8 text", path.display())))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| Error::Tokenizer(format!("{} is not UTF-8 text", path.display())))?;
             Ok(Tokenizer::World(WorldTokenizer::parse(&text)?))
         } else {
             Ok(Tokenizer::Hf(HfTokenizer::from_bytes(&bytes, &path.display().to_string())?))
@@ -101,9 +99,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for &id in ids {
-            let b = self
-                .token_bytes(id)
-                .ok_or_else(|| Error::Tokenizer(format!("token id {id} is not in the vocabulary ({} ids)", self.vocab_size())))?;
+            let b = self.token_bytes(id).ok_or_else(|| {
+                Error::Tokenizer(format!("token id {id} is not in the vocabulary ({} ids)", self.vocab_size()))
+            })?;
             out.extend_from_slice(b);
         }
         Ok(out)
@@ -127,9 +125,7 @@ fn find_beside(model: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("rwkv_vocab") && n.ends_with(".txt"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rwkv_vocab") && n.ends_with(".txt"))
         })
         .collect();
     vocabs.sort();
@@ -311,11 +307,7 @@ impl HfTokenizer {
             };
             bytes.push(b);
         }
-        Ok(Self {
-            inner: Box::new(inner),
-            bytes,
-            name: name.to_string(),
-        })
+        Ok(Self { inner: Box::new(inner), bytes, name: name.to_string() })
     }
 
     fn encode(&self, bytes: &[u8]) -> Result<Vec<u32>> {
@@ -326,10 +318,7 @@ impl HfTokenizer {
                 self.name
             ))
         })?;
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", self.name)))?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", self.name)))?;
         Ok(enc.get_ids().to_vec())
     }
 }

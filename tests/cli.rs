@@ -17,11 +17,7 @@ fn stderr(o: &Output) -> String {
 
 /// The `error: ...` lines (the Vulkan loader may print its own noise).
 fn error_lines(o: &Output) -> Vec<String> {
-    stderr(o)
-        .lines()
-        .filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR"))
-        .map(String::from)
-        .collect()
+    stderr(o).lines().filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR")).map(String::from).collect()
 }
 
 #[test]
@@ -39,7 +35,18 @@ fn logits_npy_matches_golden() {
     let model = model.to_str().unwrap();
 
     let all = dir.join("all.npy");
-    let o = rwkv(&["logits", "--model", model, "--tokens", &tokens, "--all", "--chunk", "7", "--out", all.to_str().unwrap()]);
+    let o = rwkv(&[
+        "logits",
+        "--model",
+        model,
+        "--tokens",
+        &tokens,
+        "--all",
+        "--chunk",
+        "7",
+        "--out",
+        all.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("adapter: "), "rwkv must say which adapter it uses");
     let (shape, data) = rwkv_wgpu::npy::decode_f32(&std::fs::read(&all).unwrap()).unwrap();
@@ -64,7 +71,15 @@ fn inspect_reports_the_model() {
     let o = rwkv(&["inspect", "--model", model_path("v7-L3-C64-V512-fp16-l0v").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8(o.stdout).unwrap();
-    for want in ["RWKV-7", "layers          3", "width           64", "heads           1 x 64", "vocab           512", "F16", "adapter"] {
+    for want in [
+        "RWKV-7",
+        "layers          3",
+        "width           64",
+        "heads           1 x 64",
+        "vocab           512",
+        "F16",
+        "adapter",
+    ] {
         assert!(out.contains(want), "inspect output lacks `{want}`:\n{out}");
     }
 }
@@ -107,7 +122,19 @@ fn bench_reports_json_on_a_synthetic_model() {
         return;
     }
     let o = rwkv(&[
-        "bench", "--shape", "L2-D128-V512", "--pp", "9", "--tg", "3", "--batch", "1,2", "--repeat", "1", "--deep", "300",
+        "bench",
+        "--shape",
+        "L2-D128-V512",
+        "--pp",
+        "9",
+        "--tg",
+        "3",
+        "--batch",
+        "1,2",
+        "--repeat",
+        "1",
+        "--deep",
+        "300",
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));

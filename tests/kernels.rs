@@ -32,12 +32,7 @@ fn check(name: &str, gpu: &[f32], cpu: &[f64]) {
             at = i;
         }
     }
-    assert!(
-        worst <= KERNEL_TOL,
-        "{name}: error {worst:.3e} at {at} (gpu {}, cpu {})",
-        gpu[at],
-        cpu[at]
-    );
+    assert!(worst <= KERNEL_TOL, "{name}: error {worst:.3e} at {at} (gpu {}, cpu {})", gpu[at], cpu[at]);
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -136,7 +131,9 @@ fn linear_subgroup_kernel() {
     let (d_in, d_out) = (104, 37);
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         for (n, tn) in [(1usize, 1u32), (7, LINEAR_TN)] {
-            for (act, accumulate) in [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false)] {
+            for (act, accumulate) in
+                [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false)]
+            {
                 let w = rng.vec(d_out * d_in, 0.3);
                 let (wb, wv) = encode(&w, dtype);
                 let wbuf = ctx.buffer_from_bytes("w", &wb, STORAGE).unwrap();
@@ -195,7 +192,13 @@ fn linear_texture_kernel() {
     let max_tex = ctx.max_texture_dims().0 as usize;
     let mut cases = vec![];
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
-        for (n, act, accumulate) in [(1, Act::None, false), (1, Act::Tanh, true), (2, Act::Sigmoid, false), (7, Act::ReluSq, true), (9, Act::None, false)] {
+        for (n, act, accumulate) in [
+            (1, Act::None, false),
+            (1, Act::Tanh, true),
+            (2, Act::Sigmoid, false),
+            (7, Act::ReluSq, true),
+            (9, Act::None, false),
+        ] {
             cases.push((dtype, n, d_in, d_out, 32usize, act, accumulate));
         }
     }
@@ -276,7 +279,17 @@ fn embedding_gathers_rows_across_parts() {
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         let table = rng.vec(vocab * dim, 1.0);
         let (bytes, tv) = encode(&table, dtype);
-        let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "emb", dtype, vocab, dim, &bytes, (20 * dim * dtype.size()) as u64).unwrap();
+        let m = Matrix::upload_to(
+            &ctx,
+            WeightStore::Buffer,
+            "emb",
+            dtype,
+            vocab,
+            dim,
+            &bytes,
+            (20 * dim * dtype.size()) as u64,
+        )
+        .unwrap();
         assert_eq!(m.part_count(), 3);
         let mut tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab as u32)).collect();
         tokens[0] = 0;
@@ -286,10 +299,8 @@ fn embedding_gathers_rows_across_parts() {
         let out = zeros(&ctx, n * dim);
         run(&ctx, |rec| m.gather(rec, &tb, &out, n).unwrap());
         let got = ctx.read_f32(&out).unwrap();
-        let want: Vec<f64> = tokens
-            .iter()
-            .flat_map(|&t| tv[t as usize * dim..(t as usize + 1) * dim].to_vec())
-            .collect();
+        let want: Vec<f64> =
+            tokens.iter().flat_map(|&t| tv[t as usize * dim..(t as usize + 1) * dim].to_vec()).collect();
         check(&format!("embedding {dtype:?}"), &got, &want);
     }
 }
@@ -360,12 +371,8 @@ fn token_shift_and_store_last() {
         out_plane: out_plane as u32,
         _pad: 0,
     };
-    let store = StoreLastParams {
-        n_seq: n_seq as u32,
-        dim: dim as u32,
-        state_stride: stride as u32,
-        state_offset: off as u32,
-    };
+    let store =
+        StoreLastParams { n_seq: n_seq as u32, dim: dim as u32, state_stride: stride as u32, state_offset: off as u32 };
     let rows = [(dim as u32).div_ceil(64), n as u32, 1];
     run(&ctx, |rec| {
         rec.dispatch(Kernel::TokenShift, 0, &shift, &[&xb, &tsb, &ssb, &sb, &vb, &out], rows).unwrap();
@@ -377,11 +384,7 @@ fn token_shift_and_store_last() {
         let b = tok_seq[t] as usize;
         for c in 0..dim {
             let cur = x[t * dim + c] as f64;
-            let prev = if t as u32 == seq_start[b] {
-                state[b * stride + off + c]
-            } else {
-                x[(t - 1) * dim + c]
-            } as f64;
+            let prev = if t as u32 == seq_start[b] { state[b * stride + off + c] } else { x[(t - 1) * dim + c] } as f64;
             for m in 0..n_mix {
                 want[m * out_plane + t * dim + c] = cur + (prev - cur) * vecs[(1 + m) * dim + c] as f64;
             }
@@ -411,17 +414,9 @@ fn gather_rows() {
     let rows = vec![99u32, 8, 3, 0, 3]; // first entry skipped by rows_offset
     let (xb, rb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_u32("rows", &rows).unwrap());
     let out = zeros(&ctx, 4 * dim);
-    let p = GatherParams {
-        n_out: 4,
-        dim: dim as u32,
-        rows_offset: 1,
-        _pad: 0,
-    };
+    let p = GatherParams { n_out: 4, dim: dim as u32, rows_offset: 1, _pad: 0 };
     run(&ctx, |rec| rec.dispatch(Kernel::GatherRows, 0, &p, &[&rb, &xb, &out], [2, 4, 1]).unwrap());
-    let want: Vec<f64> = rows[1..]
-        .iter()
-        .flat_map(|&r| f64s(&x[r as usize * dim..(r as usize + 1) * dim]))
-        .collect();
+    let want: Vec<f64> = rows[1..].iter().flat_map(|&r| f64s(&x[r as usize * dim..(r as usize + 1) * dim])).collect();
     check("gather_rows", &ctx.read_f32(&out).unwrap(), &want);
 }
 
@@ -555,7 +550,8 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
                     let mut acc = 0.0;
                     for j in 0..hs {
                         let kk_a = g(plane::KK, base + j) * g(plane::A, base + j);
-                        s[row + j] = s[row + j] * g(plane::W, base + j) - sa * kk_a + g(plane::V, base + i) * g(plane::K, base + j);
+                        s[row + j] = s[row + j] * g(plane::W, base + j) - sa * kk_a
+                            + g(plane::V, base + i) * g(plane::K, base + j);
                         acc += s[row + j] * g(plane::R, base + j);
                     }
                     y[base + i] = acc;
@@ -614,8 +610,14 @@ fn v7_out_group_norm_bonus_gate() {
         for h in 0..nh {
             let o = t * dim + h * hs;
             let c0 = h * hs;
-            let gn = layer_norm(&f64s(&y[o..o + hs]), &f64s(&vecs[c0..c0 + hs]), &f64s(&vecs[dim + c0..dim + c0 + hs]), 64e-5);
-            let bonus: f64 = (0..hs).map(|j| g(plane::R, o + j) * g(plane::K, o + j) * vecs[2 * dim + c0 + j] as f64).sum();
+            let gn = layer_norm(
+                &f64s(&y[o..o + hs]),
+                &f64s(&vecs[c0..c0 + hs]),
+                &f64s(&vecs[dim + c0..dim + c0 + hs]),
+                64e-5,
+            );
+            let bonus: f64 =
+                (0..hs).map(|j| g(plane::R, o + j) * g(plane::K, o + j) * vecs[2 * dim + c0 + j] as f64).sum();
             for i in 0..hs {
                 want[o + i] = (gn[i] + bonus * g(plane::V, o + i)) * g(plane::G, o + i);
             }
@@ -646,9 +648,7 @@ fn matrix_larger_than_one_binding() {
     }
     let x: Vec<f32> = (0..cols).map(|c| ((c % 5) as f32 - 2.0) / 4.0).collect();
     let xb = ctx.storage_f32("x", &x).unwrap();
-    let want: Vec<f64> = (0..rows)
-        .map(|r| (0..cols).map(|c| val(r, c) as f64 * x[c] as f64).sum())
-        .collect();
+    let want: Vec<f64> = (0..rows).map(|r| (0..cols).map(|c| val(r, c) as f64 * x[c] as f64).sum()).collect();
     // In textures (where the adapter has them: layers of at most 16384 rows
     // on lavapipe, so three here), then in buffers (two parts).
     if ctx.subgroup_size().is_some() {
@@ -671,9 +671,6 @@ fn matrix_larger_than_one_binding() {
     let tb = ctx.storage_u32("tokens", &tokens).unwrap();
     let out = zeros(&ctx, tokens.len() * cols);
     run(&ctx, |rec| m.gather(rec, &tb, &out, tokens.len()).unwrap());
-    let want: Vec<f64> = tokens
-        .iter()
-        .flat_map(|&t| (0..cols).map(move |c| val(t as usize, c) as f64))
-        .collect();
+    let want: Vec<f64> = tokens.iter().flat_map(|&t| (0..cols).map(move |c| val(t as usize, c) as f64)).collect();
     check("gather over two parts", &ctx.read_f32(&out).unwrap(), &want);
 }

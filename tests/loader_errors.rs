@@ -23,17 +23,12 @@ fn tmp(name: &str) -> PathBuf {
 fn tensors() -> HashMap<String, (StDtype, Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(model_path(BASE)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect()
+    st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
 }
 
 fn write(name: &str, t: &HashMap<String, (StDtype, Vec<usize>, Vec<u8>)>) -> PathBuf {
-    let views: Vec<(String, TensorView)> = t
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        t.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     let path = tmp(name);
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
     path
@@ -146,10 +141,7 @@ fn unsupported_dtype() {
 #[test]
 fn not_rwkv() {
     let mut t = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".to_string(),
-        (StDtype::F32, vec![4, 2], vec![0u8; 32]),
-    );
+    t.insert("model.embed_tokens.weight".to_string(), (StDtype::F32, vec![4, 2], vec![0u8; 32]));
     let Some(e) = load_err(&write("llama.safetensors", &t)) else { return };
     assert!(matches!(e, Error::NotRwkv { .. }), "{e}");
     assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}");

@@ -46,14 +46,17 @@ fn demo() -> Option<(Model, Tokenizer)> {
     Some((model, tok))
 }
 
-fn library_generate(model: &mut Model, tok: &Tokenizer, prompt: &str, cfg: SamplerConfig, n: usize) -> (Vec<u32>, String) {
+fn library_generate(
+    model: &mut Model,
+    tok: &Tokenizer,
+    prompt: &str,
+    cfg: SamplerConfig,
+    n: usize,
+) -> (Vec<u32>, String) {
     let mut session = Session::new(model, tok).unwrap();
     session.feed_text(prompt.as_bytes()).unwrap();
     let mut sampler = Sampler::new(cfg).unwrap();
-    let opts = GenerateOptions {
-        max_tokens: n,
-        ..Default::default()
-    };
+    let opts = GenerateOptions { max_tokens: n, ..Default::default() };
     let mut streamed = String::new();
     let g = session.generate(&mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
     assert_eq!(streamed, g.text);
@@ -75,8 +78,8 @@ fn greedy_matches_the_model_card_and_the_cli() {
         (
             "Elizabeth",
             [
-                372, 903, 419, 356, 490, 267, 815, 14, 522, 305, 314, 292, 267, 1087, 2431, 282, 299, 550, 12, 377, 330,
-                305, 314, 356, 490, 1731, 342, 267, 1297, 282, 299, 548,
+                372, 903, 419, 356, 490, 267, 815, 14, 522, 305, 314, 292, 267, 1087, 2431, 282, 299, 550, 12, 377,
+                330, 305, 314, 356, 490, 1731, 342, 267, 1297, 282, 299, 548,
             ],
         ),
     ];
@@ -166,7 +169,8 @@ fn chat_commands() {
     }
     let file = std::env::temp_dir().join(format!("rwkv-chat-state-{}.safetensors", std::process::id()));
     let f = file.to_str().unwrap();
-    let stdin = format!("Hello.\n/save {f}\n/reset\n/load {f}\n/load /nonexistent/state\n/bogus\nAgain.\n/quit\nnever read\n");
+    let stdin =
+        format!("Hello.\n/save {f}\n/reset\n/load {f}\n/load /nonexistent/state\n/bogus\nAgain.\n/quit\nnever read\n");
     let o = rwkv(&["chat", "--seed", "2", "--max-tokens", "8"], stdin.as_bytes());
     assert!(o.status.success(), "{}", err(&o));
     let e = err(&o);
@@ -199,7 +203,10 @@ fn tokenize_detokenize_round_trip_any_bytes() {
     std::fs::write(&path, &bytes).unwrap();
     let from_file = std::fs::read(&path).unwrap();
     round_trip("world", &from_file);
-    round_trip(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/rwkv_vocab_v20230424.txt").to_str().unwrap(), &from_file);
+    round_trip(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/rwkv_vocab_v20230424.txt").to_str().unwrap(),
+        &from_file,
+    );
     // A BPE tokenizer.json takes text (any valid UTF-8).
     round_trip(asset("tokenizer.json").to_str().unwrap(), "Mr. Darcy — 達西先生 🦀\n\n\tend".as_bytes());
     // The JSON is the ids the library gives.
@@ -234,7 +241,11 @@ fn user_errors_are_one_line() {
     assert_one_line_error(&rwkv(&["generate", "hi", "--model", "/nonexistent/m.safetensors"], b""), 1, "nonexistent");
     // The World vocab (65530 tokens) cannot belong to the 4096-token demo model.
     assert_one_line_error(&rwkv(&["generate", "hi", "--tokenizer", "world"], b""), 1, "tokenizer");
-    assert_one_line_error(&rwkv(&["generate", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], b""), 1, "nonexistent");
+    assert_one_line_error(
+        &rwkv(&["generate", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], b""),
+        1,
+        "nonexistent",
+    );
 }
 
 #[test]
@@ -244,11 +255,8 @@ fn stop_sequences_end_generation_and_are_not_emitted() {
     let mut session = Session::new(&mut model, &tok).unwrap();
     session.feed_text(PROMPT.as_bytes()).unwrap();
     let mut sampler = Sampler::new(SamplerConfig::greedy()).unwrap();
-    let opts = GenerateOptions {
-        max_tokens: 40,
-        stop: vec!["not a word".into(), "I am sure".into()],
-        ..Default::default()
-    };
+    let opts =
+        GenerateOptions { max_tokens: 40, stop: vec!["not a word".into(), "I am sure".into()], ..Default::default() };
     let mut streamed = String::new();
     let g = session.generate(&mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
     assert_eq!(g.text, ", that it is not so. ");

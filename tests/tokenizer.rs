@@ -99,10 +99,7 @@ fn world_vocab_errors() {
 fn neox_cases() {
     let tok = Tokenizer::from_file(&fixture("tokenizer/20B_tokenizer.json")).unwrap();
     let n = cases("neox-cases.jsonl");
-    let encodable = n
-        .iter()
-        .filter(|c| c["kind"] == "encode" && c["utf8_valid"].as_bool().unwrap())
-        .count();
+    let encodable = n.iter().filter(|c| c["kind"] == "encode" && c["utf8_valid"].as_bool().unwrap()).count();
     let decodes = n.iter().filter(|c| c["kind"] == "decode").count();
     assert!(encodable > 50 && decodes > 5);
     check_cases(&tok, "neox-cases.jsonl", encodable, decodes);
@@ -111,7 +108,8 @@ fn neox_cases() {
 #[test]
 fn austen_tokenizer_examples_and_held_out_text() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let tok = Tokenizer::from_file(std::path::Path::new(&format!("{root}/assets/austen-rwkv7/tokenizer.json"))).unwrap();
+    let tok =
+        Tokenizer::from_file(std::path::Path::new(&format!("{root}/assets/austen-rwkv7/tokenizer.json"))).unwrap();
     assert_eq!(
         tok.encode(b"It is a truth universally acknowledged").unwrap(),
         vec![1020, 364, 259, 1912, 464, 73, 1189, 555, 2702]

@@ -12,13 +12,7 @@ fn load_with(name: &str, opts: LoadOptions) -> Option<Model> {
 }
 
 fn load(name: &str, chunk: usize) -> Option<Model> {
-    load_with(
-        name,
-        LoadOptions {
-            chunk_tokens: chunk,
-            ..Default::default()
-        },
-    )
+    load_with(name, LoadOptions { chunk_tokens: chunk, ..Default::default() })
 }
 
 fn all_logits(model: &mut Model, state: &mut State, tokens: &[u32]) -> Vec<f32> {
@@ -163,14 +157,9 @@ fn weights_split_across_bindings_give_the_same_logits() {
     let name = "v7-L2-C128-V512-fp32";
     let Some(mut whole) = load(name, 64) else { return };
     // 10 KiB parts: emb and head [512, 128] f32 (256 KiB) become 26 parts each.
-    let Some(mut split) = load_with(
-        name,
-        LoadOptions {
-            max_part_bytes: Some(10 << 10),
-            chunk_tokens: 64,
-            ..Default::default()
-        },
-    ) else {
+    let Some(mut split) =
+        load_with(name, LoadOptions { max_part_bytes: Some(10 << 10), chunk_tokens: 64, ..Default::default() })
+    else {
         return;
     };
     let g = Golden::load(name);
@@ -227,10 +216,7 @@ fn bad_inputs_are_errors() {
     let Some(mut model) = load(name, 32) else { return };
     let mut state = model.new_state(1).unwrap();
     let e = model.forward(&mut state, &[&[1, 2, 512]], LogitsMode::Last).unwrap_err();
-    assert!(
-        matches!(e, Error::BadToken { position: 2, token: 512, vocab: 512, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, Error::BadToken { position: 2, token: 512, vocab: 512, .. }), "{e}");
     let e = model.forward(&mut state, &[&[1], &[2]], LogitsMode::Last).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert!(matches!(model.set_chunk_tokens(0), Err(Error::InvalidArgument(_))));

@@ -90,10 +90,7 @@ pub struct GpuContext {
 
 impl GpuContext {
     pub fn new(opts: &GpuOptions) -> Result<Self> {
-        let wanted = opts
-            .adapter
-            .clone()
-            .or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let wanted = opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
         let backends = match wanted.as_deref().map(str::to_ascii_lowercase).as_deref() {
             Some("gl") | Some("gles") | Some("opengl") => wgpu::Backends::GL,
             _ => wgpu::Backends::PRIMARY,
@@ -115,18 +112,15 @@ impl GpuContext {
                 let w = w.to_ascii_lowercase();
                 adapters.into_iter().find(|a| {
                     let i = a.get_info();
-                    i.name.to_ascii_lowercase().contains(&w)
-                        || format!("{:?}", i.backend).to_ascii_lowercase() == w
+                    i.name.to_ascii_lowercase().contains(&w) || format!("{:?}", i.backend).to_ascii_lowercase() == w
                 })
             }
-            None => adapters.into_iter().min_by_key(|a| {
-                match a.get_info().device_type {
-                    wgpu::DeviceType::DiscreteGpu => 0,
-                    wgpu::DeviceType::IntegratedGpu => 1,
-                    wgpu::DeviceType::VirtualGpu => 2,
-                    wgpu::DeviceType::Cpu => 3,
-                    wgpu::DeviceType::Other => 4,
-                }
+            None => adapters.into_iter().min_by_key(|a| match a.get_info().device_type {
+                wgpu::DeviceType::DiscreteGpu => 0,
+                wgpu::DeviceType::IntegratedGpu => 1,
+                wgpu::DeviceType::VirtualGpu => 2,
+                wgpu::DeviceType::Cpu => 3,
+                wgpu::DeviceType::Other => 4,
             }),
         };
         let adapter = adapter.ok_or_else(|| {
@@ -167,21 +161,14 @@ impl GpuContext {
             && (4..=128).contains(&info.subgroup_min_size)
             && std::env::var_os("RWKV_NO_SUBGROUPS").is_none())
         .then_some(info.subgroup_min_size);
-        let features = if subgroup_size.is_some() {
-            wgpu::Features::SUBGROUP
-        } else {
-            wgpu::Features::empty()
-        };
+        let features = if subgroup_size.is_some() { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("rwkv-wgpu"),
             required_features: features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| Error::RequestDevice {
-            adapter: summary.name.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| Error::RequestDevice { adapter: summary.name.clone(), detail: e.to_string() })?;
         // Textures need the subgroup kernel shape (one subgroup per row tile).
         let weight_store = match std::env::var(WEIGHTS_ENV).ok().as_deref() {
             Some("buffer") => WeightStore::Buffer,
@@ -206,33 +193,23 @@ impl GpuContext {
         // Validation errors and device loss become values reported by the next
         // `check`/sync point instead of wgpu's default panic.
         let weak = Arc::downgrade(&shared);
-        shared
-            .device
-            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                if let Some(s) = weak.upgrade() {
-                    let err = match &e {
-                        wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory {
-                            what: "a GPU operation".into(),
-                            bytes: 0,
-                        },
-                        other => Error::Gpu(other.to_string()),
-                    };
-                    s.fault.lock().unwrap().get_or_insert(err);
-                }
-            }));
+        shared.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Some(s) = weak.upgrade() {
+                let err = match &e {
+                    wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory { what: "a GPU operation".into(), bytes: 0 },
+                    other => Error::Gpu(other.to_string()),
+                };
+                s.fault.lock().unwrap().get_or_insert(err);
+            }
+        }));
         let weak = Arc::downgrade(&shared);
-        shared
-            .device
-            .set_device_lost_callback(move |reason, msg| {
-                if let Some(s) = weak.upgrade() {
-                    if reason != wgpu::DeviceLostReason::Destroyed {
-                        s.fault
-                            .lock()
-                            .unwrap()
-                            .get_or_insert(Error::DeviceLost(format!("{reason:?}: {msg}")));
-                    }
+        shared.device.set_device_lost_callback(move |reason, msg| {
+            if let Some(s) = weak.upgrade() {
+                if reason != wgpu::DeviceLostReason::Destroyed {
+                    s.fault.lock().unwrap().get_or_insert(Error::DeviceLost(format!("{reason:?}: {msg}")));
                 }
-            });
+            }
+        });
         Ok(Self { shared })
     }
 
@@ -270,7 +247,14 @@ impl GpuContext {
 
     /// Creates a `[layers, height, width]` 2D texture array of `format` that
     /// can be sampled with `textureLoad` and written by copies.
-    pub fn texture(&self, what: &str, width: u32, height: u32, layers: u32, format: wgpu::TextureFormat) -> Result<GpuTexture> {
+    pub fn texture(
+        &self,
+        what: &str,
+        width: u32,
+        height: u32,
+        layers: u32,
+        format: wgpu::TextureFormat,
+    ) -> Result<GpuTexture> {
         let (max_dim, max_layers) = self.max_texture_dims();
         if width == 0 || height == 0 || layers == 0 || width > max_dim || height > max_dim || layers > max_layers {
             return Err(Error::InvalidArgument(format!(
@@ -283,11 +267,7 @@ impl GpuContext {
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let texture = device.create_texture(&wgpu::TextureDescriptor {
             label: Some(what),
-            size: wgpu::Extent3d {
-                width,
-                height,
-                depth_or_array_layers: layers,
-            },
+            size: wgpu::Extent3d { width, height, depth_or_array_layers: layers },
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
@@ -296,10 +276,7 @@ impl GpuContext {
             view_formats: &[],
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::OutOfMemory {
-                what: format!("{what}: {e}"),
-                bytes,
-            });
+            return Err(Error::OutOfMemory { what: format!("{what}: {e}"), bytes });
         }
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(if format == X_TEXTURE_FORMAT {
@@ -310,12 +287,7 @@ impl GpuContext {
             ..Default::default()
         });
         self.shared.allocated.fetch_add(bytes, Ordering::Relaxed);
-        Ok(GpuTexture {
-            texture,
-            view,
-            bytes,
-            ctx: self.shared.clone(),
-        })
+        Ok(GpuTexture { texture, view, bytes, ctx: self.shared.clone() })
     }
 
     /// The shared x texture, at least `width` x `height` texels.
@@ -410,10 +382,7 @@ impl GpuContext {
             mapped_at_creation: mapped,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::OutOfMemory {
-                what: format!("{what}: {e}"),
-                bytes: size,
-            });
+            return Err(Error::OutOfMemory { what: format!("{what}: {e}"), bytes: size });
         }
         Ok(self.track(buffer, size))
     }
@@ -449,28 +418,28 @@ impl GpuContext {
 
     fn track(&self, buffer: wgpu::Buffer, size: u64) -> GpuBuffer {
         self.shared.allocated.fetch_add(size, Ordering::Relaxed);
-        GpuBuffer {
-            buffer,
-            size,
-            ctx: self.shared.clone(),
-        }
+        GpuBuffer { buffer, size, ctx: self.shared.clone() }
     }
 
     /// Waits for all submitted work; reports device loss and async errors.
     pub fn sync(&self) -> Result<()> {
         self.shared
             .device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
             .map_err(|e| Error::DeviceLost(e.to_string()))?;
         self.check()
     }
 
     /// Copies `size` bytes at `offset` of `src` back to the CPU through
     /// `staging` (a MAP_READ | COPY_DST buffer at least `size` bytes long).
-    pub fn read_into(&self, src: &GpuBuffer, offset: u64, size: u64, staging: &GpuBuffer, out: &mut [u8]) -> Result<()> {
+    pub fn read_into(
+        &self,
+        src: &GpuBuffer,
+        offset: u64,
+        size: u64,
+        staging: &GpuBuffer,
+        out: &mut [u8],
+    ) -> Result<()> {
         if size == 0 {
             return Ok(());
         }
@@ -519,9 +488,8 @@ impl GpuContext {
     }
 }
 
-pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+pub const STORAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
 
 /// Format of the x texture of `linear_tex` (four f32 per texel).

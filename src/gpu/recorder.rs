@@ -100,41 +100,30 @@ impl<'a> Recorder<'a> {
             return Ok(());
         }
         let pipeline = self.ctx.pipeline(kernel, wdtype)?;
-        self.ops.push(Op::Dispatch {
-            kernel,
-            pipeline,
-            params: bytemuck::bytes_of(params).to_vec(),
-            bindings,
-            groups,
-        });
+        self.ops.push(Op::Dispatch { kernel, pipeline, params: bytemuck::bytes_of(params).to_vec(), bindings, groups });
         Ok(())
     }
 
     /// Records a copy of `height` rows of `width` texels into `dst`, ordered
     /// with the dispatches around it. `bytes_per_row` must be a multiple of 256.
-    pub fn copy_to_texture(&mut self, src: &'a GpuBuffer, src_offset: u64, bytes_per_row: u32, dst: Arc<GpuTexture>, width: u32, height: u32) {
+    pub fn copy_to_texture(
+        &mut self,
+        src: &'a GpuBuffer,
+        src_offset: u64,
+        bytes_per_row: u32,
+        dst: Arc<GpuTexture>,
+        width: u32,
+        height: u32,
+    ) {
         if width > 0 && height > 0 {
-            self.ops.push(Op::CopyToTexture {
-                src,
-                src_offset,
-                bytes_per_row,
-                dst,
-                width,
-                height,
-            });
+            self.ops.push(Op::CopyToTexture { src, src_offset, bytes_per_row, dst, width, height });
         }
     }
 
     /// Records a buffer copy, ordered with the dispatches around it.
     pub fn copy(&mut self, src: &'a GpuBuffer, src_offset: u64, dst: &'a GpuBuffer, dst_offset: u64, size: u64) {
         if size > 0 {
-            self.ops.push(Op::Copy {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                size,
-            });
+            self.ops.push(Op::Copy { src, src_offset, dst, dst_offset, size });
         }
     }
 
@@ -151,11 +140,8 @@ impl<'a> Recorder<'a> {
         let need = (n.max(1) * slot) as u64;
         if arena.buffer.as_ref().is_none_or(|b| b.size() < need) {
             arena.buffer = None;
-            arena.buffer = Some(ctx.buffer(
-                "params arena",
-                need,
-                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            )?);
+            arena.buffer =
+                Some(ctx.buffer("params arena", need, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?);
         }
         let arena_buf = arena.buffer.as_ref().unwrap();
         arena.bytes.clear();
@@ -176,25 +162,12 @@ impl<'a> Recorder<'a> {
         let mut i = 0;
         while i < n {
             match &self.ops[i] {
-                Op::Copy {
-                    src,
-                    src_offset,
-                    dst,
-                    dst_offset,
-                    size,
-                } => {
+                Op::Copy { src, src_offset, dst, dst_offset, size } => {
                     enc.copy_buffer_to_buffer(src.raw(), *src_offset, dst.raw(), *dst_offset, *size);
                     i += 1;
                     continue;
                 }
-                Op::CopyToTexture {
-                    src,
-                    src_offset,
-                    bytes_per_row,
-                    dst,
-                    width,
-                    height,
-                } => {
+                Op::CopyToTexture { src, src_offset, bytes_per_row, dst, width, height } => {
                     enc.copy_buffer_to_texture(
                         wgpu::TexelCopyBufferInfo {
                             buffer: src.raw(),
@@ -205,30 +178,16 @@ impl<'a> Recorder<'a> {
                             },
                         },
                         dst.raw().as_image_copy(),
-                        wgpu::Extent3d {
-                            width: *width,
-                            height: *height,
-                            depth_or_array_layers: 1,
-                        },
+                        wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
                     );
                     i += 1;
                     continue;
                 }
                 Op::Dispatch { .. } => {}
             }
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             while i < n {
-                let Op::Dispatch {
-                    kernel,
-                    pipeline,
-                    params,
-                    bindings,
-                    groups,
-                } = &self.ops[i]
-                else {
+                let Op::Dispatch { kernel, pipeline, params, bindings, groups } = &self.ops[i] else {
                     break;
                 };
                 let mut entries = vec![wgpu::BindGroupEntry {
@@ -262,7 +221,11 @@ impl<'a> Recorder<'a> {
                     // One dispatch per submission, timed to completion.
                     drop(pass);
                     let t = std::time::Instant::now();
-                    ctx.queue().submit([std::mem::replace(&mut enc, device.create_command_encoder(&Default::default())).finish()]);
+                    ctx.queue().submit([std::mem::replace(
+                        &mut enc,
+                        device.create_command_encoder(&Default::default()),
+                    )
+                    .finish()]);
                     ctx.sync()?;
                     ctx.record_kernel_time(*kernel, t.elapsed().as_secs_f64());
                     break;

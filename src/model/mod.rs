@@ -97,11 +97,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            max_part_bytes: None,
-            chunk_tokens: DEFAULT_CHUNK_TOKENS,
-            progress: None,
-        }
+        Self { max_part_bytes: None, chunk_tokens: DEFAULT_CHUNK_TOKENS, progress: None }
     }
 }
 
@@ -204,10 +200,7 @@ impl Model {
         let inner = match version {
             Version::V7 => Inner::V7(v7::V7::load(&uploader, &file)?),
             other => {
-                return Err(Error::UnsupportedVersion {
-                    path: file.path().to_path_buf(),
-                    version: other.to_string(),
-                })
+                return Err(Error::UnsupportedVersion { path: file.path().to_path_buf(), version: other.to_string() })
             }
         };
         // `file` (the mapping) is dropped here: weights live on the GPU only.
@@ -266,12 +259,7 @@ impl Model {
         }
         for (s, seq) in tokens.iter().enumerate() {
             if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-                return Err(Error::BadToken {
-                    sequence: s,
-                    position: p,
-                    token: t,
-                    vocab: vocab,
-                });
+                return Err(Error::BadToken { sequence: s, position: p, token: t, vocab: vocab });
             }
         }
         let batch = tokens.len();
@@ -339,5 +327,4 @@ impl Model {
         }
         Ok(out)
     }
-
 }

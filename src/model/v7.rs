@@ -108,7 +108,7 @@ pub struct V7 {
     pub info: ModelInfo,
     layout: StateLayout,
     d_lora_max: usize,
-    emb: Matrix,       // [V, C]
+    emb: Matrix,        // [V, C]
     globals: GpuBuffer, // [4, C]: ln0 w/b, ln_out w/b
     blocks: Vec<Block>,
     head: Matrix, // [V, C]
@@ -169,11 +169,7 @@ impl V7 {
         let mut parameters = emb_t.len() as u64;
         up.uploaded(f, &emb_t)?;
         let mut mat = |name: String, rows: usize, cols: usize, lora: bool| -> Result<Matrix> {
-            let t = if lora {
-                f.expect(&name, &[cols, rows])?
-            } else {
-                f.expect(&name, &[rows, cols])?
-            };
+            let t = if lora { f.expect(&name, &[cols, rows])? } else { f.expect(&name, &[rows, cols])? };
             parameters += t.len() as u64;
             let m = if lora {
                 Matrix::from_tensor_transposed(ctx, &t, max_part)?
@@ -251,7 +247,17 @@ impl V7 {
         for b in &blocks {
             weight_bytes += b.vecs.size();
             for m in [
-                &b.receptance, &b.key, &b.value, &b.output, &b.w1, &b.w2, &b.a1, &b.a2, &b.g1, &b.g2, &b.ffn_key,
+                &b.receptance,
+                &b.key,
+                &b.value,
+                &b.output,
+                &b.w1,
+                &b.w2,
+                &b.a1,
+                &b.a2,
+                &b.g1,
+                &b.g2,
+                &b.ffn_key,
                 &b.ffn_value,
             ] {
                 weight_bytes += m.bytes();
@@ -301,11 +307,7 @@ impl V7 {
     pub fn max_chunk_tokens(&self) -> usize {
         let max = self.ctx.max_binding_bytes() as usize;
         let c = self.info.n_embd;
-        let per_token = [plane::COUNT as usize * c, self.info.ffn, 4 * self.d_lora_max]
-            .into_iter()
-            .max()
-            .unwrap()
-            * 4;
+        let per_token = [plane::COUNT as usize * c, self.info.ffn, 4 * self.d_lora_max].into_iter().max().unwrap() * 4;
         (max / per_token).clamp(1, 4096)
     }
 
@@ -321,9 +323,7 @@ impl V7 {
         // The head runs over at most head_cap rows per pass: all of a batch's
         // last tokens at once, and at least HEAD_ROWS for all-position logits,
         // but never [chunk, vocab] (128 MiB for 512 tokens of a 65536 vocab).
-        let head_cap = capacity
-            .min(batch.max(HEAD_ROWS))
-            .min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
+        let head_cap = capacity.min(batch.max(HEAD_ROWS)).min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
         let f32s = |what: &str, n: usize| ctx.buffer(what, (n * 4) as u64, STORAGE);
         self.scratch = Some(Scratch {
             capacity,
@@ -432,7 +432,13 @@ impl V7 {
                 out_plane: plane_len as u32,
                 _pad: 0,
             };
-            rec.dispatch(Kernel::TokenShift, 0, &shift, &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed], rows)?;
+            rec.dispatch(
+                Kernel::TokenShift,
+                0,
+                &shift,
+                &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
+                rows,
+            )?;
             self.store_last(rec, s, st, stride, att_x, batch)?;
 
             // 3. r, k, v projections.
@@ -441,10 +447,11 @@ impl V7 {
             b.key.linear(rec, &s.mixed, mixed(plane::K), &s.att, at(plane::K), n, Act::None, false)?;
             b.value.linear(rec, &s.mixed, mixed(plane::V), &s.att, at(plane::V), n, Act::None, false)?;
             // 4-6. LoRAs: hidden = act(x @ m1), out = hidden @ m2.
-            let lora = |rec: &mut Recorder<'a>, m1: &'a Matrix, m2: &'a Matrix, src: u32, hid: usize, act: Act, dst: u32| {
-                m1.linear(rec, &s.mixed, mixed(src), &s.lora, hid * lora_plane, n, act, false)?;
-                m2.linear(rec, &s.lora, hid * lora_plane, &s.att, at(dst), n, Act::None, false)
-            };
+            let lora =
+                |rec: &mut Recorder<'a>, m1: &'a Matrix, m2: &'a Matrix, src: u32, hid: usize, act: Act, dst: u32| {
+                    m1.linear(rec, &s.mixed, mixed(src), &s.lora, hid * lora_plane, n, act, false)?;
+                    m2.linear(rec, &s.lora, hid * lora_plane, &s.att, at(dst), n, Act::None, false)
+                };
             lora(rec, &b.w1, &b.w2, plane::W, LORA_W, Act::Tanh, plane::W)?;
             lora(rec, &b.a1, &b.a2, plane::A, LORA_A, Act::None, plane::A)?;
             if let Some((v1, v2)) = &b.v12 {
@@ -505,13 +512,14 @@ impl V7 {
 
             // 11. channel mix: xx = ln2(x), one token-shift mix into mixed plane 0.
             self.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
-            let shift = TokenShiftParams {
-                n_mix: 1,
-                mix_offset: vi(FFN_X_K),
-                state_offset: ffn_x as u32,
-                ..shift
-            };
-            rec.dispatch(Kernel::TokenShift, 0, &shift, &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed], rows)?;
+            let shift = TokenShiftParams { n_mix: 1, mix_offset: vi(FFN_X_K), state_offset: ffn_x as u32, ..shift };
+            rec.dispatch(
+                Kernel::TokenShift,
+                0,
+                &shift,
+                &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
+                rows,
+            )?;
             self.store_last(rec, s, st, stride, ffn_x, batch)?;
 
             // 12. x += relu(xk Wkey)^2 Wvalue.
@@ -524,12 +532,7 @@ impl V7 {
     /// logits[0..rows] = LayerNorm(x[head_rows[first..first+rows]], ln_out) @ head.T
     fn record_head<'a>(&'a self, rec: &mut Recorder<'a>, s: &'a Scratch, first: usize, rows: usize) -> Result<()> {
         let c = self.info.n_embd;
-        let gather = GatherParams {
-            n_out: rows as u32,
-            dim: c as u32,
-            rows_offset: first as u32,
-            _pad: 0,
-        };
+        let gather = GatherParams { n_out: rows as u32, dim: c as u32, rows_offset: first as u32, _pad: 0 };
         rec.dispatch(
             Kernel::GatherRows,
             0,
@@ -582,13 +585,7 @@ impl V7 {
             state_stride: stride as u32,
             state_offset: offset as u32,
         };
-        rec.dispatch(
-            Kernel::StoreLast,
-            0,
-            &p,
-            &[&s.xx, &s.seq_start, st],
-            [(c as u32).div_ceil(WG), batch as u32, 1],
-        )
+        rec.dispatch(Kernel::StoreLast, 0, &p, &[&s.xx, &s.seq_start, st], [(c as u32).div_ceil(WG), batch as u32, 1])
     }
 }
 
@@ -597,10 +594,6 @@ impl V7 {
 fn state_layout(n_layer: usize, c: usize, n_head: usize, head_size: usize) -> StateLayout {
     StateLayout::new(
         n_layer,
-        &[
-            ("att_x", vec![c], 0.0),
-            ("ffn_x", vec![c], 0.0),
-            ("att_kv", vec![n_head, head_size, head_size], 0.0),
-        ],
+        &[("att_x", vec![c], 0.0), ("ffn_x", vec![c], 0.0), ("att_kv", vec![n_head, head_size, head_size], 0.0)],
     )
 }

@@ -9,18 +9,13 @@ pub fn layer_norm(x: &[f64], w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
     let mean = x.iter().sum::<f64>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
     let rstd = 1.0 / (var + eps).sqrt();
-    x.iter()
-        .zip(w.iter().zip(b))
-        .map(|(v, (w, b))| (v - mean) * rstd * w + b)
-        .collect()
+    x.iter().zip(w.iter().zip(b)).map(|(v, (w, b))| (v - mean) * rstd * w + b).collect()
 }
 
 /// `y = W x` for a row-major `W [rows, cols]` (the `x @ W.T` of the checkpoints).
 pub fn matvec(w: &[f64], x: &[f64]) -> Vec<f64> {
     let cols = x.len();
-    w.chunks_exact(cols)
-        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
-        .collect()
+    w.chunks_exact(cols).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
 }
 
 /// `y = x W` for a row-major `W [rows = x.len(), cols]` (LoRA layout).

@@ -79,11 +79,7 @@ impl V7 {
                 a0: t(&p("att.a0"))?,
                 a1: t(&p("att.a1"))?,
                 a2: t(&p("att.a2"))?,
-                v: if l > 0 {
-                    Some((t(&p("att.v0"))?, t(&p("att.v1"))?, t(&p("att.v2"))?))
-                } else {
-                    None
-                },
+                v: if l > 0 { Some((t(&p("att.v0"))?, t(&p("att.v1"))?, t(&p("att.v2"))?)) } else { None },
                 g1: t(&p("att.g1"))?,
                 g2: t(&p("att.g2"))?,
                 k_k: t(&p("att.k_k"))?,
@@ -115,11 +111,7 @@ impl V7 {
 
     pub fn new_state(&self) -> RefState {
         let (l, c) = (self.n_layer, self.n_embd);
-        RefState {
-            att_x: vec![0.0; l * c],
-            ffn_x: vec![0.0; l * c],
-            att_kv: vec![0.0; l * c * self.head_size],
-        }
+        RefState { att_x: vec![0.0; l * c], ffn_x: vec![0.0; l * c], att_kv: vec![0.0; l * c * self.head_size] }
     }
 
     /// Reads one token and returns its logits `[vocab]`.
@@ -140,9 +132,7 @@ impl V7 {
             let mut k = matvec(&b.wk, &xk);
             let mut v = matvec(&b.wv, &xv);
             let w_lora = vecmat(&vecmat(&xw, &b.w1).iter().map(|v| v.tanh()).collect::<Vec<_>>(), &b.w2);
-            let w: Vec<f64> = (0..c)
-                .map(|i| (-(-0.5f64).exp() * sigmoid(b.w0[i] + w_lora[i])).exp())
-                .collect();
+            let w: Vec<f64> = (0..c).map(|i| (-(-0.5f64).exp() * sigmoid(b.w0[i] + w_lora[i])).exp()).collect();
             let a_lora = vecmat(&vecmat(&xa, &b.a1), &b.a2);
             let a: Vec<f64> = (0..c).map(|i| sigmoid(b.a0[i] + a_lora[i])).collect();
             let g = vecmat(&vecmat(&xg, &b.g1).iter().map(|v| sigmoid(*v)).collect::<Vec<_>>(), &b.g2);

@@ -61,14 +61,7 @@ impl Golden {
         let logits = logits.to_f32();
         let logits_tail = file.get("logits_tail").unwrap().to_f32();
         let tail_start = tokens.len() - logits_tail.len() / vocab;
-        Self {
-            tokens,
-            vocab,
-            logits,
-            logits_tail,
-            tail_start,
-            file,
-        }
+        Self { tokens, vocab, logits, logits_tail, tail_start, file }
     }
 
     /// A golden state tensor: `prefix` is "state" or "state40".
@@ -114,9 +107,8 @@ pub fn argmax(v: &[f32]) -> usize {
 /// Share of rows whose argmax agrees.
 pub fn top1_agreement(a: &[f32], b: &[f32], vocab: usize) -> f64 {
     let rows = a.len() / vocab;
-    let same = (0..rows)
-        .filter(|&r| argmax(&a[r * vocab..(r + 1) * vocab]) == argmax(&b[r * vocab..(r + 1) * vocab]))
-        .count();
+    let same =
+        (0..rows).filter(|&r| argmax(&a[r * vocab..(r + 1) * vocab]) == argmax(&b[r * vocab..(r + 1) * vocab])).count();
     same as f64 / rows as f64
 }
 
