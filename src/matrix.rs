@@ -127,7 +127,8 @@ impl Matrix {
             return Ok(None);
         }
         let layers = rows.div_ceil(layer_rows);
-        let texture = ctx.texture(name, texels as u32, layer_rows as u32, layers as u32, WEIGHT_TEXTURE_FORMAT)?;
+        let texture =
+            ctx.texture(name, texels as u32, layer_rows as u32, layers as u32, WEIGHT_TEXTURE_FORMAT, true)?;
         for l in 0..layers {
             let r0 = l * layer_rows;
             let n = layer_rows.min(rows - r0);
@@ -291,7 +292,7 @@ impl Matrix {
             let nb = block.min(n_rows - n0);
             let xt = ctx.x_texture(x_width, nb as u32)?;
             let src = ((x_offset + n0 * self.cols) * 4) as u64;
-            rec.copy_to_texture(x, src, (self.cols * 4) as u32, xt.clone(), x_width, nb as u32);
+            rec.copy_to_texture(x, src, (self.cols * 4) as u32, nb as u32, xt.clone(), [x_width, nb as u32, 1]);
             let params = LinearTexParams {
                 n_rows: nb as u32,
                 d_in: self.cols as u32,

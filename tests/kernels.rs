@@ -9,7 +9,11 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use rwkv_wgpu::gpu::kernels::*;
-use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE};
+use std::sync::Arc;
+
+use rwkv_wgpu::gpu::{
+    Binding, GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE, X_TEXTURE_FORMAT,
+};
 use rwkv_wgpu::loader::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Matrix;
@@ -488,7 +492,9 @@ fn v7_prep_both_layer_kinds() {
     }
 }
 
-fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
+/// The WKV kernel against the CPU. `tex`: `wkv7_tex.wgsl` (head size 64,
+/// the planes read from a texture copy of att) instead of `wkv7.wgsl`.
+fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: bool) {
     let mut rng = Rng::new(seed);
     let nh = 2;
     let dim = nh * hs;
@@ -509,7 +515,8 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
             att[base..base + hs].iter_mut().for_each(|v| *v /= norm);
         }
     }
-    let (stride, off) = (nh * hs * hs + 3, 3);
+    // State rows of other layers around this one's (vec4-aligned for wkv7_tex).
+    let (stride, off) = if tex { (nh * hs * hs + 8, 4) } else { (nh * hs * hs + 3, 3) };
     let state = rng.vec(n_seq * stride, 0.5);
     let (ab, ssb, sb) = (
         ctx.storage_f32("att", &att).unwrap(),
@@ -531,10 +538,28 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
     };
     // Walk the tokens in runs, as the model does.
     let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
+    let planes = plane::KK + 1;
+    let att_tex = tex
+        .then(|| Arc::new(ctx.texture("att", (dim / 4) as u32, cap as u32, planes, X_TEXTURE_FORMAT, true).unwrap()));
     run(ctx, |rec| {
+        if let Some(t) = &att_tex {
+            rec.copy_to_texture(&ab, 0, (dim * 4) as u32, cap as u32, t.clone(), [(dim / 4) as u32, n as u32, planes]);
+        }
         for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
             let p = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..params };
-            rec.dispatch(Kernel::Wkv7, 0, &p, &[&ab, &ssb, &sb, &yb], [nh as u32, n_seq as u32, 1]).unwrap();
+            let groups = [nh as u32, n_seq as u32, 1];
+            match &att_tex {
+                Some(t) => {
+                    let bindings = vec![
+                        Binding::Texture(t.clone()),
+                        Binding::Buffer(&ssb),
+                        Binding::Buffer(&sb),
+                        Binding::Buffer(&yb),
+                    ];
+                    rec.dispatch_with(Kernel::Wkv7Tex, 0, &p, bindings, groups).unwrap()
+                }
+                None => rec.dispatch(Kernel::Wkv7, 0, &p, &[&ab, &ssb, &sb, &yb], groups).unwrap(),
+            }
         }
     });
     let mut s = f64s(&state);
@@ -559,23 +584,26 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64) {
             }
         }
     }
-    check(&format!("wkv7 y hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&yb).unwrap(), &y);
-    check(&format!("wkv7 state hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&sb).unwrap(), &s);
+    check(&format!("wkv7 (tex {tex}) y hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&yb).unwrap(), &y);
+    check(&format!("wkv7 (tex {tex}) state hs={hs} lens={seq_lens:?}"), &ctx.read_f32(&sb).unwrap(), &s);
 }
 
 #[test]
 fn wkv7_recurrence_over_uneven_sequences() {
     let Some(ctx) = gpu() else { return };
     // Three sequences of 4, 0 and 5 tokens; head sizes 64 and 24.
-    check_wkv7(&ctx, 64, &[4, 0, 5], 7);
-    check_wkv7(&ctx, 24, &[4, 0, 5], 8);
+    check_wkv7(&ctx, 64, &[4, 0, 5], 7, false);
+    check_wkv7(&ctx, 24, &[4, 0, 5], 8, false);
+    check_wkv7(&ctx, 64, &[4, 0, 5], 10, true);
+    check_wkv7(&ctx, 64, &[1], 11, true);
 }
 
 #[test]
 fn wkv7_long_chunk() {
     let Some(ctx) = gpu() else { return };
     // One long sequence (a 600-token prefill chunk) and a short one.
-    check_wkv7(&ctx, 64, &[600, 3], 9);
+    check_wkv7(&ctx, 64, &[600, 3], 9, false);
+    check_wkv7(&ctx, 64, &[600, 3], 12, true);
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub enum Kernel {
     LinearTex,
     V7Prep,
     Wkv7,
+    Wkv7Tex,
     V7Out,
 }
 
@@ -38,6 +39,7 @@ impl Kernel {
             Kernel::LinearTex => include_str!("../../shaders/linear_tex.wgsl"),
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
+            Kernel::Wkv7Tex => include_str!("../../shaders/wkv7_tex.wgsl"),
             Kernel::V7Out => include_str!("../../shaders/v7_out.wgsl"),
         }
     }

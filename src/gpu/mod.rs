@@ -245,8 +245,9 @@ impl GpuContext {
         (self.shared.limits.max_texture_dimension_2d, self.shared.limits.max_texture_array_layers)
     }
 
-    /// Creates a `[layers, height, width]` 2D texture array of `format` that
-    /// can be sampled with `textureLoad` and written by copies.
+    /// Creates a `[layers, height, width]` texture of `format` that kernels
+    /// read with `textureLoad` and copies write; viewed as a `texture_2d_array`
+    /// if `array`, else as a `texture_2d` (one layer).
     pub fn texture(
         &self,
         what: &str,
@@ -254,6 +255,7 @@ impl GpuContext {
         height: u32,
         layers: u32,
         format: wgpu::TextureFormat,
+        array: bool,
     ) -> Result<GpuTexture> {
         let (max_dim, max_layers) = self.max_texture_dims();
         if width == 0 || height == 0 || layers == 0 || width > max_dim || height > max_dim || layers > max_layers {
@@ -279,11 +281,7 @@ impl GpuContext {
             return Err(Error::OutOfMemory { what: format!("{what}: {e}"), bytes });
         }
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
-            dimension: Some(if format == X_TEXTURE_FORMAT {
-                wgpu::TextureViewDimension::D2
-            } else {
-                wgpu::TextureViewDimension::D2Array
-            }),
+            dimension: Some(if array { wgpu::TextureViewDimension::D2Array } else { wgpu::TextureViewDimension::D2 }),
             ..Default::default()
         });
         self.shared.allocated.fetch_add(bytes, Ordering::Relaxed);
@@ -305,7 +303,7 @@ impl GpuContext {
         };
         // Dropping the old one here is safe: recorded work holds its own Arc.
         *slot = None;
-        let t = Arc::new(self.texture("x texture", w, h, 1, X_TEXTURE_FORMAT)?);
+        let t = Arc::new(self.texture("x texture", w, h, 1, X_TEXTURE_FORMAT, false)?);
         *slot = Some(t.clone());
         Ok(t)
     }
@@ -344,7 +342,9 @@ impl GpuContext {
 
     /// Per kernel: (dispatches, seconds), when RWKV_PROFILE is set; slowest first.
     pub fn kernel_profile(&self) -> Vec<(Kernel, u64, f64)> {
-        let Some(p) = &self.shared.profile else { return Vec::new() };
+        let Some(p) = &self.shared.profile else {
+            return Vec::new();
+        };
         let mut v: Vec<_> = p.lock().unwrap().iter().map(|(k, (n, t))| (*k, *n, *t)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
@@ -492,7 +492,7 @@ pub const STORAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
 
-/// Format of the x texture of `linear_tex` (four f32 per texel).
+/// Format of textures of activations (x of `linear_tex`, att of `wkv7_tex`): four f32 per texel.
 pub const X_TEXTURE_FORMAT: wgpu::TextureFormat = wgpu::TextureFormat::Rgba32Float;
 /// Format of weight textures: four u32 words per texel (8 f16/bf16 or 4 f32).
 pub const WEIGHT_TEXTURE_FORMAT: wgpu::TextureFormat = wgpu::TextureFormat::Rgba32Uint;

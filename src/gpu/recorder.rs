@@ -25,15 +25,14 @@ enum Op<'a> {
         bindings: Vec<Binding<'a>>,
         groups: [u32; 3],
     },
-    /// `height` rows of `width` texels from `src` (rows `bytes_per_row`
-    /// apart from `src_offset`) into layer 0 of `dst`.
+    /// `size` = [width, height, layers] texels from `src` into `dst`.
     CopyToTexture {
         src: &'a GpuBuffer,
         src_offset: u64,
         bytes_per_row: u32,
+        rows_per_image: u32,
         dst: Arc<GpuTexture>,
-        width: u32,
-        height: u32,
+        size: [u32; 3],
     },
     Copy {
         src: &'a GpuBuffer,
@@ -104,19 +103,21 @@ impl<'a> Recorder<'a> {
         Ok(())
     }
 
-    /// Records a copy of `height` rows of `width` texels into `dst`, ordered
-    /// with the dispatches around it. `bytes_per_row` must be a multiple of 256.
+    /// Records a copy of `size` = [width, height, layers] texels from `src`
+    /// (rows `bytes_per_row` apart, layers `rows_per_image` rows apart, from
+    /// `src_offset`) into `dst` at its origin, ordered with the dispatches
+    /// around it. `bytes_per_row` must be a multiple of 256.
     pub fn copy_to_texture(
         &mut self,
         src: &'a GpuBuffer,
         src_offset: u64,
         bytes_per_row: u32,
+        rows_per_image: u32,
         dst: Arc<GpuTexture>,
-        width: u32,
-        height: u32,
+        size: [u32; 3],
     ) {
-        if width > 0 && height > 0 {
-            self.ops.push(Op::CopyToTexture { src, src_offset, bytes_per_row, dst, width, height });
+        if !size.contains(&0) {
+            self.ops.push(Op::CopyToTexture { src, src_offset, bytes_per_row, rows_per_image, dst, size });
         }
     }
 
@@ -167,18 +168,18 @@ impl<'a> Recorder<'a> {
                     i += 1;
                     continue;
                 }
-                Op::CopyToTexture { src, src_offset, bytes_per_row, dst, width, height } => {
+                Op::CopyToTexture { src, src_offset, bytes_per_row, rows_per_image, dst, size } => {
                     enc.copy_buffer_to_texture(
                         wgpu::TexelCopyBufferInfo {
                             buffer: src.raw(),
                             layout: wgpu::TexelCopyBufferLayout {
                                 offset: *src_offset,
                                 bytes_per_row: Some(*bytes_per_row),
-                                rows_per_image: Some(*height),
+                                rows_per_image: Some(*rows_per_image),
                             },
                         },
                         dst.raw().as_image_copy(),
-                        wgpu::Extent3d { width: *width, height: *height, depth_or_array_layers: 1 },
+                        wgpu::Extent3d { width: size[0], height: size[1], depth_or_array_layers: size[2] },
                     );
                     i += 1;
                     continue;

@@ -259,7 +259,7 @@ impl Model {
         }
         for (s, seq) in tokens.iter().enumerate() {
             if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-                return Err(Error::BadToken { sequence: s, position: p, token: t, vocab: vocab });
+                return Err(Error::BadToken { sequence: s, position: p, token: t, vocab });
             }
         }
         let batch = tokens.len();
