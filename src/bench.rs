@@ -225,7 +225,8 @@ pub fn run(
     cfg: &BenchConfig,
     load: impl FnOnce(&LoadOptions) -> Result<Model>,
 ) -> Result<BenchReport> {
-    let opts = LoadOptions { chunk_tokens: cfg.prefill.max(1), ..Default::default() };
+    // Default options, as users get them: prompts run in chunks of 128 tokens.
+    let opts = LoadOptions::default();
     let t0 = Instant::now();
     let mut model = load(&opts)?;
     let load_s = t0.elapsed().as_secs_f64();

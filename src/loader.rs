@@ -48,7 +48,8 @@ struct Entry {
 
 /// The bytes of a checkpoint: a file mapping, or data built into the binary.
 enum Backing {
-    Mmap(Mmap),
+    /// The mapping, and the file for positioned reads.
+    Mmap(Mmap, std::fs::File),
     Static(&'static [u8]),
 }
 
@@ -56,7 +57,7 @@ impl std::ops::Deref for Backing {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Backing::Mmap(m) => m,
+            Backing::Mmap(m, _) => m,
             Backing::Static(s) => s,
         }
     }
@@ -88,7 +89,7 @@ impl SafeTensorsFile {
         // loading can give wrong weights but not memory unsafety in our code,
         // which only ever copies bytes out of it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, Backing::Mmap(mmap))
+        Self::parse(path, Backing::Mmap(mmap, file))
     }
 
     /// A checkpoint held in memory for the life of the program (e.g. a model
@@ -127,13 +128,23 @@ impl SafeTensorsFile {
     /// Tells the OS it may drop the pages of `t` from memory (they are
     /// re-read from the file if touched again). No effect on built-in bytes.
     pub fn release(&self, t: &Tensor) {
+        self.release_bytes(t.bytes);
+    }
+
+    /// As [`SafeTensorsFile::release`] for any byte range of this file's
+    /// mapping (whole pages inside it); no effect on other memory.
+    pub fn release_bytes(&self, bytes: &[u8]) {
         #[cfg(unix)]
-        if let Backing::Mmap(m) = &self.mmap {
-            let start = t.bytes.as_ptr() as usize - m.as_ptr() as usize;
+        if let Backing::Mmap(m, _) = &self.mmap {
+            let (base, ptr) = (m.as_ptr() as usize, bytes.as_ptr() as usize);
+            if ptr < base || ptr + bytes.len() > base + m.len() {
+                return;
+            }
+            let start = ptr - base;
             let page = 4096;
-            // Whole pages inside the tensor only.
+            // Whole pages inside the range only.
             let first = start.next_multiple_of(page);
-            let end = (start + t.bytes.len()) / page * page;
+            let end = (start + bytes.len()) / page * page;
             if end > first {
                 // SAFETY: the mapping is read-only and file-backed: dropped
                 // pages are read again from the file on the next access, so
@@ -144,7 +155,30 @@ impl SafeTensorsFile {
             }
         }
         #[cfg(not(unix))]
-        let _ = t;
+        let _ = bytes;
+    }
+
+    /// Copies `out.len()` bytes of tensor `t` from byte `offset` on, with a
+    /// positioned read of the file rather than through the mapping, so the
+    /// pages read (and the kernel's fault-around neighbours) do not become
+    /// resident memory of this process. Used for embedding rows.
+    pub fn read_into(&self, t: &Tensor, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src = t
+            .bytes
+            .get(offset..offset + out.len())
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: bytes {offset}.. out of range", t.name)))?;
+        match &self.mmap {
+            #[cfg(unix)]
+            Backing::Mmap(m, file) => {
+                use std::os::unix::fs::FileExt;
+                let at = (src.as_ptr() as usize - m.as_ptr() as usize) as u64;
+                file.read_exact_at(out, at).map_err(|source| Error::Io { path: self.path.clone(), source })
+            }
+            _ => {
+                out.copy_from_slice(src);
+                Ok(())
+            }
+        }
     }
 
     /// Total bytes of tensor data.
@@ -227,13 +261,20 @@ impl Tensor<'_> {
     /// The bytes of a 2-D tensor `[rows, cols]` transposed to `[cols, rows]`,
     /// in the same dtype (a pure permutation, so exact).
     pub fn transposed_bytes(&self) -> Vec<u8> {
+        self.transposed_bytes_padded(self.shape[1], self.shape[0])
+    }
+
+    /// As [`Tensor::transposed_bytes`], placed in the top-left corner of a
+    /// zero `[out_rows, out_cols]` matrix (`out_rows >= cols`, `out_cols >= rows`).
+    pub fn transposed_bytes_padded(&self, out_rows: usize, out_cols: usize) -> Vec<u8> {
         let (rows, cols) = (self.shape[0], self.shape[1]);
+        assert!(out_rows >= cols && out_cols >= rows, "padding must not shrink the matrix");
         let s = self.dtype.size();
-        let mut out = vec![0u8; self.bytes.len()];
+        let mut out = vec![0u8; out_rows * out_cols * s];
         for r in 0..rows {
             for c in 0..cols {
                 let src = (r * cols + c) * s;
-                let dst = (c * rows + r) * s;
+                let dst = (c * out_cols + r) * s;
                 out[dst..dst + s].copy_from_slice(&self.bytes[src..src + s]);
             }
         }

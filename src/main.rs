@@ -465,6 +465,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("parameters      {}", i.parameters);
             println!("dtype           {}", i.dtype.name());
             println!("weight bytes    {}", i.weight_bytes);
+            println!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
             println!("state bytes     {} per sequence", i.state_bytes_per_sequence);
             println!("gpu bytes       {}", ctx.allocated_bytes());
             println!("adapter         {}", ctx.adapter());

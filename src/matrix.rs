@@ -19,9 +19,10 @@ use crate::gpu::kernels::{
     LINEAR_TEX_PREFILL_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
 };
 use crate::gpu::{
-    Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, WeightStore, STORAGE, WEIGHT_TEXTURE_FORMAT,
+    Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
+    WEIGHT_TEXTURE_FORMAT,
 };
-use crate::loader::{Dtype, Tensor};
+use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 
 /// How the elements of a matrix are stored on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,12 +66,13 @@ impl Matrix {
         bytes: &[u8],
         max_part_bytes: u64,
     ) -> Result<Self> {
-        Self::upload_to(ctx, ctx.weight_store(), name, dtype, rows, cols, bytes, max_part_bytes)
+        Self::upload_to(ctx, ctx.weight_store(), name, dtype, rows, cols, bytes, max_part_bytes, None)
     }
 
     /// As [`Matrix::upload`], in `store` if the shape allows it (textures
     /// need `cols % 64 == 0`), else in buffers. Tables used with `gather`
-    /// must be in buffers.
+    /// must be in buffers. `release` is called with each slice of `bytes`
+    /// once it is on its way to the GPU (the model drops file pages with it).
     #[allow(clippy::too_many_arguments)]
     pub fn upload_to(
         ctx: &GpuContext,
@@ -81,10 +83,11 @@ impl Matrix {
         cols: usize,
         bytes: &[u8],
         max_part_bytes: u64,
+        release: Release,
     ) -> Result<Self> {
         let row_bytes = cols * dtype.size();
         if store == WeightStore::Texture && ctx.subgroup_size().is_some() {
-            if let Some(m) = Self::upload_texture(ctx, name, dtype, rows, cols, bytes, max_part_bytes)? {
+            if let Some(m) = Self::upload_texture(ctx, name, dtype, rows, cols, bytes, max_part_bytes, release)? {
                 return Ok(m);
             }
         }
@@ -94,7 +97,7 @@ impl Matrix {
         while row0 < rows {
             let n = rows_per_part.min(rows - row0);
             let slice = &bytes[row0 * row_bytes..(row0 + n) * row_bytes];
-            let buffer = ctx.buffer_from_bytes(name, slice, STORAGE)?;
+            let buffer = ctx.buffer_from_bytes_releasing(name, slice, STORAGE, release)?;
             parts.push(Part { row0, rows: n, buffer });
             row0 += n;
         }
@@ -111,6 +114,7 @@ impl Matrix {
         cols: usize,
         bytes: &[u8],
         max_part_bytes: u64,
+        release: Release,
     ) -> Result<Option<Self>> {
         let (max_dim, max_layers) = ctx.max_texture_dims();
         let (max_dim, max_layers) = (max_dim as usize, max_layers as usize);
@@ -129,24 +133,40 @@ impl Matrix {
         let layers = rows.div_ceil(layer_rows);
         let texture =
             ctx.texture(name, texels as u32, layer_rows as u32, layers as u32, WEIGHT_TEXTURE_FORMAT, true)?;
+        // Slices of at most UPLOAD_SLICE bytes, each submitted (so wgpu frees
+        // its staging copy) before the next: a large matrix is never
+        // resident three times (file pages, staging, texture).
+        let slice_rows = (UPLOAD_SLICE / row_bytes).max(1);
         for l in 0..layers {
-            let r0 = l * layer_rows;
-            let n = layer_rows.min(rows - r0);
-            ctx.queue().write_texture(
-                wgpu::TexelCopyTextureInfo {
-                    texture: texture.raw(),
-                    mip_level: 0,
-                    origin: wgpu::Origin3d { x: 0, y: 0, z: l as u32 },
-                    aspect: wgpu::TextureAspect::All,
-                },
-                &bytes[r0 * row_bytes..(r0 + n) * row_bytes],
-                wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some(row_bytes as u32),
-                    rows_per_image: Some(n as u32),
-                },
-                wgpu::Extent3d { width: texels as u32, height: n as u32, depth_or_array_layers: 1 },
-            );
+            let layer_end = rows.min((l + 1) * layer_rows);
+            let mut r0 = l * layer_rows;
+            while r0 < layer_end {
+                let n = slice_rows.min(layer_end - r0);
+                let src = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+                ctx.queue().write_texture(
+                    wgpu::TexelCopyTextureInfo {
+                        texture: texture.raw(),
+                        mip_level: 0,
+                        origin: wgpu::Origin3d { x: 0, y: (r0 - l * layer_rows) as u32, z: l as u32 },
+                        aspect: wgpu::TextureAspect::All,
+                    },
+                    src,
+                    wgpu::TexelCopyBufferLayout {
+                        offset: 0,
+                        bytes_per_row: Some(row_bytes as u32),
+                        rows_per_image: None,
+                    },
+                    wgpu::Extent3d { width: texels as u32, height: n as u32, depth_or_array_layers: 1 },
+                );
+                if let Some(r) = release {
+                    r(src);
+                }
+                if rows * row_bytes > UPLOAD_SLICE {
+                    ctx.queue().submit([]);
+                    ctx.sync()?;
+                }
+                r0 += n;
+            }
         }
         Ok(Some(Self {
             rows,
@@ -157,20 +177,35 @@ impl Matrix {
     }
 
     /// A checkpoint tensor `[out, in]` used as `x @ W.T`.
-    pub fn from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
-        Self::upload(ctx, t.name, t.dtype, t.shape[0], t.shape[1], t.bytes, max_part_bytes)
+    /// The file's pages are released slice by slice as they are uploaded.
+    pub fn from_tensor(ctx: &GpuContext, f: &SafeTensorsFile, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
+        let release = |b: &[u8]| f.release_bytes(b);
+        let store = ctx.weight_store();
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        Self::upload_to(ctx, store, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, Some(&release))
     }
 
     /// A checkpoint table `[rows, dim]` read with `gather` (an embedding).
-    pub fn table_from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
-        Self::upload_to(ctx, WeightStore::Buffer, t.name, t.dtype, t.shape[0], t.shape[1], t.bytes, max_part_bytes)
+    pub fn table_from_tensor(ctx: &GpuContext, f: &SafeTensorsFile, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
+        let release = |b: &[u8]| f.release_bytes(b);
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        Self::upload_to(ctx, WeightStore::Buffer, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, Some(&release))
     }
 
     /// A checkpoint LoRA tensor `[in, out]` used as `x @ W`: stored transposed
-    /// (an exact permutation) so the same kernel serves both.
-    pub fn from_tensor_transposed(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
-        let bytes = t.transposed_bytes();
-        Self::upload(ctx, t.name, t.dtype, t.shape[1], t.shape[0], &bytes, max_part_bytes)
+    /// (an exact permutation) so the same kernel serves both, as `[rows,
+    /// cols]` >= `[out, in]` with zeros around it (exact too: zero weights add
+    /// nothing). Padding a LoRA's rank to a multiple of 64 lets it use the
+    /// texture store.
+    pub fn from_tensor_transposed(
+        ctx: &GpuContext,
+        t: &Tensor,
+        rows: usize,
+        cols: usize,
+        max_part: u64,
+    ) -> Result<Self> {
+        let bytes = t.transposed_bytes_padded(rows, cols);
+        Self::upload(ctx, t.name, t.dtype, rows, cols, &bytes, max_part)
     }
 
     pub fn bytes(&self) -> u64 {
@@ -194,6 +229,22 @@ impl Matrix {
             Store::Buffers(_) => WeightStore::Buffer,
             Store::Texture { .. } => WeightStore::Texture,
         }
+    }
+
+    /// The (kernel, variant) pipelines `linear` may use for `dtype` weights
+    /// on this adapter, for compiling ahead of time.
+    pub fn kernels(ctx: &GpuContext, dtype: Dtype) -> Vec<(Kernel, u32)> {
+        let wd = kernels::wdtype(dtype);
+        let mut v = Vec::new();
+        if ctx.subgroup_size().is_some() {
+            v.extend([(Kernel::LinearSg, wd | 1 << 8), (Kernel::LinearSg, wd | LINEAR_TN << 8)]);
+            if ctx.weight_store() == WeightStore::Texture {
+                v.extend([(Kernel::LinearTex, wd | 1 << 8), (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8)]);
+            }
+        } else {
+            v.push((Kernel::Linear, wd));
+        }
+        v
     }
 
     /// Whether `linear` can use the subgroup kernel: the adapter has

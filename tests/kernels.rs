@@ -91,7 +91,8 @@ fn linear_all_dtypes_acts_and_parts() {
             let w = rng.vec(d_out * d_in, 0.3);
             let (wb, wv) = encode(&w, dtype);
             let part_bytes = (30 * d_in * dtype.size()) as u64;
-            let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "w", dtype, d_out, d_in, &wb, part_bytes).unwrap();
+            let m =
+                Matrix::upload_to(&ctx, WeightStore::Buffer, "w", dtype, d_out, d_in, &wb, part_bytes, None).unwrap();
             assert_eq!((m.part_count(), m.store()), (3, WeightStore::Buffer));
             // X sits at an offset inside a larger buffer, as planes do.
             let x_off = 13;
@@ -215,7 +216,7 @@ fn linear_texture_kernel() {
         let w = rng.vec(d_out * d_in, 0.3);
         let (wb, wv) = encode(&w, dtype);
         let part_bytes = (layer_rows * d_in * dtype.size()) as u64;
-        let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", dtype, d_out, d_in, &wb, part_bytes).unwrap();
+        let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", dtype, d_out, d_in, &wb, part_bytes, None).unwrap();
         assert_eq!((m.part_count(), m.store()), (d_out.div_ceil(layer_rows), WeightStore::Texture));
         let x_off = 8;
         let x = rng.vec(x_off + n * d_in, 1.0);
@@ -234,7 +235,7 @@ fn linear_texture_kernel() {
         check(&format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want);
     }
     // Shapes a texture cannot hold fall back to buffers.
-    let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", Dtype::F16, 3, 100, &[0u8; 600], 1 << 20).unwrap();
+    let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", Dtype::F16, 3, 100, &[0u8; 600], 1 << 20, None).unwrap();
     assert_eq!(m.store(), WeightStore::Buffer);
 }
 
@@ -292,6 +293,7 @@ fn embedding_gathers_rows_across_parts() {
             dim,
             &bytes,
             (20 * dim * dtype.size()) as u64,
+            None,
         )
         .unwrap();
         assert_eq!(m.part_count(), 3);
@@ -680,14 +682,15 @@ fn matrix_larger_than_one_binding() {
     // In textures (where the adapter has them: layers of at most 16384 rows
     // on lavapipe, so three here), then in buffers (two parts).
     if ctx.subgroup_size().is_some() {
-        let m = Matrix::upload_to(&ctx, WeightStore::Texture, "big", Dtype::F16, rows, cols, &bytes, part).unwrap();
+        let m =
+            Matrix::upload_to(&ctx, WeightStore::Texture, "big", Dtype::F16, rows, cols, &bytes, part, None).unwrap();
         assert_eq!(m.store(), WeightStore::Texture);
         assert!(m.part_count() >= 2);
         let yb = zeros(&ctx, rows);
         run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
         check("linear over texture layers", &ctx.read_f32(&yb).unwrap(), &want);
     }
-    let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "big", Dtype::F16, rows, cols, &bytes, part).unwrap();
+    let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "big", Dtype::F16, rows, cols, &bytes, part, None).unwrap();
     drop(bytes);
     assert_eq!(m.part_count(), 2);
     assert!(m.bytes() > ctx.max_binding_bytes().min(128 << 20));

@@ -288,8 +288,9 @@ impl GpuContext {
         Ok(GpuTexture { texture, view, bytes, ctx: self.shared.clone() })
     }
 
-    /// The shared x texture, at least `width` x `height` texels.
-    pub(crate) fn x_texture(&self, width: u32, height: u32) -> Result<Arc<GpuTexture>> {
+    /// The shared x texture of `linear_tex`, at least `width` x `height`
+    /// texels (grown, never shrunk; a model reserves its size up front).
+    pub fn x_texture(&self, width: u32, height: u32) -> Result<Arc<GpuTexture>> {
         let mut slot = self.shared.x_texture.lock().unwrap();
         if let Some(t) = slot.as_ref() {
             let size = t.texture.size();
@@ -391,7 +392,41 @@ impl GpuContext {
     /// copied straight from `bytes` (e.g. a memory-mapped file) into the
     /// buffer's mapping: no second CPU copy of the data is made.
     pub fn buffer_from_bytes(&self, what: &str, bytes: &[u8], usage: wgpu::BufferUsages) -> Result<GpuBuffer> {
+        self.buffer_from_bytes_releasing(what, bytes, usage, None)
+    }
+
+    /// As [`GpuContext::buffer_from_bytes`]; a large buffer is written
+    /// UPLOAD_SLICE bytes at a time, each slice submitted (so wgpu frees its
+    /// staging copy) and then passed to `release` (the model lets the OS drop
+    /// those pages of the file mapping): a large tensor is never resident
+    /// twice beside its GPU copy.
+    pub fn buffer_from_bytes_releasing(
+        &self,
+        what: &str,
+        bytes: &[u8],
+        usage: wgpu::BufferUsages,
+        release: Release,
+    ) -> Result<GpuBuffer> {
         let size = (bytes.len() as u64).max(4).next_multiple_of(4);
+        if bytes.len() > UPLOAD_SLICE && usage.contains(wgpu::BufferUsages::COPY_DST) {
+            let buf = self.create(what, size, usage, false)?;
+            for (i, chunk) in bytes.chunks(UPLOAD_SLICE).enumerate() {
+                let padded;
+                let data = if chunk.len() % 4 == 0 {
+                    chunk
+                } else {
+                    padded = [chunk, &[0u8; 3][..4 - chunk.len() % 4]].concat();
+                    &padded
+                };
+                self.queue().write_buffer(buf.raw(), (i * UPLOAD_SLICE) as u64, data);
+                self.queue().submit([]);
+                self.sync()?;
+                if let Some(r) = release {
+                    r(chunk);
+                }
+            }
+            return Ok(buf);
+        }
         let buf = self.create(what, size, usage, true)?;
         let buffer = buf.raw();
         {
@@ -403,6 +438,9 @@ impl GpuContext {
             }
         }
         buffer.unmap();
+        if let Some(r) = release {
+            r(bytes);
+        }
         Ok(buf)
     }
 
@@ -491,6 +529,28 @@ impl GpuContext {
 pub const STORAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
+
+/// Hands memory the allocator holds but no longer uses back to the OS
+/// (glibc keeps freed heap memory, e.g. after a shader compiler's work).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only releases pages of free heap memory.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// Called with each slice of a tensor's bytes once it is uploaded (the model
+/// lets the OS drop those pages of the file mapping with it).
+pub type Release<'a> = Option<&'a dyn Fn(&[u8])>;
+
+/// Bytes copied between two releases of source pages while uploading.
+pub const UPLOAD_SLICE: usize = 1 << 20;
 
 /// Format of textures of activations (x of `linear_tex`, att of `wkv7_tex`): four f32 per texel.
 pub const X_TEXTURE_FORMAT: wgpu::TextureFormat = wgpu::TextureFormat::Rgba32Float;

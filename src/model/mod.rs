@@ -117,8 +117,11 @@ pub struct ModelInfo {
     pub lora: Vec<(&'static str, usize)>,
     pub dtype: Dtype,
     pub parameters: u64,
-    /// GPU bytes of the uploaded weights.
+    /// Bytes of the checkpoint's weights, as stored in the file.
     pub weight_bytes: u64,
+    /// GPU bytes of the uploaded weights (all but the embedding, which is
+    /// read from the file; LoRAs may be padded for the adapter's kernels).
+    pub gpu_weight_bytes: u64,
     pub state_bytes_per_sequence: u64,
 }
 
@@ -198,12 +201,13 @@ impl Model {
             progress: opts.progress.clone(),
         };
         let inner = match version {
-            Version::V7 => Inner::V7(v7::V7::load(&uploader, &file)?),
+            Version::V7 => Inner::V7(v7::V7::load(&uploader, file)?),
             other => {
                 return Err(Error::UnsupportedVersion { path: file.path().to_path_buf(), version: other.to_string() })
             }
         };
-        // `file` (the mapping) is dropped here: weights live on the GPU only.
+        // Weights live on the GPU; the model keeps the file mapping for the
+        // embedding rows only (their pages were dropped during the upload).
         let mut model = Self { inner, chunk_tokens: 1 };
         model.set_chunk_tokens(opts.chunk_tokens)?;
         Ok(model)

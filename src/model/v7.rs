@@ -27,7 +27,7 @@ use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, ParamArena, Recorder, WeightStore, READBACK, STORAGE,
     X_TEXTURE_FORMAT,
 };
-use crate::loader::SafeTensorsFile;
+use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 use crate::matrix::Matrix;
 use crate::model::{Chunk, ModelInfo, Uploader, Version};
 use crate::state::{State, StateLayout};
@@ -35,8 +35,9 @@ use crate::state::{State, StateLayout};
 /// LayerNorm eps of ln0, ln1, ln2 and ln_out.
 pub const LN_EPS: f32 = 1e-5;
 /// Rows of logits computed per head pass when every position's logits are
-/// wanted (bounds the logits and staging buffers).
-const HEAD_ROWS: usize = 64;
+/// wanted (bounds the logits and staging buffers: 2 x 4 MiB for a 65536
+/// vocab; 64 rows cost 24 MiB more resident memory for no measured speed).
+const HEAD_ROWS: usize = 16;
 /// GroupNorm eps of ln_x (the official 64e-5, i.e. 1e-5 * head_size).
 pub const GN_EPS: f32 = 64e-5;
 
@@ -91,7 +92,6 @@ struct Scratch {
     capacity: usize,
     batch: usize,
     head_cap: usize,
-    tokens: GpuBuffer,    // [cap] u32
     tok_seq: GpuBuffer,   // [cap] u32
     seq_start: GpuBuffer, // [batch + 1] u32
     head_rows: GpuBuffer, // [cap] u32
@@ -119,7 +119,10 @@ pub struct V7 {
     pub info: ModelInfo,
     layout: StateLayout,
     d_lora_max: usize,
-    emb: Matrix,        // [V, C]
+    /// The checkpoint, kept mapped for `emb.weight` [V, C]: the embedding is
+    /// read one row per token on the CPU (as llama.cpp does), so its V x C
+    /// table never takes GPU memory and only the rows used become resident.
+    file: SafeTensorsFile,
     globals: GpuBuffer, // [4, C]: ln0 w/b, ln_out w/b
     blocks: Vec<Block>,
     head: Matrix, // [V, C]
@@ -127,8 +130,36 @@ pub struct V7 {
     arena: std::cell::RefCell<ParamArena>,
 }
 
+/// Compiles the pipelines this model uses before any weight is uploaded:
+/// shader compilation (LLVM, on CPU adapters) needs tens of MiB of scratch
+/// memory, which then overlaps a small process instead of the loaded model,
+/// and is handed back to the OS afterwards. Anything missed compiles on
+/// first use as before.
+fn compile_kernels(ctx: &GpuContext, dtype: Dtype, head_size: usize) -> Result<()> {
+    let mut kernels = vec![
+        (Kernel::LayerNorm, 0),
+        (Kernel::TokenShift, 0),
+        (Kernel::StoreLast, 0),
+        (Kernel::GatherRows, 0),
+        (Kernel::V7Prep, 0),
+        (Kernel::V7Out, 0),
+    ];
+    kernels.push(if ctx.weight_store() == WeightStore::Texture && head_size == 64 {
+        (Kernel::Wkv7Tex, 0)
+    } else {
+        (Kernel::Wkv7, 0)
+    });
+    kernels.extend(Matrix::kernels(ctx, dtype));
+    for (kernel, variant) in kernels {
+        ctx.pipeline(kernel, variant)?;
+    }
+    crate::gpu::trim_heap();
+    Ok(())
+}
+
 impl V7 {
-    pub(crate) fn load(up: &Uploader, f: &SafeTensorsFile) -> Result<Self> {
+    pub(crate) fn load(up: &Uploader, file: SafeTensorsFile) -> Result<Self> {
+        let f = &file;
         let (ctx, max_part) = (up.ctx, up.max_part);
         // Dimensions from shapes.
         let emb_t = f.get("emb.weight")?;
@@ -172,20 +203,26 @@ impl V7 {
         let d_a = width("blocks.0.att.a1", 1)?;
         let d_g = width("blocks.0.att.g1", 1)?;
         let d_v = if n_layer > 1 { width("blocks.1.att.v1", 1)? } else { 0 };
-        let d_lora_max = d_w.max(d_a).max(d_g).max(d_v);
+        // LoRA ranks padded with zero weights to whole 64-column rows where
+        // matrices live in textures (the texture kernel's shape); exact.
+        let rank = |d: usize| if ctx.weight_store() == WeightStore::Texture { d.next_multiple_of(64) } else { d };
+        let d_lora_max = rank(d_w).max(rank(d_a)).max(rank(d_g)).max(rank(d_v));
         let dtype = emb_t.dtype;
+        compile_kernels(ctx, dtype, head_size)?;
 
-        // The embedding is a table read with `gather`, always in buffers.
-        let emb = Matrix::table_from_tensor(ctx, &emb_t, max_part)?;
+        // The embedding stays in the file (see `V7::file`); its pages are
+        // dropped now and read back row by row as tokens use them.
         let mut parameters = emb_t.len() as u64;
         up.uploaded(f, &emb_t)?;
         let mut mat = |name: String, rows: usize, cols: usize, lora: bool| -> Result<Matrix> {
             let t = if lora { f.expect(&name, &[cols, rows])? } else { f.expect(&name, &[rows, cols])? };
             parameters += t.len() as u64;
             let m = if lora {
-                Matrix::from_tensor_transposed(ctx, &t, max_part)?
+                // Pad the rank (the side that is not C) only.
+                let pad = |d: usize| if d == c { d } else { rank(d) };
+                Matrix::from_tensor_transposed(ctx, &t, pad(rows), pad(cols), max_part)?
             } else {
-                Matrix::from_tensor(ctx, &t, max_part)?
+                Matrix::from_tensor(ctx, f, &t, max_part)?
             };
             up.uploaded(f, &t)?;
             Ok(m)
@@ -254,9 +291,9 @@ impl V7 {
         }
         let head = mat("head.weight".into(), vocab, c, false)?;
 
-        let mut weight_bytes = emb.bytes() + head.bytes() + globals.size();
+        let mut gpu_weight_bytes = head.bytes() + globals.size();
         for b in &blocks {
-            weight_bytes += b.vecs.size();
+            gpu_weight_bytes += b.vecs.size();
             for m in [
                 &b.receptance,
                 &b.key,
@@ -271,10 +308,10 @@ impl V7 {
                 &b.ffn_key,
                 &b.ffn_value,
             ] {
-                weight_bytes += m.bytes();
+                gpu_weight_bytes += m.bytes();
             }
             if let Some((v1, v2)) = &b.v12 {
-                weight_bytes += v1.bytes() + v2.bytes();
+                gpu_weight_bytes += v1.bytes() + v2.bytes();
             }
         }
         let layout = state_layout(n_layer, c, n_head, head_size);
@@ -289,7 +326,8 @@ impl V7 {
             lora: vec![("decay", d_w), ("aaa", d_a), ("mv", d_v), ("gate", d_g)],
             dtype,
             parameters: parameters + vec_params,
-            weight_bytes,
+            weight_bytes: f.data_bytes(),
+            gpu_weight_bytes,
             state_bytes_per_sequence: layout.bytes_per_sequence(),
         };
         Ok(Self {
@@ -297,7 +335,7 @@ impl V7 {
             info,
             layout,
             d_lora_max,
-            emb,
+            file,
             globals,
             blocks,
             head,
@@ -336,11 +374,16 @@ impl V7 {
         // but never [chunk, vocab] (128 MiB for 512 tokens of a 65536 vocab).
         let head_cap = capacity.min(batch.max(HEAD_ROWS)).min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
         let f32s = |what: &str, n: usize| ctx.buffer(what, (n * 4) as u64, STORAGE);
+        if ctx.weight_store() == WeightStore::Texture {
+            // The x texture of texture matrices at its full size now, so no
+            // later step allocates (its widest input is the FFN's).
+            let width = (f.max(c).max(self.d_lora_max) / 4) as u32;
+            ctx.x_texture(width, capacity.min(ctx.max_texture_dims().0 as usize) as u32)?;
+        }
         self.scratch = Some(Scratch {
             capacity,
             batch,
             head_cap,
-            tokens: f32s("tokens", capacity)?,
             tok_seq: f32s("token sequence", capacity)?,
             seq_start: f32s("sequence starts", batch + 1)?,
             head_rows: f32s("head rows", capacity)?,
@@ -383,7 +426,17 @@ impl V7 {
         self.ensure_scratch(capacity.max(n), batch)?;
         let s = self.scratch.as_ref().unwrap();
         let q = self.ctx.queue();
-        q.write_buffer(s.tokens.raw(), 0, bytemuck::cast_slice(&chunk.tokens));
+        // x rows = emb[tokens], read from the file and widened exactly to f32.
+        let emb = self.file.get("emb.weight")?;
+        let c = self.info.n_embd;
+        let row_bytes = c * emb.dtype.size();
+        let mut raw = vec![0u8; n * row_bytes];
+        for (&t, out) in chunk.tokens.iter().zip(raw.chunks_exact_mut(row_bytes)) {
+            self.file.read_into(&emb, t as usize * row_bytes, out)?;
+        }
+        let row = Tensor { bytes: &raw, ..emb };
+        let rows: Vec<f32> = (0..n * c).map(|i| row.at(i)).collect();
+        q.write_buffer(s.xx.raw(), 0, bytemuck::cast_slice(&rows));
         q.write_buffer(s.tok_seq.raw(), 0, bytemuck::cast_slice(&chunk.tok_seq));
         q.write_buffer(s.seq_start.raw(), 0, bytemuck::cast_slice(&chunk.seq_start));
         if !chunk.head_rows.is_empty() {
@@ -441,8 +494,7 @@ impl V7 {
         let at = |p: u32| p as usize * plane_len;
         let vi = |slot: usize| (slot * c) as u32;
 
-        // Embedding rows, then ln0: x = LayerNorm(emb[tokens]).
-        self.emb.gather(rec, &s.tokens, &s.xx, n)?;
+        // ln0: x = LayerNorm(emb[tokens]) (xx holds the embedding rows, see `step`).
         self.layer_norm(rec, &s.xx, &s.x, &self.globals, LN0_W, LN0_B, n)?;
 
         for (l, b) in self.blocks.iter().enumerate() {
