@@ -2,12 +2,13 @@
 // The product of linear.wgsl with the weights and x read from textures, for
 // adapters where a texel fetch is much cheaper than a storage-buffer load
 // (llvmpipe: one vector gather instead of a per-lane loop; see
-// `gpu::WeightStore`). One workgroup of WG invocations (= one subgroup):
-// `decode` covers 16 rows of one token, `prefill` 8 rows of 4 tokens. The
-// lanes walk a row's texels; each x texel is loaded once per tile and used
-// for every row, each weight texel once and used for every token. Rows and
-// tokens are written out explicitly (not as loops over arrays): llvmpipe
-// keeps explicit accumulators in registers and array ones in memory.
+// `gpu::WeightStore`). One workgroup of WG invocations (one subgroup on
+// llvmpipe) covers 8 WG rows; each lane owns 8 of them and walks their whole
+// rows (no cross-lane reduction), for 1 token (`decode`) or 8 (`prefill`).
+// Each x texel loaded serves every row of the lane, each weight texel every
+// token. Rows and tokens are
+// written out explicitly (not as loops over arrays): llvmpipe keeps explicit
+// accumulators in registers and array ones in memory.
 // Needs d_in % 64 == 0 (whole texels of x rows, and copy rows of 256 bytes).
 
 struct Params {
@@ -52,19 +53,24 @@ fn wt(k: u32, o: u32, layer: u32) -> vec4<u32> {
     return textureLoad(w, vec2<u32>(k, row), layer, 0);
 }
 
-// The weights of texel q times x texels a, b.
-fn wdot(q: vec4<u32>, a: vec4<f32>, b: vec4<f32>) -> f32 {
-    if (WDTYPE == 0u) {
-        return dot(bitcast<vec4<f32>>(q), a);
-    }
-    return dot(unpack_lo4(q), a) + dot(unpack_hi4(q), b);
+// acc + w . a as a chain of fused multiply-adds (one instruction each on
+// llvmpipe with FMA hardware, where dot() is four multiplies and three adds).
+fn fdot(w: vec4<f32>, a: vec4<f32>, acc: f32) -> f32 {
+    return fma(w.w, a.w, fma(w.z, a.z, fma(w.y, a.y, fma(w.x, a.x, acc))));
 }
 
-// Reduces a lane's partial sum over the subgroup; lane 0 stores it.
-fn put(partial: f32, lid: u32, n: u32, o: u32) {
-    let s = subgroupAdd(partial);
-    if (lid == 0u && n < p.n_rows && o < p.d_out) {
-        var r = apply_act(s, p.act);
+// acc + the weights of texel q times x texels a, b.
+fn wdot(q: vec4<u32>, a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
+    if (WDTYPE == 0u) {
+        return fdot(bitcast<vec4<f32>>(q), a, acc);
+    }
+    return fdot(unpack_hi4(q), b, fdot(unpack_lo4(q), a, acc));
+}
+
+// Lane-owned result (no reduction): y[n, o].
+fn store(v: f32, n: u32, o: u32) {
+    if (n < p.n_rows && o < p.d_out) {
+        var r = apply_act(v, p.act);
         let yi = p.y_offset + n * p.d_out + o;
         if (p.accumulate == 1u) {
             r = r + y[yi];
@@ -73,88 +79,96 @@ fn put(partial: f32, lid: u32, n: u32, o: u32) {
     }
 }
 
+// One token: each lane owns 8 rows (o, o + WG, .., o + 7 WG) and walks the
+// whole row. Every (row, token) sum runs in the same order as in `prefill`,
+// so a token's logits do not depend on which kernel or batch it ran in.
 @compute @workgroup_size(WG)
 fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.x * 16u;
-    let l = o / p.layer_rows; // a tile never straddles two layers
+    let o0 = wid.x * 8u * WG; // a tile never straddles two layers
+    let o = o0 + lid;
+    let l = o0 / p.layer_rows;
     var s0 = 0.0; var s1 = 0.0; var s2 = 0.0; var s3 = 0.0;
     var s4 = 0.0; var s5 = 0.0; var s6 = 0.0; var s7 = 0.0;
-    var s8 = 0.0; var s9 = 0.0; var s10 = 0.0; var s11 = 0.0;
-    var s12 = 0.0; var s13 = 0.0; var s14 = 0.0; var s15 = 0.0;
     let nk = texels();
-    for (var k = lid; k < nk; k += WG) {
+    for (var k = 0u; k < nk; k++) {
         let a = xa(k, 0u);
         let b = xb(k, 0u);
-        s0 += wdot(wt(k, o, l), a, b);
-        s1 += wdot(wt(k, o + 1u, l), a, b);
-        s2 += wdot(wt(k, o + 2u, l), a, b);
-        s3 += wdot(wt(k, o + 3u, l), a, b);
-        s4 += wdot(wt(k, o + 4u, l), a, b);
-        s5 += wdot(wt(k, o + 5u, l), a, b);
-        s6 += wdot(wt(k, o + 6u, l), a, b);
-        s7 += wdot(wt(k, o + 7u, l), a, b);
-        s8 += wdot(wt(k, o + 8u, l), a, b);
-        s9 += wdot(wt(k, o + 9u, l), a, b);
-        s10 += wdot(wt(k, o + 10u, l), a, b);
-        s11 += wdot(wt(k, o + 11u, l), a, b);
-        s12 += wdot(wt(k, o + 12u, l), a, b);
-        s13 += wdot(wt(k, o + 13u, l), a, b);
-        s14 += wdot(wt(k, o + 14u, l), a, b);
-        s15 += wdot(wt(k, o + 15u, l), a, b);
+        s0 = wdot(wt(k, o, l), a, b, s0);
+        s1 = wdot(wt(k, o + WG, l), a, b, s1);
+        s2 = wdot(wt(k, o + 2u * WG, l), a, b, s2);
+        s3 = wdot(wt(k, o + 3u * WG, l), a, b, s3);
+        s4 = wdot(wt(k, o + 4u * WG, l), a, b, s4);
+        s5 = wdot(wt(k, o + 5u * WG, l), a, b, s5);
+        s6 = wdot(wt(k, o + 6u * WG, l), a, b, s6);
+        s7 = wdot(wt(k, o + 7u * WG, l), a, b, s7);
     }
-    put(s0, lid, 0u, o); put(s1, lid, 0u, o + 1u); put(s2, lid, 0u, o + 2u); put(s3, lid, 0u, o + 3u);
-    put(s4, lid, 0u, o + 4u); put(s5, lid, 0u, o + 5u); put(s6, lid, 0u, o + 6u); put(s7, lid, 0u, o + 7u);
-    put(s8, lid, 0u, o + 8u); put(s9, lid, 0u, o + 9u); put(s10, lid, 0u, o + 10u); put(s11, lid, 0u, o + 11u);
-    put(s12, lid, 0u, o + 12u); put(s13, lid, 0u, o + 13u); put(s14, lid, 0u, o + 14u); put(s15, lid, 0u, o + 15u);
+    store(s0, 0u, o); store(s1, 0u, o + WG); store(s2, 0u, o + 2u * WG); store(s3, 0u, o + 3u * WG);
+    store(s4, 0u, o + 4u * WG); store(s5, 0u, o + 5u * WG); store(s6, 0u, o + 6u * WG); store(s7, 0u, o + 7u * WG);
 }
 
-// One weight texel against the x texels of four tokens: the four dot products.
+// acc + one weight texel against the x texels of four tokens (acc.x: token 0, ...).
 fn wdot4(q: vec4<u32>, a0: vec4<f32>, b0: vec4<f32>, a1: vec4<f32>, b1: vec4<f32>,
-         a2: vec4<f32>, b2: vec4<f32>, a3: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+         a2: vec4<f32>, b2: vec4<f32>, a3: vec4<f32>, b3: vec4<f32>, acc: vec4<f32>) -> vec4<f32> {
     if (WDTYPE == 0u) {
         let f = bitcast<vec4<f32>>(q);
-        return vec4<f32>(dot(f, a0), dot(f, a1), dot(f, a2), dot(f, a3));
+        return vec4<f32>(fdot(f, a0, acc.x), fdot(f, a1, acc.y), fdot(f, a2, acc.z), fdot(f, a3, acc.w));
     }
     let lo = unpack_lo4(q);
     let hi = unpack_hi4(q);
-    return vec4<f32>(dot(lo, a0) + dot(hi, b0), dot(lo, a1) + dot(hi, b1),
-                     dot(lo, a2) + dot(hi, b2), dot(lo, a3) + dot(hi, b3));
+    return vec4<f32>(fdot(hi, b0, fdot(lo, a0, acc.x)), fdot(hi, b1, fdot(lo, a1, acc.y)),
+                     fdot(hi, b2, fdot(lo, a2, acc.z)), fdot(hi, b3, fdot(lo, a3, acc.w)));
 }
 
-fn put4(partial: vec4<f32>, lid: u32, n: u32, o: u32) {
-    put(partial.x, lid, n, o);
-    put(partial.y, lid, n + 1u, o);
-    put(partial.z, lid, n + 2u, o);
-    put(partial.w, lid, n + 3u, o);
+// Lane-owned results (no reduction): y[n + t, o] for the four tokens of `v`.
+fn store4(v: vec4<f32>, n: u32, o: u32) {
+    store(v.x, n, o);
+    store(v.y, n + 1u, o);
+    store(v.z, n + 2u, o);
+    store(v.w, n + 3u, o);
 }
 
+// Several tokens: each lane owns 8 rows (o, o + WG, .., o + 7 WG) for 8
+// tokens and walks the whole row, so there is no cross-lane reduction; each
+// weight texel serves 8 tokens and each x texel 8 rows.
 @compute @workgroup_size(WG)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.x * 8u;
-    let n = wid.y * 4u;
-    let l = o / p.layer_rows;
+    let o0 = wid.x * 8u * WG; // a tile never straddles two layers
+    let o = o0 + lid;
+    let n = wid.y * 8u;
+    let l = o0 / p.layer_rows;
     let last = p.n_rows - 1u; // tokens past the end re-read the last one, never written
-    let n1 = min(n + 1u, last);
-    let n2 = min(n + 2u, last);
-    let n3 = min(n + 3u, last);
-    // s_r holds row o + r for the four tokens n .. n + 3.
-    var s0 = vec4<f32>(0.0); var s1 = vec4<f32>(0.0); var s2 = vec4<f32>(0.0); var s3 = vec4<f32>(0.0);
-    var s4 = vec4<f32>(0.0); var s5 = vec4<f32>(0.0); var s6 = vec4<f32>(0.0); var s7 = vec4<f32>(0.0);
+    let n1 = min(n + 1u, last); let n2 = min(n + 2u, last); let n3 = min(n + 3u, last);
+    let n4 = min(n + 4u, last); let n5 = min(n + 5u, last); let n6 = min(n + 6u, last); let n7 = min(n + 7u, last);
+    // s<r>a: row o + r WG for tokens n .. n + 3; s<r>b: tokens n + 4 .. n + 7.
+    var s0a = vec4<f32>(0.0); var s1a = vec4<f32>(0.0); var s2a = vec4<f32>(0.0); var s3a = vec4<f32>(0.0);
+    var s4a = vec4<f32>(0.0); var s5a = vec4<f32>(0.0); var s6a = vec4<f32>(0.0); var s7a = vec4<f32>(0.0);
+    var s0b = vec4<f32>(0.0); var s1b = vec4<f32>(0.0); var s2b = vec4<f32>(0.0); var s3b = vec4<f32>(0.0);
+    var s4b = vec4<f32>(0.0); var s5b = vec4<f32>(0.0); var s6b = vec4<f32>(0.0); var s7b = vec4<f32>(0.0);
     let nk = texels();
-    for (var k = lid; k < nk; k += WG) {
-        let a0 = xa(k, n); let b0 = xb(k, n);
-        let a1 = xa(k, n1); let b1 = xb(k, n1);
-        let a2 = xa(k, n2); let b2 = xb(k, n2);
-        let a3 = xa(k, n3); let b3 = xb(k, n3);
-        s0 += wdot4(wt(k, o, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s1 += wdot4(wt(k, o + 1u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s2 += wdot4(wt(k, o + 2u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s3 += wdot4(wt(k, o + 3u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s4 += wdot4(wt(k, o + 4u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s5 += wdot4(wt(k, o + 5u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s6 += wdot4(wt(k, o + 6u, l), a0, b0, a1, b1, a2, b2, a3, b3);
-        s7 += wdot4(wt(k, o + 7u, l), a0, b0, a1, b1, a2, b2, a3, b3);
+    for (var k = 0u; k < nk; k++) {
+        let a0 = xa(k, n); let b0 = xb(k, n); let a1 = xa(k, n1); let b1 = xb(k, n1);
+        let a2 = xa(k, n2); let b2 = xb(k, n2); let a3 = xa(k, n3); let b3 = xb(k, n3);
+        let a4 = xa(k, n4); let b4 = xb(k, n4); let a5 = xa(k, n5); let b5 = xb(k, n5);
+        let a6 = xa(k, n6); let b6 = xb(k, n6); let a7 = xa(k, n7); let b7 = xb(k, n7);
+        let q0 = wt(k, o, l);
+        s0a = wdot4(q0, a0, b0, a1, b1, a2, b2, a3, b3, s0a); s0b = wdot4(q0, a4, b4, a5, b5, a6, b6, a7, b7, s0b);
+        let q1 = wt(k, o + WG, l);
+        s1a = wdot4(q1, a0, b0, a1, b1, a2, b2, a3, b3, s1a); s1b = wdot4(q1, a4, b4, a5, b5, a6, b6, a7, b7, s1b);
+        let q2 = wt(k, o + 2u * WG, l);
+        s2a = wdot4(q2, a0, b0, a1, b1, a2, b2, a3, b3, s2a); s2b = wdot4(q2, a4, b4, a5, b5, a6, b6, a7, b7, s2b);
+        let q3 = wt(k, o + 3u * WG, l);
+        s3a = wdot4(q3, a0, b0, a1, b1, a2, b2, a3, b3, s3a); s3b = wdot4(q3, a4, b4, a5, b5, a6, b6, a7, b7, s3b);
+        let q4 = wt(k, o + 4u * WG, l);
+        s4a = wdot4(q4, a0, b0, a1, b1, a2, b2, a3, b3, s4a); s4b = wdot4(q4, a4, b4, a5, b5, a6, b6, a7, b7, s4b);
+        let q5 = wt(k, o + 5u * WG, l);
+        s5a = wdot4(q5, a0, b0, a1, b1, a2, b2, a3, b3, s5a); s5b = wdot4(q5, a4, b4, a5, b5, a6, b6, a7, b7, s5b);
+        let q6 = wt(k, o + 6u * WG, l);
+        s6a = wdot4(q6, a0, b0, a1, b1, a2, b2, a3, b3, s6a); s6b = wdot4(q6, a4, b4, a5, b5, a6, b6, a7, b7, s6b);
+        let q7 = wt(k, o + 7u * WG, l);
+        s7a = wdot4(q7, a0, b0, a1, b1, a2, b2, a3, b3, s7a); s7b = wdot4(q7, a4, b4, a5, b5, a6, b6, a7, b7, s7b);
     }
-    put4(s0, lid, n, o); put4(s1, lid, n, o + 1u); put4(s2, lid, n, o + 2u); put4(s3, lid, n, o + 3u);
-    put4(s4, lid, n, o + 4u); put4(s5, lid, n, o + 5u); put4(s6, lid, n, o + 6u); put4(s7, lid, n, o + 7u);
+    store4(s0a, n, o); store4(s1a, n, o + WG); store4(s2a, n, o + 2u * WG); store4(s3a, n, o + 3u * WG);
+    store4(s4a, n, o + 4u * WG); store4(s5a, n, o + 5u * WG); store4(s6a, n, o + 6u * WG); store4(s7a, n, o + 7u * WG);
+    store4(s0b, n + 4u, o); store4(s1b, n + 4u, o + WG); store4(s2b, n + 4u, o + 2u * WG); store4(s3b, n + 4u, o + 3u * WG);
+    store4(s4b, n + 4u, o + 4u * WG); store4(s5b, n + 4u, o + 5u * WG); store4(s6b, n + 4u, o + 6u * WG); store4(s7b, n + 4u, o + 7u * WG);
 }

@@ -15,14 +15,19 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_ROWS,
-    LINEAR_TEX_PREFILL_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
+    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_LANE_ROWS, LINEAR_TEX_TOKENS,
+    LINEAR_TN, WG,
 };
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
     WEIGHT_TEXTURE_FORMAT,
 };
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
+
+/// Rows of one `linear_tex` workgroup: texture layers hold whole tiles.
+pub fn texture_tile_rows(ctx: &GpuContext) -> usize {
+    LINEAR_TEX_LANE_ROWS as usize * ctx.subgroup_size().unwrap_or(1) as usize
+}
 
 /// How the elements of a matrix are stored on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,10 +128,11 @@ impl Matrix {
         if rows == 0 || !cols.is_multiple_of(64) || texels > max_dim {
             return Ok(None);
         }
-        // Layers of at most max_part_bytes, but whole 16-row tiles (a tile
-        // never straddles two layers).
+        // Layers of at most max_part_bytes, but whole tiles of both kernels
+        // (a tile never straddles two layers).
+        let tile = texture_tile_rows(ctx);
         let fit = (max_part_bytes as usize / row_bytes).min(max_dim);
-        let layer_rows = if rows <= fit { rows } else { (fit / 16 * 16).max(16) };
+        let layer_rows = if rows <= fit { rows } else { (fit / tile * tile).max(tile) };
         if layer_rows > max_dim || rows.div_ceil(layer_rows) > max_layers {
             return Ok(None);
         }
@@ -356,10 +362,10 @@ impl Matrix {
             };
             let rows = self.rows as u32;
             let (tn, groups) = if nb == 1 {
-                (1, [rows.div_ceil(LINEAR_TEX_DECODE_ROWS), 1, 1])
+                (1, [rows.div_ceil(texture_tile_rows(ctx) as u32), 1, 1])
             } else {
                 let tiles = (nb as u32).div_ceil(LINEAR_TEX_TOKENS);
-                (LINEAR_TEX_TOKENS, [rows.div_ceil(LINEAR_TEX_PREFILL_ROWS), tiles, 1])
+                (LINEAR_TEX_TOKENS, [rows.div_ceil(texture_tile_rows(ctx) as u32), tiles, 1])
             };
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), Binding::Buffer(y)];
             rec.dispatch_with(Kernel::LinearTex, self.wdtype() | (tn << 8), &params, bindings, groups)?;

@@ -25,7 +25,18 @@ use rwkv_wgpu::Matrix;
 /// which gives O(1) errors.
 const KERNEL_TOL: f64 = 1e-5;
 
+/// The same bound for a dot product along one whole row of 16384 terms, as
+/// the texture kernel's `prefill` sums it (one lane, one f32 accumulator):
+/// the rounding error of a sequential f32 sum grows as about sqrt(N) x 2^-24
+/// relative to the result, 128 x 6e-8 = 7.6e-6 here (1.04e-5 measured on
+/// random data); ten times that still catches any indexing bug.
+const LONG_ROW_TOL: f64 = 1e-4;
+
 fn check(name: &str, gpu: &[f32], cpu: &[f64]) {
+    check_tol(name, gpu, cpu, KERNEL_TOL);
+}
+
+fn check_tol(name: &str, gpu: &[f32], cpu: &[f64], tol: f64) {
     assert_eq!(gpu.len(), cpu.len(), "{name}: length");
     let mut worst = 0f64;
     let mut at = 0;
@@ -36,7 +47,7 @@ fn check(name: &str, gpu: &[f32], cpu: &[f64]) {
             at = i;
         }
     }
-    assert!(worst <= KERNEL_TOL, "{name}: error {worst:.3e} at {at} (gpu {}, cpu {})", gpu[at], cpu[at]);
+    assert!(worst <= tol, "{name}: error {worst:.3e} at {at} (gpu {}, cpu {})", gpu[at], cpu[at]);
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -193,7 +204,10 @@ fn linear_texture_kernel() {
         return;
     }
     let mut rng = Rng::new(21);
-    let (d_in, d_out) = (192, 77);
+    // Layers hold whole prefill tiles (64 rows on lavapipe): 150 rows in
+    // layers of one tile are three layers there.
+    let tile = rwkv_wgpu::matrix::texture_tile_rows(&ctx);
+    let (d_in, d_out) = (192, 150);
     let max_tex = ctx.max_texture_dims().0 as usize;
     let mut cases = vec![];
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
@@ -204,13 +218,14 @@ fn linear_texture_kernel() {
             (7, Act::ReluSq, true),
             (9, Act::None, false),
         ] {
-            cases.push((dtype, n, d_in, d_out, 32usize, act, accumulate));
+            cases.push((dtype, n, d_in, d_out, tile, act, accumulate));
         }
     }
-    cases.push((Dtype::F16, 3, 16384, 5, 16, Act::None, false));
-    cases.push((Dtype::F32, 1, 16384, 5, 16, Act::None, true));
+    cases.push((Dtype::F16, 3, 16384, 5, tile, Act::None, false));
+    cases.push((Dtype::F32, 1, 16384, 5, tile, Act::None, true));
+    cases.push((Dtype::BF16, 17, 64, 2 * tile + 1, tile, Act::Tanh, false));
     if max_tex <= 16384 {
-        cases.push((Dtype::F16, max_tex + 3, 64, 5, 16, Act::None, false));
+        cases.push((Dtype::F16, max_tex + 3, 64, 5, tile, Act::None, false));
     }
     for (dtype, n, d_in, d_out, layer_rows, act, accumulate) in cases {
         let w = rng.vec(d_out * d_in, 0.3);
@@ -232,7 +247,8 @@ fn linear_texture_kernel() {
                 want[yi] = if accumulate { want[yi] + v } else { v };
             }
         }
-        check(&format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want);
+        let tol = if d_in > 4096 { LONG_ROW_TOL } else { KERNEL_TOL };
+        check_tol(&format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want, tol);
     }
     // Shapes a texture cannot hold fall back to buffers.
     let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", Dtype::F16, 3, 100, &[0u8; 600], 1 << 20, None).unwrap();
