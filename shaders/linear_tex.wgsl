@@ -26,24 +26,38 @@ override WG: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var w: texture_2d_array<u32>;           // [layers, layer_rows, d_in / 8] 16-bit (8 per texel) or [.., d_in / 4] f32
-@group(0) @binding(2) var xt: texture_2d<f32>;                // [>= n_rows, >= d_in / 4] f32, row n = token n
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // [n_rows, d_out] at y_offset
+@group(0) @binding(2) var xt: texture_2d<f32>;                // XU == 0: [>= n_rows, >= d_in / 4] f32, row n = token n
+@group(0) @binding(3) var<uniform> xu: array<vec4<f32>, 4096>; // XU == 1: [n_rows, d_in / 4] (a 64 KiB window of the x buffer)
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;  // [n_rows, d_out] at y_offset
+
+// Where x comes from: 1 = a uniform-buffer window of the x buffer itself (no
+// copy; every lane reads the same address, which llvmpipe serves with one
+// scalar load), 0 = the x texture (rows too long for a 64 KiB window).
+override XU: u32 = 0u;
 
 // Texels per weight row and x texels per weight texel.
 fn texels() -> u32 {
     return select(p.d_in / 8u, p.d_in / 4u, WDTYPE == 0u);
 }
 
+// The 4 x values at x texel i of token n.
+fn xv(i: u32, n: u32) -> vec4<f32> {
+    if (XU == 1u) {
+        return xu[n * (p.d_in / 4u) + i];
+    }
+    return textureLoad(xt, vec2<u32>(i, n), 0);
+}
+
 // The x texels that meet weight texel k of token n: a (and b for 16-bit).
 fn xa(k: u32, n: u32) -> vec4<f32> {
-    return textureLoad(xt, vec2<u32>(select(2u * k, k, WDTYPE == 0u), n), 0);
+    return xv(select(2u * k, k, WDTYPE == 0u), n);
 }
 
 fn xb(k: u32, n: u32) -> vec4<f32> {
     if (WDTYPE == 0u) {
         return vec4<f32>(0.0);
     }
-    return textureLoad(xt, vec2<u32>(2u * k + 1u, n), 0);
+    return xv(2u * k + 1u, n);
 }
 
 // Weight texel k of tile row r (row index clamped to the matrix; the

@@ -20,7 +20,7 @@ use crate::gpu::kernels::{
 };
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
-    WEIGHT_TEXTURE_FORMAT,
+    WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 
@@ -245,7 +245,12 @@ impl Matrix {
         if ctx.subgroup_size().is_some() {
             v.extend([(Kernel::LinearSg, wd | 1 << 8), (Kernel::LinearSg, wd | LINEAR_TN << 8)]);
             if ctx.weight_store() == WeightStore::Texture {
-                v.extend([(Kernel::LinearTex, wd | 1 << 8), (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8)]);
+                for xu in [0, 1 << 12] {
+                    v.extend([
+                        (Kernel::LinearTex, wd | 1 << 8 | xu),
+                        (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu),
+                    ]);
+                }
             }
         } else {
             v.push((Kernel::Linear, wd));
@@ -319,9 +324,11 @@ impl Matrix {
         Ok(())
     }
 
-    /// `linear` for the texture store: x rows are copied into the shared x
-    /// texture (at most a texture height of tokens at a time), then one
-    /// dispatch of `decode` (1 token) or `prefill`.
+    /// `linear` for the texture store, one dispatch per window of tokens:
+    /// where the window's x rows fit X_WINDOW_BYTES and its offset is aligned,
+    /// they are bound straight from `x` as a uniform window (`XU` 1);
+    /// otherwise they are copied into the shared x texture first (`XU` 0).
+    /// `decode` runs single tokens, `prefill` tiles of LINEAR_TEX_TOKENS.
     #[allow(clippy::too_many_arguments)]
     fn linear_tex<'a>(
         &'a self,
@@ -342,14 +349,31 @@ impl Matrix {
             )));
         }
         let ctx = rec.ctx();
-        let block = ctx.max_texture_dims().0 as usize;
-        let x_width = (self.cols / 4) as u32;
+        let row_bytes = (self.cols * 4) as u64;
+        let align = ctx.limits().min_uniform_buffer_offset_alignment as u64;
+        // Tokens per uniform window: 1 alone, else whole prefill tiles.
+        let per_window = (X_WINDOW_BYTES / row_bytes) as usize;
+        let per_window = if n_rows == 1 { per_window.min(1) } else { per_window / 8 * 8 };
+        let max_tex = ctx.max_texture_dims().0 as usize;
         let mut n0 = 0;
         while n0 < n_rows {
-            let nb = block.min(n_rows - n0);
-            let xt = ctx.x_texture(x_width, nb as u32)?;
-            let src = ((x_offset + n0 * self.cols) * 4) as u64;
-            rec.copy_to_texture(x, src, (self.cols * 4) as u32, nb as u32, xt.clone(), [x_width, nb as u32, 1]);
+            let start = (x_offset + n0 * self.cols) as u64 * 4;
+            let uniform = per_window > 0 && start.is_multiple_of(align) && start + X_WINDOW_BYTES <= x.size();
+            let nb = if uniform { per_window } else { max_tex }.min(n_rows - n0);
+            let (xt, xu) = if uniform {
+                (ctx.x_texture(1, 1)?, Binding::Range(x, start, X_WINDOW_BYTES))
+            } else {
+                let xt = ctx.x_texture((self.cols / 4) as u32, nb as u32)?;
+                rec.copy_to_texture(
+                    x,
+                    start,
+                    row_bytes as u32,
+                    nb as u32,
+                    xt.clone(),
+                    [(self.cols / 4) as u32, nb as u32, 1],
+                );
+                (xt, Binding::Shared(ctx.dummy_uniform()?))
+            };
             let params = LinearTexParams {
                 n_rows: nb as u32,
                 d_in: self.cols as u32,
@@ -360,15 +384,15 @@ impl Matrix {
                 accumulate: accumulate as u32,
                 _pad: 0,
             };
-            let rows = self.rows as u32;
+            let row_tiles = (self.rows as u32).div_ceil(texture_tile_rows(ctx) as u32);
             let (tn, groups) = if nb == 1 {
-                (1, [rows.div_ceil(texture_tile_rows(ctx) as u32), 1, 1])
+                (1, [row_tiles, 1, 1])
             } else {
-                let tiles = (nb as u32).div_ceil(LINEAR_TEX_TOKENS);
-                (LINEAR_TEX_TOKENS, [rows.div_ceil(texture_tile_rows(ctx) as u32), tiles, 1])
+                (LINEAR_TEX_TOKENS, [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1])
             };
-            let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), Binding::Buffer(y)];
-            rec.dispatch_with(Kernel::LinearTex, self.wdtype() | (tn << 8), &params, bindings, groups)?;
+            let variant = self.wdtype() | (tn << 8) | ((uniform as u32) << 12);
+            let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
+            rec.dispatch_with(Kernel::LinearTex, variant, &params, bindings, groups)?;
             n0 += nb;
         }
         Ok(())

@@ -255,13 +255,14 @@ impl GpuContext {
         let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64)];
         // linear_tex has two entry points: `decode` (1 token) and `prefill`.
         let entry = match kernel {
-            Kernel::LinearTex if wdtype >> 8 == 1 => "decode",
+            Kernel::LinearTex if (wdtype >> 8) & 0xf == 1 => "decode",
             Kernel::LinearTex => "prefill",
             _ => "main",
         };
         if kernel == Kernel::LinearTex {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearTex needs a fixed subgroup size".into()))?;
             constants.push(("WG", sg as f64));
+            constants.push(("XU", ((wdtype >> 12) & 1) as f64)); // x from a uniform window
         }
         if kernel == Kernel::LinearSg {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearSg needs a fixed subgroup size".into()))?;

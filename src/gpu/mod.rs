@@ -78,6 +78,7 @@ struct Shared {
     /// The `[tokens, d_in / 4]` rgba32float texture that `linear_tex` reads x
     /// from: one per context, grown to the largest use and then reused.
     x_texture: Mutex<Option<Arc<GpuTexture>>>,
+    dummy_uniform: Mutex<Option<Arc<GpuBuffer>>>,
     /// With RWKV_PROFILE set: every dispatch is timed alone (slow; for finding hot kernels).
     profile: Option<Mutex<HashMap<Kernel, (u64, f64)>>>,
 }
@@ -173,7 +174,12 @@ impl GpuContext {
         let weight_store = match std::env::var(WEIGHTS_ENV).ok().as_deref() {
             Some("buffer") => WeightStore::Buffer,
             Some("texture") if subgroup_size.is_some() => WeightStore::Texture,
-            _ if subgroup_size.is_some() && info.device_type == wgpu::DeviceType::Cpu => WeightStore::Texture,
+            _ if subgroup_size.is_some()
+                && info.device_type == wgpu::DeviceType::Cpu
+                && limits.max_uniform_buffer_binding_size as u64 >= X_WINDOW_BYTES =>
+            {
+                WeightStore::Texture
+            }
             _ => WeightStore::Buffer,
         };
         let shared = Arc::new(Shared {
@@ -188,6 +194,7 @@ impl GpuContext {
             dispatches: AtomicU64::new(0),
             weight_store,
             x_texture: Mutex::new(None),
+            dummy_uniform: Mutex::new(None),
             profile: std::env::var_os("RWKV_PROFILE").map(|_| Mutex::new(HashMap::new())),
         });
         // Validation errors and device loss become values reported by the next
@@ -286,6 +293,18 @@ impl GpuContext {
         });
         self.shared.allocated.fetch_add(bytes, Ordering::Relaxed);
         Ok(GpuTexture { texture, view, bytes, ctx: self.shared.clone() })
+    }
+
+    /// A 64 KiB uniform buffer bound where a kernel declares a uniform window
+    /// it does not read (`linear_tex` reading x from its texture).
+    pub fn dummy_uniform(&self) -> Result<Arc<GpuBuffer>> {
+        let mut slot = self.shared.dummy_uniform.lock().unwrap();
+        if let Some(b) = slot.as_ref() {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(self.buffer("unused uniform window", X_WINDOW_BYTES, STORAGE)?);
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     /// The shared x texture of `linear_tex`, at least `width` x `height`
@@ -526,8 +545,12 @@ impl GpuContext {
     }
 }
 
-pub const STORAGE: wgpu::BufferUsages =
-    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
+/// Usage of every data buffer (activations and weights). UNIFORM lets a
+/// window of an activation buffer be bound as `linear_tex`'s x directly.
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
 pub const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
 
 /// Hands memory the allocator holds but no longer uses back to the OS
@@ -548,6 +571,9 @@ pub fn trim_heap() {
 /// Called with each slice of a tensor's bytes once it is uploaded (the model
 /// lets the OS drop those pages of the file mapping with it).
 pub type Release<'a> = Option<&'a dyn Fn(&[u8])>;
+
+/// Bytes of the uniform window `linear_tex` reads x through (its `xu`).
+pub const X_WINDOW_BYTES: u64 = 65536;
 
 /// Bytes copied between two releases of source pages while uploading.
 pub const UPLOAD_SLICE: usize = 1 << 20;

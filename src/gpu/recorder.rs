@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub enum Binding<'a> {
     Buffer(&'a GpuBuffer),
+    /// `size` bytes from byte `offset` (bound as a uniform or storage window).
+    Range(&'a GpuBuffer, u64, u64),
+    /// A buffer shared through the context (bound whole).
+    Shared(Arc<GpuBuffer>),
     Texture(Arc<GpuTexture>),
 }
 
@@ -204,6 +208,12 @@ impl<'a> Recorder<'a> {
                         binding: b as u32 + 1,
                         resource: match res {
                             Binding::Buffer(buf) => buf.raw().as_entire_binding(),
+                            Binding::Shared(buf) => buf.raw().as_entire_binding(),
+                            Binding::Range(buf, offset, size) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: buf.raw(),
+                                offset: *offset,
+                                size: wgpu::BufferSize::new(*size),
+                            }),
                             Binding::Texture(t) => wgpu::BindingResource::TextureView(t.view()),
                         },
                     });

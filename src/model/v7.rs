@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, ParamArena, Recorder, WeightStore, READBACK, STORAGE,
-    X_TEXTURE_FORMAT,
+    X_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 use crate::matrix::Matrix;
@@ -373,7 +373,9 @@ impl V7 {
         // last tokens at once, and at least HEAD_ROWS for all-position logits,
         // but never [chunk, vocab] (128 MiB for 512 tokens of a 65536 vocab).
         let head_cap = capacity.min(batch.max(HEAD_ROWS)).min((ctx.max_binding_bytes() as usize / (v * 4)).max(1));
-        let f32s = |what: &str, n: usize| ctx.buffer(what, (n * 4) as u64, STORAGE);
+        // Every activation buffer has X_WINDOW_BYTES of slack at the end, so a
+        // texture matrix can bind a full uniform window at any row (see Matrix::linear).
+        let f32s = |what: &str, n: usize| ctx.buffer(what, (n * 4) as u64 + X_WINDOW_BYTES, STORAGE);
         if ctx.weight_store() == WeightStore::Texture {
             // The x texture of texture matrices at its full size now, so no
             // later step allocates (its widest input is the FFN's).
