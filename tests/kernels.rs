@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use rwkv_wgpu::gpu::{
     Binding, GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE, X_TEXTURE_FORMAT,
+    X_WINDOW_BYTES,
 };
 use rwkv_wgpu::loader::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
@@ -224,10 +225,14 @@ fn linear_texture_kernel() {
     cases.push((Dtype::F16, 3, 16384, 5, tile, Act::None, false));
     cases.push((Dtype::F32, 1, 16384, 5, tile, Act::None, true));
     cases.push((Dtype::BF16, 17, 64, 2 * tile + 1, tile, Act::Tanh, false));
+    // 101 tokens of 192: two uniform windows (80 + 21 tokens).
+    cases.push((Dtype::F16, 101, 192, 70, tile, Act::None, true));
     if max_tex <= 16384 {
         cases.push((Dtype::F16, max_tex + 3, 64, 5, tile, Act::None, false));
     }
-    for (dtype, n, d_in, d_out, layer_rows, act, accumulate) in cases {
+    for ((dtype, n, d_in, d_out, layer_rows, act, accumulate), windowed) in
+        cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+    {
         let w = rng.vec(d_out * d_in, 0.3);
         let (wb, wv) = encode(&w, dtype);
         let part_bytes = (layer_rows * d_in * dtype.size()) as u64;
@@ -236,7 +241,11 @@ fn linear_texture_kernel() {
         let x_off = 8;
         let x = rng.vec(x_off + n * d_in, 1.0);
         let y0 = rng.vec(5 + n * d_out, 1.0);
-        let (xb, yb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+        // x exactly as long as its rows: copied into the x texture; with a
+        // uniform window of slack after it: read in place, window by window.
+        let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
+        let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
+        let (xb, yb) = (ctx.storage_f32("x", &xs).unwrap(), ctx.storage_f32("y", &y0).unwrap());
         run(&ctx, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
         let mut want = f64s(&y0);
         for t in 0..n {
@@ -248,7 +257,12 @@ fn linear_texture_kernel() {
             }
         }
         let tol = if d_in > 4096 { LONG_ROW_TOL } else { KERNEL_TOL };
-        check_tol(&format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want, tol);
+        check_tol(
+            &format!("linear_tex {dtype:?} n={n} d_in={d_in} {act:?} windowed={windowed}"),
+            &ctx.read_f32(&yb).unwrap(),
+            &want,
+            tol,
+        );
     }
     // Shapes a texture cannot hold fall back to buffers.
     let m = Matrix::upload_to(&ctx, WeightStore::Texture, "w", Dtype::F16, 3, 100, &[0u8; 600], 1 << 20, None).unwrap();
