@@ -47,22 +47,12 @@ fn tanh_safe(x: f32) -> f32 {
     return sign(x) * (1.0 - e) / (1.0 + e);
 }
 
-// Sum of `v` over a 64-invocation workgroup; every invocation gets the result.
-// Call from uniform control flow only.
-var<workgroup> red_buf: array<f32, 64>;
-fn workgroup_sum(v: f32, lid: u32) -> f32 {
-    red_buf[lid] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red_buf[lid] = red_buf[lid] + red_buf[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red_buf[0];
-    workgroupBarrier();
-    return r;
-}
+// Invocations of the kernels that reduce over a row (layer_norm, v7_prep,
+// v7_out), each summing with `group_sum`: one subgroup where the adapter has
+// subgroups of one fixed size (subgroupAdd, no barriers: llvmpipe pays
+// dearly for barriers), else 64 with a shared-memory tree. The pipeline sets
+// GS and prepends reduce_subgroup.wgsl or reduce_workgroup.wgsl.
+override GS: u32 = 64u;
 
 // Planes of the RWKV-7 time-mix activation buffer `att [PLANES, tokens, dim]`,
 // as `gpu::kernels::plane` in Rust.

@@ -19,26 +19,26 @@ struct Params {
 @group(0) @binding(2) var<storage, read> att: array<f32>;     // [PLANES, tokens, dim]
 @group(0) @binding(3) var<storage, read> vecs: array<f32>;    // per-layer vectors
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let n = wid.y;
     let base = n * p.dim + h * p.head_size;
     var s = 0.0;
     var bonus = 0.0;
-    for (var j = lid; j < p.head_size; j += 64u) {
+    for (var j = lid; j < p.head_size; j += GS) {
         s += y[base + j];
         bonus += att[R * p.plane + base + j] * att[K * p.plane + base + j] * vecs[p.r_k + h * p.head_size + j];
     }
-    let mean = workgroup_sum(s, lid) / f32(p.head_size);
-    let bonus_sum = workgroup_sum(bonus, lid);
+    let mean = group_sum(s, lid) / f32(p.head_size);
+    let bonus_sum = group_sum(bonus, lid);
     var q = 0.0;
-    for (var j = lid; j < p.head_size; j += 64u) {
+    for (var j = lid; j < p.head_size; j += GS) {
         let d = y[base + j] - mean;
         q += d * d;
     }
-    let rstd = 1.0 / sqrt(workgroup_sum(q, lid) / f32(p.head_size) + p.eps);
-    for (var j = lid; j < p.head_size; j += 64u) {
+    let rstd = 1.0 / sqrt(group_sum(q, lid) / f32(p.head_size) + p.eps);
+    for (var j = lid; j < p.head_size; j += GS) {
         let c = h * p.head_size + j;
         let i = base + j;
         let normed = (y[i] - mean) * rstd * vecs[p.lnx_w + c] + vecs[p.lnx_b + c];

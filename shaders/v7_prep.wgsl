@@ -29,20 +29,20 @@ const EXP_M_HALF: f32 = 0.60653065971263342; // e^-0.5
 @group(0) @binding(1) var<storage, read_write> att: array<f32>; // [PLANES, tokens, dim]
 @group(0) @binding(2) var<storage, read> vecs: array<f32>;      // per-layer vectors
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(GS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let n = wid.y;
     let base = n * p.dim + h * p.head_size;
     var sumsq = 0.0;
-    for (var j = lid; j < p.head_size; j += 64u) {
+    for (var j = lid; j < p.head_size; j += GS) {
         let c = h * p.head_size + j;
         let kk = att[K * p.plane + base + j] * vecs[p.k_k + c];
         att[KK * p.plane + base + j] = kk;
         sumsq += kk * kk;
     }
-    let inv_norm = 1.0 / max(sqrt(workgroup_sum(sumsq, lid)), 1e-12);
-    for (var j = lid; j < p.head_size; j += 64u) {
+    let inv_norm = 1.0 / max(sqrt(group_sum(sumsq, lid)), 1e-12);
+    for (var j = lid; j < p.head_size; j += GS) {
         let c = h * p.head_size + j;
         let i = base + j;
         att[KK * p.plane + i] = att[KK * p.plane + i] * inv_norm;

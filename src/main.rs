@@ -211,7 +211,7 @@ fn main() {
 }
 
 fn gpu(cli: &Cli) -> Result<GpuContext> {
-    let ctx = GpuContext::new(&GpuOptions { adapter: cli.adapter.clone() })?;
+    let ctx = GpuContext::new(&GpuOptions { adapter: cli.adapter.clone(), ..Default::default() })?;
     match ctx.subgroup_size() {
         Some(n) => eprintln!("adapter: {} [subgroups of {n}]", ctx.adapter()),
         None => eprintln!("adapter: {}", ctx.adapter()),

@@ -9,6 +9,9 @@ use crate::loader::Dtype;
 
 /// Shared WGSL helpers prepended to every kernel (WGSL has no includes).
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
+/// `group_sum` for a workgroup of one subgroup, or of 64 invocations.
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -237,6 +240,12 @@ pub mod plane {
 }
 
 impl GpuContext {
+    /// Invocations per workgroup of the row-reducing kernels (`GS`): the
+    /// subgroup size where it is fixed, else 64.
+    pub fn group_size(&self) -> u32 {
+        self.subgroup_size().unwrap_or(64)
+    }
+
     /// The compiled pipeline for `kernel` (with weights of `wdtype`, and for
     /// LinearSg its token tile in bits 8..), built on first use and cached.
     pub fn pipeline(&self, kernel: Kernel, wdtype: u32) -> Result<wgpu::ComputePipeline> {
@@ -246,13 +255,14 @@ impl GpuContext {
         }
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let source = format!("{COMMON}\n{}", kernel.source());
+        let reduce = if self.subgroup_size().is_some() { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP };
+        let source = format!("{COMMON}\n{reduce}\n{}", kernel.source());
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&format!("{kernel:?}")),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         // `variant` is the WDTYPE, plus for LinearSg its tokens per workgroup << 8.
-        let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64)];
+        let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64), ("GS", self.group_size() as f64)];
         // linear_tex has two entry points: `decode` (1 token) and `prefill`.
         let entry = match kernel {
             Kernel::LinearTex if (wdtype >> 8) & 0xf == 1 => "decode",

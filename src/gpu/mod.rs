@@ -40,6 +40,12 @@ pub struct GpuOptions {
     /// and if that is unset too, the best adapter is chosen (discrete, then
     /// integrated, then virtual, then CPU).
     pub adapter: Option<String>,
+    /// Where matrix weights live; `None` reads [`WEIGHTS_ENV`], then picks
+    /// per adapter (textures on CPU adapters).
+    pub weight_store: Option<WeightStore>,
+    /// Do not use subgroup operations even where the adapter has them (as
+    /// `RWKV_NO_SUBGROUPS`): runs the kernels adapters without them get.
+    pub no_subgroups: bool,
 }
 
 /// What was chosen, for printing.
@@ -160,6 +166,7 @@ impl GpuContext {
         let subgroup_size = (adapter.features().contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size == info.subgroup_max_size
             && (4..=128).contains(&info.subgroup_min_size)
+            && !opts.no_subgroups
             && std::env::var_os("RWKV_NO_SUBGROUPS").is_none())
         .then_some(info.subgroup_min_size);
         let features = if subgroup_size.is_some() { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
@@ -171,9 +178,18 @@ impl GpuContext {
         }))
         .map_err(|e| Error::RequestDevice { adapter: summary.name.clone(), detail: e.to_string() })?;
         // Textures need the subgroup kernel shape (one subgroup per row tile).
-        let weight_store = match std::env::var(WEIGHTS_ENV).ok().as_deref() {
-            Some("buffer") => WeightStore::Buffer,
-            Some("texture") if subgroup_size.is_some() => WeightStore::Texture,
+        let wanted_store = opts.weight_store.or(match std::env::var(WEIGHTS_ENV).ok().as_deref() {
+            Some("buffer") => Some(WeightStore::Buffer),
+            Some("texture") => Some(WeightStore::Texture),
+            _ => None,
+        });
+        let weight_store = match wanted_store {
+            Some(WeightStore::Buffer) => WeightStore::Buffer,
+            Some(WeightStore::Texture)
+                if subgroup_size.is_some() && limits.max_uniform_buffer_binding_size as u64 >= X_WINDOW_BYTES =>
+            {
+                WeightStore::Texture
+            }
             _ if subgroup_size.is_some()
                 && info.device_type == wgpu::DeviceType::Cpu
                 && limits.max_uniform_buffer_binding_size as u64 >= X_WINDOW_BYTES =>
