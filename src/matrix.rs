@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_LANE_ROWS, LINEAR_TEX_TOKENS,
-    LINEAR_TN, WG,
+    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_LANE_ROWS,
+    LINEAR_TEX_PREFILL_LANE_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
 };
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
@@ -24,9 +24,10 @@ use crate::gpu::{
 };
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 
-/// Rows of one `linear_tex` workgroup: texture layers hold whole tiles.
+/// Rows of one `linear_tex` prefill workgroup (a multiple of a decode one):
+/// texture layers hold whole tiles.
 pub fn texture_tile_rows(ctx: &GpuContext) -> usize {
-    LINEAR_TEX_LANE_ROWS as usize * ctx.subgroup_size().unwrap_or(1) as usize
+    LINEAR_TEX_PREFILL_LANE_ROWS as usize * ctx.subgroup_size().unwrap_or(1) as usize
 }
 
 /// How the elements of a matrix are stored on the GPU.
@@ -384,10 +385,11 @@ impl Matrix {
                 accumulate: accumulate as u32,
                 _pad: 0,
             };
-            let row_tiles = (self.rows as u32).div_ceil(texture_tile_rows(ctx) as u32);
+            let lanes = ctx.subgroup_size().unwrap_or(1);
             let (tn, groups) = if nb == 1 {
-                (1, [row_tiles, 1, 1])
+                (1, [(self.rows as u32).div_ceil(LINEAR_TEX_DECODE_LANE_ROWS * lanes), 1, 1])
             } else {
+                let row_tiles = (self.rows as u32).div_ceil(LINEAR_TEX_PREFILL_LANE_ROWS * lanes);
                 (LINEAR_TEX_TOKENS, [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1])
             };
             let variant = self.wdtype() | (tn << 8) | ((uniform as u32) << 12);

@@ -233,6 +233,9 @@ fn linear_texture_kernel() {
     for ((dtype, n, d_in, d_out, layer_rows, act, accumulate), windowed) in
         cases.into_iter().flat_map(|c| [(c, false), (c, true)])
     {
+        if windowed && n > max_tex {
+            continue; // this case is about splitting at the texture height
+        }
         let w = rng.vec(d_out * d_in, 0.3);
         let (wb, wv) = encode(&w, dtype);
         let part_bytes = (layer_rows * d_in * dtype.size()) as u64;

@@ -55,10 +55,12 @@ pub const WG: u32 = 64;
 pub const LINEAR_TN: u32 = 4;
 /// Output rows per workgroup of `linear_sg.wgsl` (its `ROWS`).
 pub const LINEAR_SG_ROWS: u32 = 16;
-/// Rows per lane of `linear_tex.wgsl` (so LINEAR_TEX_LANE_ROWS x subgroup
-/// size per workgroup) and tokens per workgroup of its `prefill`. Texture
-/// layers hold whole tiles so no tile straddles two layers.
-pub const LINEAR_TEX_LANE_ROWS: u32 = 8;
+/// Rows per lane of `linear_tex.wgsl`'s `decode` and `prefill` (a workgroup
+/// of one subgroup covers that many times the subgroup size), and tokens per
+/// `prefill` workgroup. Texture layers hold whole tiles of both so no tile
+/// straddles two layers.
+pub const LINEAR_TEX_DECODE_LANE_ROWS: u32 = 8;
+pub const LINEAR_TEX_PREFILL_LANE_ROWS: u32 = 16;
 pub const LINEAR_TEX_TOKENS: u32 = 8;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
