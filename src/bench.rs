@@ -54,8 +54,10 @@ pub struct BenchReport {
     /// and after `deep_context` tokens.
     pub deep_context: usize,
     pub near_decode_tokens_per_s: f64,
+    pub near_decode_cpu_ms_per_token: f64,
     pub gpu_bytes_near: u64,
     pub deep_decode_tokens_per_s: f64,
+    pub deep_decode_cpu_ms_per_token: f64,
     pub gpu_bytes_after_deep: u64,
 }
 
@@ -95,12 +97,15 @@ impl BenchReport {
         }
         if self.deep_context > 0 {
             s.push_str(&format!(
-                ",\"deep_context\":{},\"decode_at_100_tokens_per_s\":{:.3},\"gpu_bytes_at_100\":{},\
-                 \"deep_decode_tokens_per_s\":{:.3},\"gpu_bytes_after_deep\":{}",
+                ",\"deep_context\":{},\"decode_at_100_tokens_per_s\":{:.3},\"decode_at_100_cpu_ms_per_token\":{:.3},\
+                 \"gpu_bytes_at_100\":{},\"deep_decode_tokens_per_s\":{:.3},\"deep_decode_cpu_ms_per_token\":{:.3},\
+                 \"gpu_bytes_after_deep\":{}",
                 self.deep_context,
                 self.near_decode_tokens_per_s,
+                self.near_decode_cpu_ms_per_token,
                 self.gpu_bytes_near,
                 self.deep_decode_tokens_per_s,
+                self.deep_decode_cpu_ms_per_token,
                 self.gpu_bytes_after_deep
             ));
         }
@@ -132,11 +137,14 @@ impl BenchReport {
         ));
         if self.deep_context > 0 {
             t.push_str(&format!(
-                "decode at context 100: {:.2} tokens/s, GPU bytes {}; at {}: {:.2} tokens/s, GPU bytes {}\n",
+                "decode at context 100: {:.2} tokens/s ({:.2} CPU ms/token), GPU bytes {}\n\
+                 decode at context {}: {:.2} tokens/s ({:.2} CPU ms/token), GPU bytes {}\n",
                 self.near_decode_tokens_per_s,
+                self.near_decode_cpu_ms_per_token,
                 self.gpu_bytes_near,
                 self.deep_context,
                 self.deep_decode_tokens_per_s,
+                self.deep_decode_cpu_ms_per_token,
                 self.gpu_bytes_after_deep
             ));
         }
@@ -276,26 +284,31 @@ pub fn run(
     let gpu_bytes = ctx.allocated_bytes();
 
     // Decode at position 100 and deep into a context: nothing should depend
-    // on the position, neither speed nor memory.
+    // on the position, neither speed nor memory. Both states exist before
+    // either is measured, and the two are measured alternately so the
+    // machine's drift hits both alike.
     let (mut near_tps, mut deep_tps, mut gpu_near, mut gpu_after) = (0.0, 0.0, 0, 0);
+    let (mut near_cpu, mut deep_cpu) = (0.0, 0.0);
     if cfg.deep_context > 0 {
         let near = 100.min(cfg.deep_context);
         let ctx_tokens = tokens(cfg.deep_context, vocab, 11);
-        let mut s = model.new_state(1)?;
-        model.forward(&mut s, &[&ctx_tokens[..near]], LogitsMode::Last)?;
-        let mut v = Vec::new();
-        for r in 0..repeat {
-            v.push(cfg.decode as f64 / decode_run(&mut model, &mut s, cfg.decode, 300 + r as u64)?.0);
-        }
-        near_tps = median(v);
+        let mut near_s = model.new_state(1)?;
+        model.forward(&mut near_s, &[&ctx_tokens[..near]], LogitsMode::Last)?;
+        let mut deep_s = near_s.try_clone()?;
         gpu_near = ctx.allocated_bytes();
-        model.forward(&mut s, &[&ctx_tokens[near..]], LogitsMode::Last)?;
-        let mut v = Vec::new();
-        for r in 0..repeat {
-            v.push(cfg.decode as f64 / decode_run(&mut model, &mut s, cfg.decode, 200 + r as u64)?.0);
-        }
-        deep_tps = median(v);
+        model.forward(&mut deep_s, &[&ctx_tokens[near..]], LogitsMode::Last)?;
         gpu_after = ctx.allocated_bytes();
+        let (mut nt, mut nc, mut dt, mut dc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let n = cfg.decode as f64;
+        for r in 0..repeat {
+            let (t, c) = decode_run(&mut model, &mut near_s, cfg.decode, 300 + r as u64)?;
+            nt.push(n / t);
+            nc.push(c * 1e3 / n);
+            let (t, c) = decode_run(&mut model, &mut deep_s, cfg.decode, 300 + r as u64)?;
+            dt.push(n / t);
+            dc.push(c * 1e3 / n);
+        }
+        (near_tps, near_cpu, deep_tps, deep_cpu) = (median(nt), median(nc), median(dt), median(dc));
     }
 
     let emb_row_bytes = (info.n_embd * info.dtype.size()) as u64;
@@ -315,8 +328,10 @@ pub fn run(
         peak_rss_bytes: peak_rss_bytes(),
         deep_context: cfg.deep_context,
         near_decode_tokens_per_s: near_tps,
+        near_decode_cpu_ms_per_token: near_cpu,
         gpu_bytes_near: gpu_near,
         deep_decode_tokens_per_s: deep_tps,
+        deep_decode_cpu_ms_per_token: deep_cpu,
         gpu_bytes_after_deep: gpu_after,
     })
 }
