@@ -63,6 +63,24 @@ impl ParamArena {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Makes room for the params of a submission of `ops` operations now,
+    /// so that submissions up to that size allocate nothing.
+    pub fn reserve(&mut self, ctx: &GpuContext, ops: usize) -> Result<()> {
+        let need = (ops.max(1) * slot_bytes(ctx)) as u64;
+        if self.buffer.as_ref().is_none_or(|b| b.size() < need) {
+            self.buffer = None;
+            self.buffer =
+                Some(ctx.buffer("params arena", need, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes per dispatch's params in the arena (64, at the uniform offset alignment).
+fn slot_bytes(ctx: &GpuContext) -> usize {
+    let align = (ctx.limits().min_uniform_buffer_offset_alignment as usize).max(16);
+    64usize.next_multiple_of(align)
 }
 
 impl<'a> Recorder<'a> {
@@ -136,18 +154,17 @@ impl<'a> Recorder<'a> {
         self.ctx
     }
 
+    /// Operations (dispatches and copies) recorded so far.
+    pub fn op_count(&self) -> usize {
+        self.ops.len()
+    }
+
     /// Encodes everything recorded into one command buffer and submits it.
     pub fn submit(self, arena: &mut ParamArena) -> Result<()> {
         let ctx = self.ctx;
-        let align = (ctx.limits().min_uniform_buffer_offset_alignment as usize).max(16);
-        let slot = 64usize.next_multiple_of(align);
+        let slot = slot_bytes(ctx);
         let n = self.ops.len();
-        let need = (n.max(1) * slot) as u64;
-        if arena.buffer.as_ref().is_none_or(|b| b.size() < need) {
-            arena.buffer = None;
-            arena.buffer =
-                Some(ctx.buffer("params arena", need, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?);
-        }
+        arena.reserve(ctx, n)?;
         let arena_buf = arena.buffer.as_ref().unwrap();
         arena.bytes.clear();
         arena.bytes.resize(n * slot, 0);

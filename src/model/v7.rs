@@ -408,7 +408,25 @@ impl V7 {
                 None
             },
         });
-        Ok(())
+        self.reserve_params(capacity, batch, head_cap)
+    }
+
+    /// Sizes the params arena for the largest step the scratch allows (one
+    /// sequence of `capacity` tokens: the most matrix windows and WKV runs),
+    /// by recording that step without running it, so no later step allocates.
+    fn reserve_params(&self, capacity: usize, batch: usize, head_cap: usize) -> Result<()> {
+        let state = State::new(&self.ctx, self.layout.clone(), batch)?;
+        let mut seq_start = vec![0, capacity as u32];
+        seq_start.resize(batch + 1, capacity as u32);
+        let chunk = Chunk { tokens: vec![0; capacity], tok_seq: vec![0; capacity], seq_start, head_rows: Vec::new() };
+        let s = self.scratch.as_ref().unwrap();
+        let mut rec = Recorder::new(&self.ctx);
+        self.record_layers(&mut rec, s, &state, &chunk, batch)?;
+        let layer_ops = rec.op_count();
+        let mut rec = Recorder::new(&self.ctx);
+        self.record_head(&mut rec, s, 0, head_cap)?;
+        // One submission holds the layers and a head pass plus its copy out.
+        self.arena.borrow_mut().reserve(&self.ctx, layer_ops + rec.op_count() + 1)
     }
 
     /// Whether the WKV runs as `wkv7_tex.wgsl`: on adapters that keep weights
