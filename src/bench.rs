@@ -255,11 +255,13 @@ pub fn run(
     let mut batches = vec![1];
     batches.extend(cfg.batches.iter().copied().filter(|&b| b > 1));
 
-    // Warm-up: every pipeline compiled, every per-step buffer allocated.
-    for &b in &batches {
-        let mut s = model.new_state(b)?;
-        decode_run(&mut model, &mut s, 2, 1)?;
-    }
+    // Warm-up: every pipeline compiled, every per-step buffer allocated. One
+    // state per batch size is reused (reset) for every run, as an
+    // application would, so peak memory is that of the largest batch.
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    let mut warm = model.new_state(largest)?;
+    decode_run(&mut model, &mut warm, 2, 1)?;
+    drop(warm);
     let prompt = tokens(cfg.prefill, vocab, 7);
     let mut s = model.new_state(1)?;
     model.forward(&mut s, &[&prompt], LogitsMode::Last)?;
@@ -267,7 +269,7 @@ pub fn run(
     // Prefill.
     let (mut pp, mut pp_cpu) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
-        let mut s = model.new_state(1)?;
+        s.reset(None)?;
         let (t, c) = (Instant::now(), cpu_seconds());
         model.forward(&mut s, &[&prompt], LogitsMode::Last)?;
         pp.push(cfg.prefill as f64 / t.elapsed().as_secs_f64());
@@ -277,10 +279,12 @@ pub fn run(
     // Decode.
     let mut decode = Vec::new();
     let mut dispatches_per_token = 0.0;
+    drop(s);
     for &b in &batches {
         let (mut tps, mut cpu) = (Vec::new(), Vec::new());
+        let mut s = model.new_state(b)?;
         for r in 0..repeat {
-            let mut s = model.new_state(b)?;
+            s.reset(None)?;
             let d0 = ctx.dispatch_count();
             let (secs, cpus) = decode_run(&mut model, &mut s, cfg.decode, 100 + r as u64)?;
             if b == 1 {
