@@ -360,7 +360,8 @@ impl V7 {
         (max / per_token).clamp(1, 4096)
     }
 
-    fn ensure_scratch(&mut self, capacity: usize, batch: usize) -> Result<()> {
+    fn ensure_scratch(&mut self, capacity: usize, state: &State) -> Result<()> {
+        let batch = state.batch();
         if let Some(s) = &self.scratch {
             if s.capacity >= capacity && s.batch >= batch {
                 return Ok(());
@@ -408,20 +409,21 @@ impl V7 {
                 None
             },
         });
-        self.reserve_params(capacity, batch, head_cap)
+        self.reserve_params(capacity, state, head_cap)
     }
 
     /// Sizes the params arena for the largest step the scratch allows (one
     /// sequence of `capacity` tokens: the most matrix windows and WKV runs),
-    /// by recording that step without running it, so no later step allocates.
-    fn reserve_params(&self, capacity: usize, batch: usize, head_cap: usize) -> Result<()> {
-        let state = State::new(&self.ctx, self.layout.clone(), batch)?;
+    /// by recording that step (bound to `state`) without running it, so no
+    /// later step allocates.
+    fn reserve_params(&self, capacity: usize, state: &State, head_cap: usize) -> Result<()> {
+        let batch = state.batch();
         let mut seq_start = vec![0, capacity as u32];
         seq_start.resize(batch + 1, capacity as u32);
         let chunk = Chunk { tokens: vec![0; capacity], tok_seq: vec![0; capacity], seq_start, head_rows: Vec::new() };
         let s = self.scratch.as_ref().unwrap();
         let mut rec = Recorder::new(&self.ctx);
-        self.record_layers(&mut rec, s, &state, &chunk, batch)?;
+        self.record_layers(&mut rec, s, state, &chunk, batch)?;
         let layer_ops = rec.op_count();
         let mut rec = Recorder::new(&self.ctx);
         self.record_head(&mut rec, s, 0, head_cap)?;
@@ -443,7 +445,7 @@ impl V7 {
     pub(crate) fn step(&mut self, state: &mut State, chunk: &Chunk, capacity: usize) -> Result<Vec<f32>> {
         let n = chunk.tokens.len();
         let batch = state.batch();
-        self.ensure_scratch(capacity.max(n), batch)?;
+        self.ensure_scratch(capacity.max(n), state)?;
         let s = self.scratch.as_ref().unwrap();
         let q = self.ctx.queue();
         // x rows = emb[tokens], read from the file and widened exactly to f32.
