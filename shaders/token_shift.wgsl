@@ -2,6 +2,10 @@
 //   out[m, n, c] = x[n, c] + (prev[n, c] - x[n, c]) * mix[m, c]
 // where prev is the previous token of the same sequence, or the carried state
 // (the last token's x from the previous call) for the first token of a sequence.
+// The invocation of a sequence's first token also hands over the state for
+// the next call: state[b, c] = x[last token of b, c]. It is the only one to
+// touch state[b, c], and it reads before it writes, so no other ordering is
+// needed (sequences with no tokens keep their state).
 
 struct Params {
     n_tok: u32,
@@ -18,7 +22,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;         // [n_tok, dim]
 @group(0) @binding(2) var<storage, read> tok_seq: array<u32>;   // [n_tok] sequence of each token
 @group(0) @binding(3) var<storage, read> seq_start: array<u32>; // [n_seq + 1] first token of each sequence
-@group(0) @binding(4) var<storage, read> state: array<f32>;     // [n_seq, state_stride]
+@group(0) @binding(4) var<storage, read_write> state: array<f32>; // [n_seq, state_stride]
 @group(0) @binding(5) var<storage, read> vecs: array<f32>;      // per-layer vectors
 @group(0) @binding(6) var<storage, read_write> out: array<f32>; // [n_mix, out_plane]
 
@@ -33,7 +37,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let cur = x[n * p.dim + c];
     var prev: f32;
     if (n == seq_start[b]) {
-        prev = state[b * p.state_stride + p.state_offset + c];
+        let si = b * p.state_stride + p.state_offset + c;
+        prev = state[si];
+        state[si] = x[(seq_start[b + 1u] - 1u) * p.dim + c];
     } else {
         prev = x[(n - 1u) * p.dim + c];
     }

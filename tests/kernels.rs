@@ -382,7 +382,7 @@ fn three_sequences() -> (Vec<u32>, Vec<u32>) {
 }
 
 #[test]
-fn token_shift_and_store_last() {
+fn token_shift_and_state_hand_over() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(4);
     let (dim, n_mix, n_seq) = (67, 3, 3);
@@ -410,13 +410,8 @@ fn token_shift_and_store_last() {
         out_plane: out_plane as u32,
         _pad: 0,
     };
-    let store =
-        StoreLastParams { n_seq: n_seq as u32, dim: dim as u32, state_stride: stride as u32, state_offset: off as u32 };
     let rows = [(dim as u32).div_ceil(64), n as u32, 1];
-    run(&ctx, |rec| {
-        rec.dispatch(Kernel::TokenShift, 0, &shift, &[&xb, &tsb, &ssb, &sb, &vb, &out], rows).unwrap();
-        rec.dispatch(Kernel::StoreLast, 0, &store, &[&xb, &ssb, &sb], [2, n_seq as u32, 1]).unwrap();
-    });
+    run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &[&xb, &tsb, &ssb, &sb, &vb, &out], rows).unwrap());
     let got = ctx.read_f32(&out).unwrap();
     let mut want = vec![0.0; n_mix * out_plane];
     for t in 0..n {
@@ -441,7 +436,7 @@ fn token_shift_and_store_last() {
             }
         }
     }
-    check("store_last", &got, &want);
+    check("token_shift state hand-over", &got, &want);
 }
 
 #[test]

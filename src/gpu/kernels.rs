@@ -18,7 +18,6 @@ pub enum Kernel {
     Embedding,
     LayerNorm,
     TokenShift,
-    StoreLast,
     GatherRows,
     Linear,
     LinearSg,
@@ -35,7 +34,6 @@ impl Kernel {
             Kernel::Embedding => include_str!("../../shaders/embedding.wgsl"),
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
-            Kernel::StoreLast => include_str!("../../shaders/store_last.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
             Kernel::LinearSg => include_str!("../../shaders/linear_sg.wgsl"),
@@ -151,16 +149,6 @@ pub struct TokenShiftParams {
     pub state_offset: u32,
     pub out_plane: u32,
     pub _pad: u32,
-}
-
-/// `store_last.wgsl`: state[b] = x[last token of b] for sequences with tokens.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable)]
-pub struct StoreLastParams {
-    pub n_seq: u32,
-    pub dim: u32,
-    pub state_stride: u32,
-    pub state_offset: u32,
 }
 
 /// `gather_rows.wgsl`: out[r, :] = x[rows[r], :].

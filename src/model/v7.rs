@@ -18,8 +18,8 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    plane, Act, GatherParams, LayerNormParams, StoreLastParams, TokenShiftParams, V7OutParams, V7PrepParams,
-    Wkv7Params, MAX_HEAD_SIZE, WG, WKV_TOKENS_PER_DISPATCH,
+    plane, Act, GatherParams, LayerNormParams, TokenShiftParams, V7OutParams, V7PrepParams, Wkv7Params, MAX_HEAD_SIZE,
+    WG, WKV_TOKENS_PER_DISPATCH,
 };
 use std::sync::Arc;
 
@@ -139,7 +139,6 @@ fn compile_kernels(ctx: &GpuContext, dtype: Dtype, head_size: usize) -> Result<(
     let mut kernels = vec![
         (Kernel::LayerNorm, 0),
         (Kernel::TokenShift, 0),
-        (Kernel::StoreLast, 0),
         (Kernel::GatherRows, 0),
         (Kernel::V7Prep, 0),
         (Kernel::V7Out, 0),
@@ -521,7 +520,8 @@ impl V7 {
 
         for (l, b) in self.blocks.iter().enumerate() {
             let st = &state.layers[l];
-            // 1-2. xx = ln1(x); the six token-shift mixes into `mixed`.
+            // 1-2. xx = ln1(x); the six token-shift mixes into `mixed` (and xx's
+            // last row of each sequence into the state, for the next call).
             self.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
             let shift = TokenShiftParams {
                 n_tok: n as u32,
@@ -540,7 +540,6 @@ impl V7 {
                 &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
                 rows,
             )?;
-            self.store_last(rec, s, st, stride, att_x, batch)?;
 
             // 3. r, k, v projections.
             let mixed = |p: u32| at(p);
@@ -633,7 +632,8 @@ impl V7 {
             // 10. x += y Wo.
             b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
-            // 11. channel mix: xx = ln2(x), one token-shift mix into mixed plane 0.
+            // 11. channel mix: xx = ln2(x), one token-shift mix into mixed plane 0
+            // (and the state hand-over, as in 1-2).
             self.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
             let shift = TokenShiftParams { n_mix: 1, mix_offset: vi(FFN_X_K), state_offset: ffn_x as u32, ..shift };
             rec.dispatch(
@@ -643,7 +643,6 @@ impl V7 {
                 &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
                 rows,
             )?;
-            self.store_last(rec, s, st, stride, ffn_x, batch)?;
 
             // 12. x += relu(xk Wkey)^2 Wvalue.
             b.ffn_key.linear(rec, &s.mixed, 0, &s.ffn, 0, n, Act::ReluSq, false)?;
@@ -690,25 +689,6 @@ impl V7 {
             _pad: 0,
         };
         rec.dispatch(Kernel::LayerNorm, 0, &p, &[x, vecs, y], [n as u32, 1, 1])
-    }
-
-    fn store_last<'a>(
-        &'a self,
-        rec: &mut Recorder<'a>,
-        s: &'a Scratch,
-        st: &'a GpuBuffer,
-        stride: usize,
-        offset: usize,
-        batch: usize,
-    ) -> Result<()> {
-        let c = self.info.n_embd;
-        let p = StoreLastParams {
-            n_seq: batch as u32,
-            dim: c as u32,
-            state_stride: stride as u32,
-            state_offset: offset as u32,
-        };
-        rec.dispatch(Kernel::StoreLast, 0, &p, &[&s.xx, &s.seq_start, st], [(c as u32).div_ceil(WG), batch as u32, 1])
     }
 }
 
