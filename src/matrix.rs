@@ -1,5 +1,5 @@
-//! The weight-matrix type. Model code only ever asks a `Matrix` to multiply
-//! or to gather rows; how the weights are encoded stays in here, so int8 and
+//! The weight-matrix type. Model code only ever asks a `Matrix` to multiply;
+//! how the weights are encoded stays in here, so int8 and
 //! 4-bit block encodings can be added as new `Encoding`s without touching
 //! any model file.
 //!
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    self, Act, EmbeddingParams, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_LANE_ROWS,
+    self, Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_LANE_ROWS,
     LINEAR_TEX_PREFILL_LANE_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
 };
 use crate::gpu::{
@@ -76,8 +76,7 @@ impl Matrix {
     }
 
     /// As [`Matrix::upload`], in `store` if the shape allows it (textures
-    /// need `cols % 64 == 0`), else in buffers. Tables used with `gather`
-    /// must be in buffers. `release` is called with each slice of `bytes`
+    /// need `cols % 64 == 0`), else in buffers. `release` is called with each slice of `bytes`
     /// once it is on its way to the GPU (the model drops file pages with it).
     #[allow(clippy::too_many_arguments)]
     pub fn upload_to(
@@ -190,13 +189,6 @@ impl Matrix {
         let store = ctx.weight_store();
         let (rows, cols) = (t.shape[0], t.shape[1]);
         Self::upload_to(ctx, store, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, Some(&release))
-    }
-
-    /// A checkpoint table `[rows, dim]` read with `gather` (an embedding).
-    pub fn table_from_tensor(ctx: &GpuContext, f: &SafeTensorsFile, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
-        let release = |b: &[u8]| f.release_bytes(b);
-        let (rows, cols) = (t.shape[0], t.shape[1]);
-        Self::upload_to(ctx, WeightStore::Buffer, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, Some(&release))
     }
 
     /// A checkpoint LoRA tensor `[in, out]` used as `x @ W`: stored transposed
@@ -396,30 +388,6 @@ impl Matrix {
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
             rec.dispatch_with(Kernel::LinearTex, variant, &params, bindings, groups)?;
             n0 += nb;
-        }
-        Ok(())
-    }
-
-    /// Records `out[n, :] = W[tokens[n], :]` (an embedding lookup) for `n_tok` tokens.
-    pub fn gather<'a>(
-        &'a self,
-        rec: &mut Recorder<'a>,
-        tokens: &'a GpuBuffer,
-        out: &'a GpuBuffer,
-        n_tok: usize,
-    ) -> Result<()> {
-        let Store::Buffers(parts) = &self.store else {
-            return Err(Error::InvalidArgument("gather needs a matrix uploaded as a table (buffers)".into()));
-        };
-        for part in parts {
-            let params = EmbeddingParams {
-                n_tok: n_tok as u32,
-                dim: self.cols as u32,
-                row0: part.row0 as u32,
-                part_rows: part.rows as u32,
-            };
-            let groups = [(self.cols as u32).div_ceil(WG), n_tok as u32, 1];
-            rec.dispatch(Kernel::Embedding, self.wdtype(), &params, &[tokens, &part.buffer, out], groups)?;
         }
         Ok(())
     }

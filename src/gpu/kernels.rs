@@ -15,7 +15,6 @@ const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    Embedding,
     LayerNorm,
     TokenShift,
     GatherRows,
@@ -31,7 +30,6 @@ pub enum Kernel {
 impl Kernel {
     fn source(self) -> &'static str {
         match self {
-            Kernel::Embedding => include_str!("../../shaders/embedding.wgsl"),
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
@@ -111,16 +109,6 @@ pub struct LinearTexParams {
     pub act: u32,
     pub accumulate: u32,
     pub _pad: u32,
-}
-
-/// `embedding.wgsl`: out[n, :] = W[tokens[n] - row0, :] for tokens in this part.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable)]
-pub struct EmbeddingParams {
-    pub n_tok: u32,
-    pub dim: u32,
-    pub row0: u32,
-    pub part_rows: u32,
 }
 
 /// `layer_norm.wgsl`: y = (x - mean) / sqrt(var + eps) * w + b per row.

@@ -1,7 +1,8 @@
 //! Records the dispatches of one step, then encodes them into a single
 //! command buffer and one submission. Every dispatch's `Params` goes into one
-//! uniform buffer (the arena), at 256-byte aligned slots, written once per
-//! submission: nothing is allocated per step once the arena has its size.
+//! uniform buffer (the arena), in slots at the uniform offset alignment,
+//! written once per submission. The model reserves the arena for its largest
+//! step, so no step allocates.
 
 use std::sync::Arc;
 

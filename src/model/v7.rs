@@ -511,7 +511,6 @@ impl V7 {
         let lora_plane = cap * self.d_lora_max;
         let stride = self.layout.stride;
         let (att_x, ffn_x, att_kv) = (0, c, 2 * c); // offsets within a layer's state
-        let rows = [(c as u32).div_ceil(WG), n as u32, 1];
         let at = |p: u32| p as usize * plane_len;
         let vi = |slot: usize| (slot * c) as u32;
 
@@ -523,23 +522,7 @@ impl V7 {
             // 1-2. xx = ln1(x); the six token-shift mixes into `mixed` (and xx's
             // last row of each sequence into the state, for the next call).
             self.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
-            let shift = TokenShiftParams {
-                n_tok: n as u32,
-                dim: c as u32,
-                n_mix: 6,
-                mix_offset: vi(X_R),
-                state_stride: stride as u32,
-                state_offset: att_x as u32,
-                out_plane: plane_len as u32,
-                _pad: 0,
-            };
-            rec.dispatch(
-                Kernel::TokenShift,
-                0,
-                &shift,
-                &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
-                rows,
-            )?;
+            self.token_shift(rec, s, st, &b.vecs, n, 6, X_R, att_x)?;
 
             // 3. r, k, v projections.
             let mixed = |p: u32| at(p);
@@ -635,14 +618,7 @@ impl V7 {
             // 11. channel mix: xx = ln2(x), one token-shift mix into mixed plane 0
             // (and the state hand-over, as in 1-2).
             self.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
-            let shift = TokenShiftParams { n_mix: 1, mix_offset: vi(FFN_X_K), state_offset: ffn_x as u32, ..shift };
-            rec.dispatch(
-                Kernel::TokenShift,
-                0,
-                &shift,
-                &[&s.xx, &s.tok_seq, &s.seq_start, st, &b.vecs, &s.mixed],
-                rows,
-            )?;
+            self.token_shift(rec, s, st, &b.vecs, n, 1, FFN_X_K, ffn_x)?;
 
             // 12. x += relu(xk Wkey)^2 Wvalue.
             b.ffn_key.linear(rec, &s.mixed, 0, &s.ffn, 0, n, Act::ReluSq, false)?;
@@ -664,6 +640,36 @@ impl V7 {
         )?;
         self.layer_norm(rec, &s.head_x, &s.head_xn, &self.globals, LNOUT_W, LNOUT_B, rows)?;
         self.head.linear(rec, &s.head_xn, 0, &s.logits, 0, rows, Act::None, false)
+    }
+
+    /// mixed[m, n, :] = xx[n] + (prev - xx[n]) * vecs[mix_slot + m] for n_mix
+    /// mixes, prev being the token before (the state for a sequence's first
+    /// token); the state at `state_offset` takes each sequence's last xx.
+    #[allow(clippy::too_many_arguments)]
+    fn token_shift<'a>(
+        &'a self,
+        rec: &mut Recorder<'a>,
+        s: &'a Scratch,
+        st: &'a GpuBuffer,
+        vecs: &'a GpuBuffer,
+        n: usize,
+        n_mix: u32,
+        mix_slot: usize,
+        state_offset: usize,
+    ) -> Result<()> {
+        let c = self.info.n_embd;
+        let p = TokenShiftParams {
+            n_tok: n as u32,
+            dim: c as u32,
+            n_mix,
+            mix_offset: (mix_slot * c) as u32,
+            state_stride: self.layout.stride as u32,
+            state_offset: state_offset as u32,
+            out_plane: (s.capacity * c) as u32,
+            _pad: 0,
+        };
+        let groups = [(c as u32).div_ceil(WG), n as u32, 1];
+        rec.dispatch(Kernel::TokenShift, 0, &p, &[&s.xx, &s.tok_seq, &s.seq_start, st, vecs, &s.mixed], groups)
     }
 
     #[allow(clippy::too_many_arguments)]
