@@ -1,10 +1,15 @@
 // The RWKV-7 recurrence of wkv7.wgsl for head size 64, shaped for CPU
-// adapters (llvmpipe): the per-token vectors r, w, k, v, kk, a are read from
-// a texture copy of `att` (texel fetches are vector gathers there; storage
-// loads are per-lane loops), and each invocation's state row is sixteen
-// named vec4 registers with every loop over it written out, because
-// llvmpipe keeps dynamically indexed arrays in memory. No shared memory and
-// no barriers: each invocation reads what it needs itself.
+// adapters (llvmpipe) with subgroups of 8, where a storage-buffer load is a
+// per-lane loop and a texel fetch one gather:
+// - the per-token vectors r, w, k, v, kk, a come from a texture copy of
+//   `att`; every row needs all 64 of each, so lane l of a subgroup fetches
+//   texels l and l + 8 and the others get them by subgroupBroadcast (11
+//   fetches per lane and token instead of 81);
+// - the state is read from a texture copy of this layer's state and
+//   written back to the storage buffer;
+// - each invocation's state row is sixteen named vec4 registers with every
+//   loop over it written out, because llvmpipe keeps dynamically indexed
+//   arrays in memory. No shared memory and no barriers.
 // One workgroup per (head, sequence); invocation i owns row i (value index)
 // of the head's state S [64 x 64] and walks the sequence's tokens in order:
 //   S[i, j] = S[i, j] * w[j] - (S kk)[i] * (kk[j] * a[j]) + v[i] * k[j]
@@ -31,54 +36,81 @@ struct Params {
 @group(0) @binding(2) var<storage, read> seq_start: array<u32>;     // [n_seq + 1]
 @group(0) @binding(3) var<storage, read_write> state: array<vec4<f32>>; // [n_seq, state_stride / 4]
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;       // [tokens, dim]
+@group(0) @binding(5) var state_in: texture_2d_array<f32>;           // [n_seq, n_head * 64, 16]: this layer's state
 
 var<private> head_texel: u32; // first texel of this head in a row of att
+var<private> state_row: vec2<u32>; // this invocation's state row in state_in
+var<private> seq: u32;
 
 // Texel m (elements 4m .. 4m + 3 of this head) of plane `pl` for token n.
 fn ld(pl: u32, m: u32, n: u32) -> vec4<f32> {
     return textureLoad(att, vec2<u32>(head_texel + m, n), pl, 0);
 }
 
+// Texel m (elements 4m .. 4m + 3) of this invocation's state row.
+fn st(m: u32) -> vec4<f32> {
+    return textureLoad(state_in, state_row + vec2<u32>(m, 0u), seq, 0);
+}
+
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) i: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) i: u32, @builtin(subgroup_invocation_id) l: u32) {
     let h = wid.x;
     let b = wid.y;
     head_texel = h * 16u;
+    state_row = vec2<u32>(0u, h * 64u + i);
+    seq = b;
     let sb = (b * p.state_stride + p.state_offset + h * 4096u + i * 64u) / 4u;
-    var s0 = state[sb + 0u]; var s1 = state[sb + 1u]; var s2 = state[sb + 2u]; var s3 = state[sb + 3u];
-    var s4 = state[sb + 4u]; var s5 = state[sb + 5u]; var s6 = state[sb + 6u]; var s7 = state[sb + 7u];
-    var s8 = state[sb + 8u]; var s9 = state[sb + 9u]; var s10 = state[sb + 10u]; var s11 = state[sb + 11u];
-    var s12 = state[sb + 12u]; var s13 = state[sb + 13u]; var s14 = state[sb + 14u]; var s15 = state[sb + 15u];
+    var s0 = st(0u); var s1 = st(1u); var s2 = st(2u); var s3 = st(3u);
+    var s4 = st(4u); var s5 = st(5u); var s6 = st(6u); var s7 = st(7u);
+    var s8 = st(8u); var s9 = st(9u); var s10 = st(10u); var s11 = st(11u);
+    var s12 = st(12u); var s13 = st(13u); var s14 = st(14u); var s15 = st(15u);
     let end = seq_start[b + 1u];
     let first = min(seq_start[b] + p.t_first, end);
     let last = min(first + p.t_count, end);
     for (var n = first; n < last; n++) {
         let v = ld(V, i / 4u, n)[i % 4u];
-        let kk0 = ld(KK, 0u, n); let kk1 = ld(KK, 1u, n); let kk2 = ld(KK, 2u, n); let kk3 = ld(KK, 3u, n);
-        let kk4 = ld(KK, 4u, n); let kk5 = ld(KK, 5u, n); let kk6 = ld(KK, 6u, n); let kk7 = ld(KK, 7u, n);
-        let kk8 = ld(KK, 8u, n); let kk9 = ld(KK, 9u, n); let kk10 = ld(KK, 10u, n); let kk11 = ld(KK, 11u, n);
-        let kk12 = ld(KK, 12u, n); let kk13 = ld(KK, 13u, n); let kk14 = ld(KK, 14u, n); let kk15 = ld(KK, 15u, n);
+        let kkA = ld(KK, l, n); let kkB = ld(KK, l + 8u, n);
+        let wA = ld(W, l, n); let wB = ld(W, l + 8u, n);
+        let kaA = kkA * ld(A, l, n); let kaB = kkB * ld(A, l + 8u, n);
+        let kA = ld(K, l, n); let kB = ld(K, l + 8u, n);
+        let rA = ld(R, l, n); let rB = ld(R, l + 8u, n);
+        let kk0 = subgroupBroadcast(kkA, 0u);
+        let kk1 = subgroupBroadcast(kkA, 1u);
+        let kk2 = subgroupBroadcast(kkA, 2u);
+        let kk3 = subgroupBroadcast(kkA, 3u);
+        let kk4 = subgroupBroadcast(kkA, 4u);
+        let kk5 = subgroupBroadcast(kkA, 5u);
+        let kk6 = subgroupBroadcast(kkA, 6u);
+        let kk7 = subgroupBroadcast(kkA, 7u);
+        let kk8 = subgroupBroadcast(kkB, 0u);
+        let kk9 = subgroupBroadcast(kkB, 1u);
+        let kk10 = subgroupBroadcast(kkB, 2u);
+        let kk11 = subgroupBroadcast(kkB, 3u);
+        let kk12 = subgroupBroadcast(kkB, 4u);
+        let kk13 = subgroupBroadcast(kkB, 5u);
+        let kk14 = subgroupBroadcast(kkB, 6u);
+        let kk15 = subgroupBroadcast(kkB, 7u);
         let sa = dot(s0, kk0) + dot(s1, kk1) + dot(s2, kk2) + dot(s3, kk3) +
             dot(s4, kk4) + dot(s5, kk5) + dot(s6, kk6) + dot(s7, kk7) +
             dot(s8, kk8) + dot(s9, kk9) + dot(s10, kk10) + dot(s11, kk11) +
             dot(s12, kk12) + dot(s13, kk13) + dot(s14, kk14) + dot(s15, kk15);
         var acc = 0.0;
-        s0 = s0 * ld(W, 0u, n) - sa * (kk0 * ld(A, 0u, n)) + v * ld(K, 0u, n); acc += dot(s0, ld(R, 0u, n));
-        s1 = s1 * ld(W, 1u, n) - sa * (kk1 * ld(A, 1u, n)) + v * ld(K, 1u, n); acc += dot(s1, ld(R, 1u, n));
-        s2 = s2 * ld(W, 2u, n) - sa * (kk2 * ld(A, 2u, n)) + v * ld(K, 2u, n); acc += dot(s2, ld(R, 2u, n));
-        s3 = s3 * ld(W, 3u, n) - sa * (kk3 * ld(A, 3u, n)) + v * ld(K, 3u, n); acc += dot(s3, ld(R, 3u, n));
-        s4 = s4 * ld(W, 4u, n) - sa * (kk4 * ld(A, 4u, n)) + v * ld(K, 4u, n); acc += dot(s4, ld(R, 4u, n));
-        s5 = s5 * ld(W, 5u, n) - sa * (kk5 * ld(A, 5u, n)) + v * ld(K, 5u, n); acc += dot(s5, ld(R, 5u, n));
-        s6 = s6 * ld(W, 6u, n) - sa * (kk6 * ld(A, 6u, n)) + v * ld(K, 6u, n); acc += dot(s6, ld(R, 6u, n));
-        s7 = s7 * ld(W, 7u, n) - sa * (kk7 * ld(A, 7u, n)) + v * ld(K, 7u, n); acc += dot(s7, ld(R, 7u, n));
-        s8 = s8 * ld(W, 8u, n) - sa * (kk8 * ld(A, 8u, n)) + v * ld(K, 8u, n); acc += dot(s8, ld(R, 8u, n));
-        s9 = s9 * ld(W, 9u, n) - sa * (kk9 * ld(A, 9u, n)) + v * ld(K, 9u, n); acc += dot(s9, ld(R, 9u, n));
-        s10 = s10 * ld(W, 10u, n) - sa * (kk10 * ld(A, 10u, n)) + v * ld(K, 10u, n); acc += dot(s10, ld(R, 10u, n));
-        s11 = s11 * ld(W, 11u, n) - sa * (kk11 * ld(A, 11u, n)) + v * ld(K, 11u, n); acc += dot(s11, ld(R, 11u, n));
-        s12 = s12 * ld(W, 12u, n) - sa * (kk12 * ld(A, 12u, n)) + v * ld(K, 12u, n); acc += dot(s12, ld(R, 12u, n));
-        s13 = s13 * ld(W, 13u, n) - sa * (kk13 * ld(A, 13u, n)) + v * ld(K, 13u, n); acc += dot(s13, ld(R, 13u, n));
-        s14 = s14 * ld(W, 14u, n) - sa * (kk14 * ld(A, 14u, n)) + v * ld(K, 14u, n); acc += dot(s14, ld(R, 14u, n));
-        s15 = s15 * ld(W, 15u, n) - sa * (kk15 * ld(A, 15u, n)) + v * ld(K, 15u, n); acc += dot(s15, ld(R, 15u, n));
+        s0 = s0 * subgroupBroadcast(wA, 0u) - sa * subgroupBroadcast(kaA, 0u) + v * subgroupBroadcast(kA, 0u); acc += dot(s0, subgroupBroadcast(rA, 0u));
+        s1 = s1 * subgroupBroadcast(wA, 1u) - sa * subgroupBroadcast(kaA, 1u) + v * subgroupBroadcast(kA, 1u); acc += dot(s1, subgroupBroadcast(rA, 1u));
+        s2 = s2 * subgroupBroadcast(wA, 2u) - sa * subgroupBroadcast(kaA, 2u) + v * subgroupBroadcast(kA, 2u); acc += dot(s2, subgroupBroadcast(rA, 2u));
+        s3 = s3 * subgroupBroadcast(wA, 3u) - sa * subgroupBroadcast(kaA, 3u) + v * subgroupBroadcast(kA, 3u); acc += dot(s3, subgroupBroadcast(rA, 3u));
+        s4 = s4 * subgroupBroadcast(wA, 4u) - sa * subgroupBroadcast(kaA, 4u) + v * subgroupBroadcast(kA, 4u); acc += dot(s4, subgroupBroadcast(rA, 4u));
+        s5 = s5 * subgroupBroadcast(wA, 5u) - sa * subgroupBroadcast(kaA, 5u) + v * subgroupBroadcast(kA, 5u); acc += dot(s5, subgroupBroadcast(rA, 5u));
+        s6 = s6 * subgroupBroadcast(wA, 6u) - sa * subgroupBroadcast(kaA, 6u) + v * subgroupBroadcast(kA, 6u); acc += dot(s6, subgroupBroadcast(rA, 6u));
+        s7 = s7 * subgroupBroadcast(wA, 7u) - sa * subgroupBroadcast(kaA, 7u) + v * subgroupBroadcast(kA, 7u); acc += dot(s7, subgroupBroadcast(rA, 7u));
+        s8 = s8 * subgroupBroadcast(wB, 0u) - sa * subgroupBroadcast(kaB, 0u) + v * subgroupBroadcast(kB, 0u); acc += dot(s8, subgroupBroadcast(rB, 0u));
+        s9 = s9 * subgroupBroadcast(wB, 1u) - sa * subgroupBroadcast(kaB, 1u) + v * subgroupBroadcast(kB, 1u); acc += dot(s9, subgroupBroadcast(rB, 1u));
+        s10 = s10 * subgroupBroadcast(wB, 2u) - sa * subgroupBroadcast(kaB, 2u) + v * subgroupBroadcast(kB, 2u); acc += dot(s10, subgroupBroadcast(rB, 2u));
+        s11 = s11 * subgroupBroadcast(wB, 3u) - sa * subgroupBroadcast(kaB, 3u) + v * subgroupBroadcast(kB, 3u); acc += dot(s11, subgroupBroadcast(rB, 3u));
+        s12 = s12 * subgroupBroadcast(wB, 4u) - sa * subgroupBroadcast(kaB, 4u) + v * subgroupBroadcast(kB, 4u); acc += dot(s12, subgroupBroadcast(rB, 4u));
+        s13 = s13 * subgroupBroadcast(wB, 5u) - sa * subgroupBroadcast(kaB, 5u) + v * subgroupBroadcast(kB, 5u); acc += dot(s13, subgroupBroadcast(rB, 5u));
+        s14 = s14 * subgroupBroadcast(wB, 6u) - sa * subgroupBroadcast(kaB, 6u) + v * subgroupBroadcast(kB, 6u); acc += dot(s14, subgroupBroadcast(rB, 6u));
+        s15 = s15 * subgroupBroadcast(wB, 7u) - sa * subgroupBroadcast(kaB, 7u) + v * subgroupBroadcast(kB, 7u); acc += dot(s15, subgroupBroadcast(rB, 7u));
         y[n * p.dim + h * 64u + i] = acc;
     }
     state[sb + 0u] = s0; state[sb + 1u] = s1; state[sb + 2u] = s2; state[sb + 3u] = s3;

@@ -9,12 +9,8 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use rwkv_wgpu::gpu::kernels::*;
-use std::sync::Arc;
 
-use rwkv_wgpu::gpu::{
-    Binding, GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE, X_TEXTURE_FORMAT,
-    X_WINDOW_BYTES,
-};
+use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE, X_WINDOW_BYTES};
 use rwkv_wgpu::loader::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Matrix;
@@ -510,8 +506,9 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
             att[base..base + hs].iter_mut().for_each(|v| *v /= norm);
         }
     }
-    // State rows of other layers around this one's (vec4-aligned for wkv7_tex).
-    let (stride, off) = if tex { (nh * hs * hs + 8, 4) } else { (nh * hs * hs + 3, 3) };
+    // State rows of other layers around this one's (for wkv7_tex: sequences
+    // whole 256-byte rows apart, this layer at a 16-byte offset).
+    let (stride, off) = if tex { (nh * hs * hs + 64, 4) } else { (nh * hs * hs + 3, 3) };
     let state = rng.vec(n_seq * stride, 0.5);
     let (ab, ssb, sb) = (
         ctx.storage_f32("att", &att).unwrap(),
@@ -533,30 +530,11 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
     };
     // Walk the tokens in runs, as the model does.
     let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
-    let planes = plane::KK + 1;
-    let att_tex = tex
-        .then(|| Arc::new(ctx.texture("att", (dim / 4) as u32, cap as u32, planes, X_TEXTURE_FORMAT, true).unwrap()));
-    run(ctx, |rec| {
-        if let Some(t) = &att_tex {
-            rec.copy_to_texture(&ab, 0, (dim * 4) as u32, cap as u32, t.clone(), [(dim / 4) as u32, n as u32, planes]);
-        }
-        for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-            let p = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..params };
-            let groups = [nh as u32, n_seq as u32, 1];
-            match &att_tex {
-                Some(t) => {
-                    let bindings = vec![
-                        Binding::Texture(t.clone()),
-                        Binding::Buffer(&ssb),
-                        Binding::Buffer(&sb),
-                        Binding::Buffer(&yb),
-                    ];
-                    rec.dispatch_with(Kernel::Wkv7Tex, 0, &p, bindings, groups).unwrap()
-                }
-                None => rec.dispatch(Kernel::Wkv7, 0, &p, &[&ab, &ssb, &sb, &yb], groups).unwrap(),
-            }
-        }
+    let wkv_tex = tex.then(|| {
+        assert!(Wkv7Textures::fit(ctx, hs, dim, stride, cap, n_seq), "wkv7_tex.wgsl does not fit this test's shape");
+        Wkv7Textures::new(ctx, dim, cap, n_seq).unwrap()
     });
+    run(ctx, |rec| record_wkv7(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, wkv_tex.as_ref()).unwrap());
     let mut s = f64s(&state);
     let mut y = vec![0f64; n * dim];
     let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;

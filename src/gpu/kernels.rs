@@ -3,7 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::GpuContext;
+use std::sync::Arc;
+
+use super::{Binding, GpuBuffer, GpuContext, GpuTexture, Recorder, X_TEXTURE_FORMAT};
 use crate::error::{Error, Result};
 use crate::loader::Dtype;
 
@@ -188,6 +190,98 @@ pub struct Wkv7Params {
 /// about 2 × head_size + 3 of them, so a longer chunk is walked in several
 /// dispatches (the state is loaded and stored once per dispatch).
 pub const WKV_TOKENS_PER_DISPATCH: u32 = 256;
+
+/// Planes 0 .. WKV_PLANES of the RWKV-7 `att` buffer hold everything the WKV
+/// reads (r, w, k, v, a, kk).
+pub const WKV_PLANES: u32 = plane::KK + 1;
+
+/// What `wkv7_tex.wgsl` reads instead of storage buffers: the WKV planes of
+/// `att` and one layer's state, copied into textures before each run.
+pub struct Wkv7Textures {
+    att: Arc<GpuTexture>,   // [WKV_PLANES, capacity, dim / 4] texels
+    state: Arc<GpuTexture>, // [n_seq, n_head * 64, 16] texels
+}
+
+impl Wkv7Textures {
+    /// Whether `wkv7_tex.wgsl` can run this shape here: head size 64,
+    /// subgroups of 8, `capacity` tokens and `n_seq` sequences within the
+    /// texture limits, and a state layout a buffer-to-texture copy can read
+    /// (rows of 256 bytes, sequences a whole number of rows apart, layers at
+    /// 16-byte offsets).
+    pub fn fit(
+        ctx: &GpuContext,
+        head_size: usize,
+        dim: usize,
+        state_stride: usize,
+        capacity: usize,
+        n_seq: usize,
+    ) -> bool {
+        let (max_dim, max_layers) = ctx.max_texture_dims();
+        ctx.subgroup_size() == Some(8)
+            && head_size == 64
+            && dim.is_multiple_of(64)
+            && (state_stride * 4).is_multiple_of(256)
+            && capacity.max(dim) <= max_dim as usize
+            && n_seq <= max_layers as usize
+    }
+
+    pub fn new(ctx: &GpuContext, dim: usize, capacity: usize, n_seq: usize) -> Result<Self> {
+        let att = ctx.texture("att texture", (dim / 4) as u32, capacity as u32, WKV_PLANES, X_TEXTURE_FORMAT, true)?;
+        let state = ctx.texture("state texture", 16, dim as u32, n_seq as u32, X_TEXTURE_FORMAT, true)?;
+        Ok(Self { att: Arc::new(att), state: Arc::new(state) })
+    }
+}
+
+/// Records the WKV over tokens `0 .. longest` of each of `p.n_seq` sequences
+/// (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH tokens: with
+/// `tex`, `wkv7_tex.wgsl` (att's planes copied once, the layer's state
+/// before each run, since each run writes it), else `wkv7.wgsl`.
+#[allow(clippy::too_many_arguments)]
+pub fn record_wkv7<'a>(
+    rec: &mut Recorder<'a>,
+    p: Wkv7Params,
+    n_tok: u32,
+    longest: u32,
+    att: &'a GpuBuffer,       // [plane::COUNT, p.plane / p.dim, dim]
+    seq_start: &'a GpuBuffer, // [n_seq + 1]
+    state: &'a GpuBuffer,     // [n_seq, state_stride]
+    y: &'a GpuBuffer,         // [n_tok, dim]
+    tex: Option<&Wkv7Textures>,
+) -> Result<()> {
+    let groups = [p.n_head, p.n_seq, 1];
+    if let Some(t) = tex {
+        let texels = p.dim / 4;
+        rec.copy_to_texture(att, 0, p.dim * 4, p.plane / p.dim, t.att.clone(), [texels, n_tok, WKV_PLANES]);
+    }
+    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+        let run = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..p };
+        match tex {
+            Some(t) => {
+                // One texture row per state row (64 floats = 256 bytes).
+                let state_rows = p.n_head * p.head_size;
+                let offset = p.state_offset as u64 * 4;
+                rec.copy_to_texture(
+                    state,
+                    offset,
+                    256,
+                    p.state_stride / 64,
+                    t.state.clone(),
+                    [16, state_rows, p.n_seq],
+                );
+                let bindings = vec![
+                    Binding::Texture(t.att.clone()),
+                    Binding::Buffer(seq_start),
+                    Binding::Buffer(state),
+                    Binding::Buffer(y),
+                    Binding::Texture(t.state.clone()),
+                ];
+                rec.dispatch_with(Kernel::Wkv7Tex, 0, &run, bindings, groups)?
+            }
+            None => rec.dispatch(Kernel::Wkv7, 0, &run, &[att, seq_start, state, y], groups)?,
+        }
+    }
+    Ok(())
+}
 
 /// `v7_out.wgsl`: group norm, the r·k·r_k bonus and the gate.
 #[repr(C)]

@@ -18,15 +18,10 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    plane, Act, GatherParams, LayerNormParams, TokenShiftParams, V7OutParams, V7PrepParams, Wkv7Params, MAX_HEAD_SIZE,
-    WG, WKV_TOKENS_PER_DISPATCH,
+    plane, record_wkv7, Act, GatherParams, LayerNormParams, TokenShiftParams, V7OutParams, V7PrepParams, Wkv7Params,
+    Wkv7Textures, MAX_HEAD_SIZE, WG,
 };
-use std::sync::Arc;
-
-use crate::gpu::{
-    Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, ParamArena, Recorder, WeightStore, READBACK, STORAGE,
-    X_TEXTURE_FORMAT, X_WINDOW_BYTES,
-};
+use crate::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, READBACK, STORAGE, X_WINDOW_BYTES};
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
 use crate::matrix::Matrix;
 use crate::model::{Chunk, ModelInfo, Uploader, Version};
@@ -106,13 +101,10 @@ struct Scratch {
     head_xn: GpuBuffer,   // [head_cap, C]
     logits: GpuBuffer,    // [head_cap, V]
     staging: GpuBuffer,   // [head_cap, V] for reading logits back
-    /// [WKV_PLANES, cap, C / 4] texels: the planes of `att` the WKV reads, as a
-    /// texture for `wkv7_tex.wgsl` (CPU adapters with head size 64 only).
-    att_tex: Option<Arc<GpuTexture>>,
+    /// att's WKV planes and a layer's state as textures for `wkv7_tex.wgsl`
+    /// (CPU adapters, head size 64 only).
+    wkv_tex: Option<Wkv7Textures>,
 }
-
-/// Planes 0 .. WKV_PLANES of `att` hold everything the WKV reads (r, w, k, v, a, kk).
-const WKV_PLANES: u32 = plane::KK + 1;
 
 pub struct V7 {
     ctx: GpuContext,
@@ -400,12 +392,9 @@ impl V7 {
             head_xn: f32s("head xn", head_cap * c)?,
             logits: f32s("logits", head_cap * v)?,
             staging: ctx.buffer("logits staging", (head_cap * v * 4) as u64, READBACK)?,
-            att_tex: if self.wkv_from_texture(capacity) {
-                let t =
-                    ctx.texture("att texture", (c / 4) as u32, capacity as u32, WKV_PLANES, X_TEXTURE_FORMAT, true)?;
-                Some(Arc::new(t))
-            } else {
-                None
+            wkv_tex: match self.wkv_from_texture(capacity, batch) {
+                true => Some(Wkv7Textures::new(ctx, c, capacity, batch)?),
+                false => None,
             },
         });
         self.reserve_params(capacity, state, head_cap)
@@ -431,12 +420,11 @@ impl V7 {
     }
 
     /// Whether the WKV runs as `wkv7_tex.wgsl`: on adapters that keep weights
-    /// in textures (CPU), for its one head size, where a chunk fits a texture.
-    fn wkv_from_texture(&self, capacity: usize) -> bool {
+    /// in textures (CPU), where that kernel fits the shape.
+    fn wkv_from_texture(&self, capacity: usize, batch: usize) -> bool {
+        let i = &self.info;
         self.ctx.weight_store() == WeightStore::Texture
-            && self.info.head_size == 64
-            && self.info.n_embd.is_multiple_of(64)
-            && capacity <= self.ctx.max_texture_dims().0 as usize
+            && Wkv7Textures::fit(&self.ctx, i.head_size, i.n_embd, self.layout.stride, capacity, batch)
     }
 
     /// Runs one chunk through every layer, updating `state`, and returns the
@@ -560,44 +548,19 @@ impl V7 {
 
             // 8. the WKV recurrence, one workgroup per (head, sequence),
             // in runs of WKV_TOKENS_PER_DISPATCH tokens.
-            if let Some(tex) = &s.att_tex {
-                let row_bytes = (c * 4) as u32;
-                rec.copy_to_texture(
-                    &s.att,
-                    0,
-                    row_bytes,
-                    cap as u32,
-                    tex.clone(),
-                    [(c / 4) as u32, n as u32, WKV_PLANES],
-                );
-            }
-            for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-                let wkv = Wkv7Params {
-                    n_seq: batch as u32,
-                    n_head: nh as u32,
-                    head_size: hs as u32,
-                    dim: c as u32,
-                    plane: plane_len as u32,
-                    state_stride: stride as u32,
-                    state_offset: att_kv as u32,
-                    t_first,
-                    t_count: WKV_TOKENS_PER_DISPATCH,
-                    _pad: [0; 3],
-                };
-                let groups = [nh as u32, batch as u32, 1];
-                match &s.att_tex {
-                    Some(tex) => {
-                        let bindings = vec![
-                            Binding::Texture(tex.clone()),
-                            Binding::Buffer(&s.seq_start),
-                            Binding::Buffer(st),
-                            Binding::Buffer(&s.y),
-                        ];
-                        rec.dispatch_with(Kernel::Wkv7Tex, 0, &wkv, bindings, groups)?
-                    }
-                    None => rec.dispatch(Kernel::Wkv7, 0, &wkv, &[&s.att, &s.seq_start, st, &s.y], groups)?,
-                }
-            }
+            let wkv = Wkv7Params {
+                n_seq: batch as u32,
+                n_head: nh as u32,
+                head_size: hs as u32,
+                dim: c as u32,
+                plane: plane_len as u32,
+                state_stride: stride as u32,
+                state_offset: att_kv as u32,
+                t_first: 0,
+                t_count: 0,
+                _pad: [0; 3],
+            };
+            record_wkv7(rec, wkv, n as u32, longest, &s.att, &s.seq_start, st, &s.y, s.wkv_tex.as_ref())?;
 
             // 9. group norm, bonus, gate.
             let out = V7OutParams {
