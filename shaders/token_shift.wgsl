@@ -1,4 +1,4 @@
-// Token shift with n_mix mixing vectors:
+// Token shift with n_mix mixing vectors, four channels per invocation:
 //   out[m, n, c] = x[n, c] + (prev[n, c] - x[n, c]) * mix[m, c]
 // where prev is the previous token of the same sequence, or the carried state
 // (the last token's x from the previous call) for the first token of a sequence.
@@ -6,6 +6,8 @@
 // the next call: state[b, c] = x[last token of b, c]. It is the only one to
 // touch state[b, c], and it reads before it writes, so no other ordering is
 // needed (sequences with no tokens keep their state).
+// dim and every offset are multiples of 4 (vec4 loads: one per-lane load
+// where scalars take four on llvmpipe).
 
 struct Params {
     n_tok: u32,
@@ -19,32 +21,33 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;         // [n_tok, dim]
-@group(0) @binding(2) var<storage, read> tok_seq: array<u32>;   // [n_tok] sequence of each token
-@group(0) @binding(3) var<storage, read> seq_start: array<u32>; // [n_seq + 1] first token of each sequence
-@group(0) @binding(4) var<storage, read_write> state: array<f32>; // [n_seq, state_stride]
-@group(0) @binding(5) var<storage, read> vecs: array<f32>;      // per-layer vectors
-@group(0) @binding(6) var<storage, read_write> out: array<f32>; // [n_mix, out_plane]
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;         // [n_tok, dim / 4]
+@group(0) @binding(2) var<storage, read> tok_seq: array<u32>;         // [n_tok] sequence of each token
+@group(0) @binding(3) var<storage, read> seq_start: array<u32>;       // [n_seq + 1] first token of each sequence
+@group(0) @binding(4) var<storage, read_write> state: array<vec4<f32>>; // [n_seq, state_stride / 4]
+@group(0) @binding(5) var<storage, read> vecs: array<vec4<f32>>;      // per-layer vectors
+@group(0) @binding(6) var<storage, read_write> out: array<vec4<f32>>; // [n_mix, out_plane / 4]
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
+    let c = gid.x; // channels 4c .. 4c + 3
     let n = gid.y;
-    if (c >= p.dim || n >= p.n_tok) {
+    let d4 = p.dim / 4u;
+    if (c >= d4 || n >= p.n_tok) {
         return;
     }
     let b = tok_seq[n];
-    let cur = x[n * p.dim + c];
-    var prev: f32;
+    let cur = x[n * d4 + c];
+    var prev: vec4<f32>;
     if (n == seq_start[b]) {
-        let si = b * p.state_stride + p.state_offset + c;
+        let si = (b * p.state_stride + p.state_offset) / 4u + c;
         prev = state[si];
-        state[si] = x[(seq_start[b + 1u] - 1u) * p.dim + c];
+        state[si] = x[(seq_start[b + 1u] - 1u) * d4 + c];
     } else {
-        prev = x[(n - 1u) * p.dim + c];
+        prev = x[(n - 1u) * d4 + c];
     }
     let d = prev - cur;
     for (var m = 0u; m < p.n_mix; m++) {
-        out[m * p.out_plane + n * p.dim + c] = cur + d * vecs[p.mix_offset + m * p.dim + c];
+        out[(m * p.out_plane) / 4u + n * d4 + c] = cur + d * vecs[p.mix_offset / 4u + m * d4 + c];
     }
 }

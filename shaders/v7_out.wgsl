@@ -1,4 +1,6 @@
-// RWKV-7 time-mix output, one workgroup per (head, token), in place on y:
+// RWKV-7 time-mix output, one workgroup per (head, token), in place on y;
+// each invocation takes four channels of the head at a time (head size and
+// dim multiples of 4: vec4 loads):
 //   y = GroupNorm(y) * ln_x.weight + ln_x.bias       (per head, eps 64e-5, biased variance)
 //   y = y + (sum_j r[j] * k[j] * r_k[h, j]) * v       (the bonus)
 //   y = y * g                                         (the gate)
@@ -15,33 +17,40 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> y: array<f32>; // [tokens, dim]
-@group(0) @binding(2) var<storage, read> att: array<f32>;     // [PLANES, tokens, dim]
-@group(0) @binding(3) var<storage, read> vecs: array<f32>;    // per-layer vectors
+@group(0) @binding(1) var<storage, read_write> y: array<vec4<f32>>; // [tokens, dim / 4]
+@group(0) @binding(2) var<storage, read> att: array<vec4<f32>>;     // [PLANES, tokens, dim / 4]
+@group(0) @binding(3) var<storage, read> vecs: array<vec4<f32>>;    // per-layer vectors
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return v.x + v.y + v.z + v.w;
+}
 
 @compute @workgroup_size(GS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let n = wid.y;
-    let base = n * p.dim + h * p.head_size;
-    var s = 0.0;
-    var bonus = 0.0;
-    for (var j = lid; j < p.head_size; j += GS) {
+    let pl = p.plane / 4u;
+    let hs4 = p.head_size / 4u;
+    let base = n * (p.dim / 4u) + h * hs4; // this head's first vec4 in y and in a plane
+    let ch = h * hs4;                      // and in a [dim] vector
+    var s = vec4<f32>(0.0);
+    var bonus = vec4<f32>(0.0);
+    for (var j = lid; j < hs4; j += GS) {
         s += y[base + j];
-        bonus += att[R * p.plane + base + j] * att[K * p.plane + base + j] * vecs[p.r_k + h * p.head_size + j];
+        bonus += att[R * pl + base + j] * att[K * pl + base + j] * vecs[p.r_k / 4u + ch + j];
     }
-    let mean = group_sum(s, lid) / f32(p.head_size);
-    let bonus_sum = group_sum(bonus, lid);
-    var q = 0.0;
-    for (var j = lid; j < p.head_size; j += GS) {
+    let mean = group_sum(hsum(s), lid) / f32(p.head_size);
+    let bonus_sum = group_sum(hsum(bonus), lid);
+    var q = vec4<f32>(0.0);
+    for (var j = lid; j < hs4; j += GS) {
         let d = y[base + j] - mean;
         q += d * d;
     }
-    let rstd = 1.0 / sqrt(group_sum(q, lid) / f32(p.head_size) + p.eps);
-    for (var j = lid; j < p.head_size; j += GS) {
-        let c = h * p.head_size + j;
+    let rstd = 1.0 / sqrt(group_sum(hsum(q), lid) / f32(p.head_size) + p.eps);
+    for (var j = lid; j < hs4; j += GS) {
+        let c = ch + j;
         let i = base + j;
-        let normed = (y[i] - mean) * rstd * vecs[p.lnx_w + c] + vecs[p.lnx_b + c];
-        y[i] = (normed + bonus_sum * att[V * p.plane + i]) * att[G * p.plane + i];
+        let normed = (y[i] - mean) * rstd * vecs[p.lnx_w / 4u + c] + vecs[p.lnx_b / 4u + c];
+        y[i] = (normed + bonus_sum * att[V * pl + i]) * att[G * pl + i];
     }
 }

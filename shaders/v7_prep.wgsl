@@ -1,6 +1,8 @@
-// RWKV-7 time-mix preparation, one workgroup per (head, token); j runs over
-// the head's channels, c = head * head_size + j. Inputs are the projections
-// and LoRA outputs in the planes of `att`; results are written back in place:
+// RWKV-7 time-mix preparation, one workgroup per (head, token); each
+// invocation takes four channels j .. j + 3 of the head at a time (head size
+// and dim multiples of 4: vec4 loads), c = head * head_size + j. Inputs are
+// the projections and LoRA outputs in the planes of `att`; results are
+// written back in place:
 //   kk  = normalize(k * k_k)                      (L2 over the head, eps 1e-12)
 //   a   = sigmoid(a0 + a_lora)
 //   k   = k * (1 + (a - 1) * k_a)
@@ -26,36 +28,42 @@ struct Params {
 const EXP_M_HALF: f32 = 0.60653065971263342; // e^-0.5
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> att: array<f32>; // [PLANES, tokens, dim]
-@group(0) @binding(2) var<storage, read> vecs: array<f32>;      // per-layer vectors
+@group(0) @binding(1) var<storage, read_write> att: array<vec4<f32>>; // [PLANES, tokens, dim / 4]
+@group(0) @binding(2) var<storage, read> vecs: array<vec4<f32>>;      // per-layer vectors
+
+fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
+    return 1.0 / (1.0 + exp(-x));
+}
 
 @compute @workgroup_size(GS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let n = wid.y;
-    let base = n * p.dim + h * p.head_size;
-    var sumsq = 0.0;
-    for (var j = lid; j < p.head_size; j += GS) {
-        let c = h * p.head_size + j;
-        let kk = att[K * p.plane + base + j] * vecs[p.k_k + c];
-        att[KK * p.plane + base + j] = kk;
+    let pl = p.plane / 4u;
+    let hs4 = p.head_size / 4u;
+    let base = n * (p.dim / 4u) + h * hs4; // this head's first vec4 in a plane
+    let ch = h * hs4;                      // and in a [dim] vector
+    var sumsq = vec4<f32>(0.0);
+    for (var j = lid; j < hs4; j += GS) {
+        let kk = att[K * pl + base + j] * vecs[p.k_k / 4u + ch + j];
+        att[KK * pl + base + j] = kk;
         sumsq += kk * kk;
     }
-    let inv_norm = 1.0 / max(sqrt(group_sum(sumsq, lid)), 1e-12);
-    for (var j = lid; j < p.head_size; j += GS) {
-        let c = h * p.head_size + j;
+    let inv_norm = 1.0 / max(sqrt(group_sum(sumsq.x + sumsq.y + sumsq.z + sumsq.w, lid)), 1e-12);
+    for (var j = lid; j < hs4; j += GS) {
+        let c = ch + j;
         let i = base + j;
-        att[KK * p.plane + i] = att[KK * p.plane + i] * inv_norm;
-        let a = sigmoid(vecs[p.a0 + c] + att[A * p.plane + i]);
-        att[A * p.plane + i] = a;
-        att[K * p.plane + i] = att[K * p.plane + i] * (1.0 + (a - 1.0) * vecs[p.k_a + c]);
-        att[W * p.plane + i] = exp(-EXP_M_HALF * sigmoid(vecs[p.w0 + c] + att[W * p.plane + i]));
-        let v = att[V * p.plane + i];
+        att[KK * pl + i] = att[KK * pl + i] * inv_norm;
+        let a = sigmoid4(vecs[p.a0 / 4u + c] + att[A * pl + i]);
+        att[A * pl + i] = a;
+        att[K * pl + i] = att[K * pl + i] * (1.0 + (a - 1.0) * vecs[p.k_a / 4u + c]);
+        att[W * pl + i] = exp(-EXP_M_HALF * sigmoid4(vecs[p.w0 / 4u + c] + att[W * pl + i]));
+        let v = att[V * pl + i];
         if (p.layer0 == 1u) {
-            att[V_FIRST * p.plane + i] = v;
+            att[V_FIRST * pl + i] = v;
         } else {
-            let vf = att[V_FIRST * p.plane + i];
-            att[V * p.plane + i] = v + (vf - v) * sigmoid(vecs[p.v0 + c] + att[V_GATE * p.plane + i]);
+            let vf = att[V_FIRST * pl + i];
+            att[V * pl + i] = v + (vf - v) * sigmoid4(vecs[p.v0 / 4u + c] + att[V_GATE * pl + i]);
         }
     }
 }

@@ -314,12 +314,12 @@ fn layer_norm_rows() {
     let vecs = rng.vec(3 * dim, 1.0); // weight at slot 1, bias at slot 2
     let xb = ctx.storage_f32("x", &x).unwrap();
     let vb = ctx.storage_f32("vecs", &vecs).unwrap();
-    let yb = zeros(&ctx, rows * dim + 9);
+    let yb = zeros(&ctx, rows * dim + 12);
     let p = LayerNormParams {
         n_rows: rows as u32,
         dim: dim as u32,
         x_offset: 0,
-        y_offset: 9,
+        y_offset: 12,
         w_offset: dim as u32,
         b_offset: 2 * dim as u32,
         eps: 1e-5,
@@ -328,7 +328,7 @@ fn layer_norm_rows() {
     run(&ctx, |rec| rec.dispatch(Kernel::LayerNorm, 0, &p, &[&xb, &vb, &yb], [rows as u32, 1, 1]).unwrap());
     let got = ctx.read_f32(&yb).unwrap();
     let (w, b) = (f64s(&vecs[dim..2 * dim]), f64s(&vecs[2 * dim..]));
-    let mut want = vec![0.0; 9];
+    let mut want = vec![0.0; 12];
     for r in 0..rows {
         want.extend(layer_norm(&f64s(&x[r * dim..(r + 1) * dim]), &w, &b, 1e-5));
     }
@@ -346,10 +346,10 @@ fn three_sequences() -> (Vec<u32>, Vec<u32>) {
 fn token_shift_and_state_hand_over() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(4);
-    let (dim, n_mix, n_seq) = (67, 3, 3);
+    let (dim, n_mix, n_seq) = (68, 3, 3);
     let (seq_start, tok_seq) = three_sequences();
     let n = tok_seq.len();
-    let (stride, off) = (2 * dim + 5, dim + 3);
+    let (stride, off) = (2 * dim + 8, dim + 4);
     let x = rng.vec(n * dim, 1.0);
     let state = rng.vec(n_seq * stride, 1.0);
     let vecs = rng.vec((1 + n_mix) * dim, 1.0); // mixes from slot 1
@@ -371,7 +371,7 @@ fn token_shift_and_state_hand_over() {
         out_plane: out_plane as u32,
         _pad: 0,
     };
-    let rows = [(dim as u32).div_ceil(64), n as u32, 1];
+    let rows = [(dim as u32 / 4).div_ceil(64), n as u32, 1];
     run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &[&xb, &tsb, &ssb, &sb, &vb, &out], rows).unwrap());
     let got = ctx.read_f32(&out).unwrap();
     let mut want = vec![0.0; n_mix * out_plane];

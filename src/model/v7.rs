@@ -135,7 +135,7 @@ fn compile_kernels(ctx: &GpuContext, dtype: Dtype, head_size: usize) -> Result<(
         (Kernel::V7Prep, 0),
         (Kernel::V7Out, 0),
     ];
-    kernels.push(if ctx.weight_store() == WeightStore::Texture && head_size == 64 {
+    kernels.push(if ctx.weight_store() == WeightStore::Texture && head_size == 64 && ctx.subgroup_size() == Some(8) {
         (Kernel::Wkv7Tex, 0)
     } else {
         (Kernel::Wkv7, 0)
@@ -175,9 +175,10 @@ impl V7 {
             });
         }
         let (n_head, head_size) = (rk.shape[0], rk.shape[1]);
-        if head_size > MAX_HEAD_SIZE {
+        // The element-wise kernels read four channels at a time.
+        if head_size > MAX_HEAD_SIZE || !head_size.is_multiple_of(4) {
             return Err(Error::UnsupportedShape(format!(
-                "head size {head_size} (from blocks.0.att.r_k {:?}); at most {MAX_HEAD_SIZE} is supported",
+                "head size {head_size} (from blocks.0.att.r_k {:?}); a multiple of 4 up to {MAX_HEAD_SIZE} is supported",
                 rk.shape
             )));
         }
@@ -631,7 +632,7 @@ impl V7 {
             out_plane: (s.capacity * c) as u32,
             _pad: 0,
         };
-        let groups = [(c as u32).div_ceil(WG), n as u32, 1];
+        let groups = [(c as u32 / 4).div_ceil(WG), n as u32, 1];
         rec.dispatch(Kernel::TokenShift, 0, &p, &[&s.xx, &s.tok_seq, &s.seq_start, st, vecs, &s.mixed], groups)
     }
 
