@@ -67,12 +67,13 @@ const V_FIRST: u32 = 7u;
 const V_GATE: u32 = 8u;
 
 // The activation a linear kernel applies before storing: 0 none, 1 tanh,
-// 2 sigmoid, 3 relu^2 (`gpu::kernels::Act`).
+// 2 sigmoid, 3 relu^2, 4 silu (`gpu::kernels::Act`).
 fn apply_act(v: f32, act: u32) -> f32 {
     switch act {
         case 1u: { return tanh_safe(v); }
         case 2u: { return sigmoid(v); }
         case 3u: { let r = max(v, 0.0); return r * r; }
+        case 4u: { return v * sigmoid(v); }
         default: { return v; }
     }
 }

@@ -1,11 +1,13 @@
 // Token shift with n_mix mixing vectors, four channels per invocation:
-//   out[m, n, c] = x[n, c] + (prev[n, c] - x[n, c]) * mix[m, c]
+//   out[m, n, c] = x[n, c] + (prev[n, c] - x[n, c]) * (mix[m, c] + extra[m, n, c])
 // where prev is the previous token of the same sequence, or the carried state
-// (the last token's x from the previous call) for the first token of a sequence.
-// The invocation of a sequence's first token also hands over the state for
-// the next call: state[b, c] = x[last token of b, c]. It is the only one to
-// touch state[b, c], and it reads before it writes, so no other ordering is
-// needed (sequences with no tokens keep their state).
+// (the last token's x from the previous call) for the first token of a
+// sequence, and `extra` (RWKV-6's data-dependent mix) is zero unless
+// extra_plane is set. With hand_over, the invocation of a sequence's first
+// token also hands over the state for the next call: state[b, c] = x[last
+// token of b, c]. It is the only one to touch state[b, c], and it reads
+// before it writes, so no other ordering is needed (sequences with no tokens
+// keep their state).
 // dim and every offset are multiples of 4 (vec4 loads: one per-lane load
 // where scalars take four on llvmpipe).
 
@@ -17,7 +19,11 @@ struct Params {
     state_stride: u32, // elements per sequence in state
     state_offset: u32, // this layer's shift state within a sequence
     out_plane: u32,    // elements between consecutive m in out
+    hand_over: u32,    // 1: write each sequence's last x into the state
+    extra_plane: u32,  // elements between consecutive m in extra; 0: no extra
     _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,6 +33,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> state: array<vec4<f32>>; // [n_seq, state_stride / 4]
 @group(0) @binding(5) var<storage, read> vecs: array<vec4<f32>>;      // per-layer vectors
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f32>>; // [n_mix, out_plane / 4]
+@group(0) @binding(7) var<storage, read> extra: array<vec4<f32>>;     // [n_mix, extra_plane / 4] if extra_plane > 0
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -42,12 +49,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (n == seq_start[b]) {
         let si = (b * p.state_stride + p.state_offset) / 4u + c;
         prev = state[si];
-        state[si] = x[(seq_start[b + 1u] - 1u) * d4 + c];
+        if (p.hand_over == 1u) {
+            state[si] = x[(seq_start[b + 1u] - 1u) * d4 + c];
+        }
     } else {
         prev = x[(n - 1u) * d4 + c];
     }
     let d = prev - cur;
     for (var m = 0u; m < p.n_mix; m++) {
-        out[(m * p.out_plane) / 4u + n * d4 + c] = cur + d * vecs[p.mix_offset / 4u + m * d4 + c];
+        var mix = vecs[p.mix_offset / 4u + m * d4 + c];
+        if (p.extra_plane > 0u) {
+            mix += extra[(m * p.extra_plane) / 4u + n * d4 + c];
+        }
+        out[(m * p.out_plane) / 4u + n * d4 + c] = cur + d * mix;
     }
 }

@@ -2,7 +2,7 @@
 //! weights in storage buffers (discrete GPUs) with the subgroup matrix kernel,
 //! and without subgroups at all (the 64-invocation kernels with shared-memory
 //! reductions). Each must match the golden logits and states like the
-//! default (texture) path in v7_golden.rs.
+//! default (texture) path in golden.rs.
 
 mod common;
 
@@ -17,7 +17,8 @@ fn check_path(what: &str, opts: GpuOptions) {
     let ctx = GpuContext::new(&opts).unwrap();
     assert_eq!(ctx.weight_store(), WeightStore::Buffer, "{what}");
     assert_eq!(ctx.subgroup_size().is_none(), opts.no_subgroups, "{what}");
-    for name in V7_FIXTURES {
+    let names = V7_FIXTURES.iter().chain(&["v6-L2-C128-V512-fp32", "v5.1-L3-C64-V512-fp16", "v4-L2-C128-V512-fp32"]);
+    for name in names {
         let mut model =
             Model::load(&ctx, model_path(name), &LoadOptions { chunk_tokens: 24, ..Default::default() }).unwrap();
         let g = Golden::load(name);

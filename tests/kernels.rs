@@ -80,6 +80,7 @@ fn act_ref(act: Act, x: f64) -> f64 {
         Act::Tanh => x.tanh(),
         Act::Sigmoid => sigmoid(x),
         Act::ReluSq => x.max(0.0).powi(2),
+        Act::Silu => x * sigmoid(x),
     }
 }
 
@@ -342,6 +343,8 @@ fn three_sequences() -> (Vec<u32>, Vec<u32>) {
     (seq_start, tok_seq)
 }
 
+/// Token shift with and without the state hand-over, and with RWKV-6's
+/// per-token extra mix.
 #[test]
 fn token_shift_and_state_hand_over() {
     let Some(ctx) = gpu() else { return };
@@ -354,50 +357,61 @@ fn token_shift_and_state_hand_over() {
     let state = rng.vec(n_seq * stride, 1.0);
     let vecs = rng.vec((1 + n_mix) * dim, 1.0); // mixes from slot 1
     let out_plane = n * dim + 4;
-    let (xb, sb, vb) = (
-        ctx.storage_f32("x", &x).unwrap(),
-        ctx.storage_f32("state", &state).unwrap(),
-        ctx.storage_f32("vecs", &vecs).unwrap(),
-    );
-    let (tsb, ssb) = (ctx.storage_u32("tok_seq", &tok_seq).unwrap(), ctx.storage_u32("seq_start", &seq_start).unwrap());
-    let out = zeros(&ctx, n_mix * out_plane);
-    let shift = TokenShiftParams {
-        n_tok: n as u32,
-        dim: dim as u32,
-        n_mix: n_mix as u32,
-        mix_offset: dim as u32,
-        state_stride: stride as u32,
-        state_offset: off as u32,
-        out_plane: out_plane as u32,
-        _pad: 0,
-    };
-    let rows = [(dim as u32 / 4).div_ceil(64), n as u32, 1];
-    run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &[&xb, &tsb, &ssb, &sb, &vb, &out], rows).unwrap());
-    let got = ctx.read_f32(&out).unwrap();
-    let mut want = vec![0.0; n_mix * out_plane];
-    for t in 0..n {
-        let b = tok_seq[t] as usize;
-        for c in 0..dim {
-            let cur = x[t * dim + c] as f64;
-            let prev = if t as u32 == seq_start[b] { state[b * stride + off + c] } else { x[(t - 1) * dim + c] } as f64;
-            for m in 0..n_mix {
-                want[m * out_plane + t * dim + c] = cur + (prev - cur) * vecs[(1 + m) * dim + c] as f64;
-            }
-        }
-    }
-    check("token_shift", &got, &want);
-
-    let got = ctx.read_f32(&sb).unwrap();
-    let mut want = f64s(&state);
-    for b in 0..n_seq {
-        let (s, e) = (seq_start[b] as usize, seq_start[b + 1] as usize);
-        if e > s {
+    let extra = rng.vec(n_mix * out_plane, 0.3);
+    for (hand_over, with_extra) in [(true, false), (false, true)] {
+        let (xb, sb, vb, eb) = (
+            ctx.storage_f32("x", &x).unwrap(),
+            ctx.storage_f32("state", &state).unwrap(),
+            ctx.storage_f32("vecs", &vecs).unwrap(),
+            ctx.storage_f32("extra", &extra).unwrap(),
+        );
+        let (tsb, ssb) =
+            (ctx.storage_u32("tok_seq", &tok_seq).unwrap(), ctx.storage_u32("seq_start", &seq_start).unwrap());
+        let out = zeros(&ctx, n_mix * out_plane);
+        let shift = TokenShiftParams {
+            n_tok: n as u32,
+            dim: dim as u32,
+            n_mix: n_mix as u32,
+            mix_offset: dim as u32,
+            state_stride: stride as u32,
+            state_offset: off as u32,
+            out_plane: out_plane as u32,
+            hand_over: hand_over as u32,
+            extra_plane: if with_extra { out_plane as u32 } else { 0 },
+            _pad: [0; 3],
+        };
+        let rows = [(dim as u32 / 4).div_ceil(64), n as u32, 1];
+        let bindings = [&xb, &tsb, &ssb, &sb, &vb, &out, &eb];
+        run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &bindings, rows).unwrap());
+        let got = ctx.read_f32(&out).unwrap();
+        let mut want = vec![0.0; n_mix * out_plane];
+        for t in 0..n {
+            let b = tok_seq[t] as usize;
             for c in 0..dim {
-                want[b * stride + off + c] = x[(e - 1) * dim + c] as f64;
+                let cur = x[t * dim + c] as f64;
+                let prev =
+                    if t as u32 == seq_start[b] { state[b * stride + off + c] } else { x[(t - 1) * dim + c] } as f64;
+                for m in 0..n_mix {
+                    let o = m * out_plane + t * dim + c;
+                    let e = if with_extra { extra[o] as f64 } else { 0.0 };
+                    want[o] = cur + (prev - cur) * (vecs[(1 + m) * dim + c] as f64 + e);
+                }
             }
         }
+        check(&format!("token_shift (hand over {hand_over}, extra {with_extra})"), &got, &want);
+
+        let got = ctx.read_f32(&sb).unwrap();
+        let mut want = f64s(&state);
+        for b in 0..n_seq {
+            let (s, e) = (seq_start[b] as usize, seq_start[b + 1] as usize);
+            if hand_over && e > s {
+                for c in 0..dim {
+                    want[b * stride + off + c] = x[(e - 1) * dim + c] as f64;
+                }
+            }
+        }
+        check(&format!("token_shift state (hand over {hand_over})"), &got, &want);
     }
-    check("token_shift state hand-over", &got, &want);
 }
 
 #[test]
@@ -580,7 +594,7 @@ fn wkv7_long_chunk() {
 }
 
 #[test]
-fn v7_out_group_norm_bonus_gate() {
+fn group_norm_bonus_gate() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(8);
     let (hs, nh, n, cap) = (40, 3, 5, 7);
@@ -589,42 +603,249 @@ fn v7_out_group_norm_bonus_gate() {
     let att = rng.vec(plane::COUNT as usize * p, 1.0);
     let y: Vec<f32> = rng.vec(n * dim, 3.0).iter().map(|v| v + 0.5).collect();
     let vecs = rng.vec(3 * dim, 1.0); // ln_x w, ln_x b, r_k
-    let (yb, ab, vb) = (
-        ctx.storage_f32("y", &y).unwrap(),
-        ctx.storage_f32("att", &att).unwrap(),
-        ctx.storage_f32("vecs", &vecs).unwrap(),
-    );
-    let params = V7OutParams {
-        n_tok: n as u32,
-        dim: dim as u32,
-        head_size: hs as u32,
-        plane: p as u32,
-        lnx_w: 0,
-        lnx_b: dim as u32,
-        r_k: 2 * dim as u32,
-        eps: 64e-5,
-    };
-    run(&ctx, |rec| rec.dispatch(Kernel::V7Out, 0, &params, &[&yb, &ab, &vb], [nh as u32, n as u32, 1]).unwrap());
-    let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
-    let mut want = vec![0f64; n * dim];
-    for t in 0..n {
-        for h in 0..nh {
-            let o = t * dim + h * hs;
-            let c0 = h * hs;
-            let gn = layer_norm(
-                &f64s(&y[o..o + hs]),
-                &f64s(&vecs[c0..c0 + hs]),
-                &f64s(&vecs[dim + c0..dim + c0 + hs]),
-                64e-5,
-            );
-            let bonus: f64 =
-                (0..hs).map(|j| g(plane::R, o + j) * g(plane::K, o + j) * vecs[2 * dim + c0 + j] as f64).sum();
-            for i in 0..hs {
-                want[o + i] = (gn[i] + bonus * g(plane::V, o + i)) * g(plane::G, o + i);
+                                      // v7 (bonus and gate), v5.1-v6 (gate), v5.0 (neither).
+    for (bonus, gate) in [(true, true), (false, true), (false, false)] {
+        let (yb, ab, vb) = (
+            ctx.storage_f32("y", &y).unwrap(),
+            ctx.storage_f32("att", &att).unwrap(),
+            ctx.storage_f32("vecs", &vecs).unwrap(),
+        );
+        let params = GroupNormParams {
+            n_tok: n as u32,
+            dim: dim as u32,
+            head_size: hs as u32,
+            plane: p as u32,
+            lnx_w: 0,
+            lnx_b: dim as u32,
+            r_k: 2 * dim as u32,
+            eps: 64e-5,
+            bonus: bonus as u32,
+            gate: gate as u32,
+            _pad: [0; 2],
+        };
+        let groups = [nh as u32, n as u32, 1];
+        run(&ctx, |rec| rec.dispatch(Kernel::GroupNorm, 0, &params, &[&yb, &ab, &vb], groups).unwrap());
+        let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
+        let mut want = vec![0f64; n * dim];
+        for t in 0..n {
+            for h in 0..nh {
+                let o = t * dim + h * hs;
+                let c0 = h * hs;
+                let gn = layer_norm(
+                    &f64s(&y[o..o + hs]),
+                    &f64s(&vecs[c0..c0 + hs]),
+                    &f64s(&vecs[dim + c0..dim + c0 + hs]),
+                    64e-5,
+                );
+                let r_k_sum: f64 =
+                    (0..hs).map(|j| g(plane::R, o + j) * g(plane::K, o + j) * vecs[2 * dim + c0 + j] as f64).sum();
+                for i in 0..hs {
+                    let mut v = gn[i];
+                    if bonus {
+                        v += r_k_sum * g(plane::V, o + i);
+                    }
+                    if gate {
+                        v *= g(plane::G, o + i);
+                    }
+                    want[o + i] = v;
+                }
             }
         }
+        check(&format!("group_norm (bonus {bonus}, gate {gate})"), &ctx.read_f32(&yb).unwrap(), &want);
     }
-    check("v7_out", &ctx.read_f32(&yb).unwrap(), &want);
+}
+
+/// The RWKV-5/6 WKV against the CPU, with a fixed (v5) and a per-token (v6)
+/// decay, over sequences of 4, 0 and 5 tokens and one of 600 (three runs).
+#[test]
+fn wkv5_fixed_and_dynamic_decay() {
+    let Some(ctx) = gpu() else { return };
+    for (seq_lens, dynamic, seed) in [(&[4usize, 0, 5][..], false, 20), (&[4, 0, 5], true, 21), (&[600, 3], true, 22)] {
+        let mut rng = Rng::new(seed);
+        let (hs, nh) = (64, 2);
+        let dim = nh * hs;
+        let mut seq_start = vec![0u32];
+        for l in seq_lens {
+            seq_start.push(seq_start.last().unwrap() + *l as u32);
+        }
+        let n = *seq_start.last().unwrap() as usize;
+        let n_seq = seq_lens.len();
+        let cap = n + 1;
+        let p = cap * dim;
+        let att = planes(&mut rng, n, dim, cap);
+        // vecs: u, then the decay: fixed w in (0.5, 1), or the time_decay
+        // added to plane W before exp(-exp(.)).
+        let mut vecs = rng.vec(2 * dim, 0.5);
+        if !dynamic {
+            vecs[dim..].iter_mut().for_each(|w| *w = 0.75 + 0.24 * *w);
+        }
+        let (stride, off) = (nh * hs * hs + 5, 3);
+        let state = rng.vec(n_seq * stride, 0.5);
+        let (ab, ssb, sb, vb) = (
+            ctx.storage_f32("att", &att).unwrap(),
+            ctx.storage_u32("seq_start", &seq_start).unwrap(),
+            ctx.storage_f32("state", &state).unwrap(),
+            ctx.storage_f32("vecs", &vecs).unwrap(),
+        );
+        let yb = zeros(&ctx, n * dim);
+        let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
+        run(&ctx, |rec| {
+            for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+                let params = Wkv5Params {
+                    n_seq: n_seq as u32,
+                    n_head: nh as u32,
+                    head_size: hs as u32,
+                    dim: dim as u32,
+                    plane: p as u32,
+                    state_stride: stride as u32,
+                    state_offset: off as u32,
+                    t_first,
+                    t_count: WKV_TOKENS_PER_DISPATCH,
+                    u_offset: 0,
+                    w_offset: dim as u32,
+                    w_dynamic: dynamic as u32,
+                };
+                let groups = [nh as u32, n_seq as u32, 1];
+                rec.dispatch(Kernel::Wkv5, 0, &params, &[&ab, &ssb, &sb, &yb, &vb], groups).unwrap();
+            }
+        });
+        let mut s = f64s(&state);
+        let mut y = vec![0f64; n * dim];
+        let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
+        for b in 0..n_seq {
+            for t in seq_start[b] as usize..seq_start[b + 1] as usize {
+                for h in 0..nh {
+                    let base = t * dim + h * hs;
+                    let w: Vec<f64> = (0..hs)
+                        .map(|j| {
+                            let d = vecs[dim + h * hs + j] as f64;
+                            if dynamic {
+                                (-(d + g(plane::W, base + j)).exp()).exp()
+                            } else {
+                                d
+                            }
+                        })
+                        .collect();
+                    for i in 0..hs {
+                        let mut acc = 0.0;
+                        for j in 0..hs {
+                            let si = b * stride + off + h * hs * hs + j * hs + i; // [head, key j, value i]
+                            let kv = g(plane::K, base + j) * g(plane::V, base + i);
+                            acc += g(plane::R, base + j) * (vecs[h * hs + j] as f64 * kv + s[si]);
+                            s[si] = kv + w[j] * s[si];
+                        }
+                        y[base + i] = acc;
+                    }
+                }
+            }
+        }
+        let what = format!("wkv5 (dynamic {dynamic}) lens={seq_lens:?}");
+        check(&format!("{what} y"), &ctx.read_f32(&yb).unwrap(), &y);
+        check(&format!("{what} state"), &ctx.read_f32(&sb).unwrap(), &s);
+    }
+}
+
+/// The RWKV-4 WKV against the CPU (the same running-max form in f64), and
+/// finite over 10,000 tokens of one repeated input with a large k.
+#[test]
+fn wkv4_recurrence_and_long_run() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    let dim = 12;
+    for seq_lens in [vec![4usize, 0, 5], vec![10_000]] {
+        let long = seq_lens[0] == 10_000;
+        let mut seq_start = vec![0u32];
+        for l in &seq_lens {
+            seq_start.push(seq_start.last().unwrap() + *l as u32);
+        }
+        let n = *seq_start.last().unwrap() as usize;
+        let n_seq = seq_lens.len();
+        let p = n * dim;
+        let mut att = rng.vec(plane::COUNT as usize * p, 1.0);
+        if long {
+            // One token repeated: k = 30 (e^30 overflows nothing only in the
+            // running-max form), the same v and r everywhere.
+            for t in 0..n {
+                for c in 0..dim {
+                    att[plane::K as usize * p + t * dim + c] = 30.0;
+                    att[plane::V as usize * p + t * dim + c] = att[plane::V as usize * p + c];
+                    att[plane::R as usize * p + t * dim + c] = 0.5;
+                }
+            }
+        }
+        // u, then w = -exp(decay) < 0.
+        let mut vecs = rng.vec(2 * dim, 1.0);
+        vecs[dim..].iter_mut().for_each(|w| *w = -(*w as f64).exp() as f32);
+        let (stride, off) = (3 * dim + 4, 4);
+        let mut state = rng.vec(n_seq * stride, 1.0);
+        for b in 0..n_seq {
+            for c in 0..dim {
+                state[b * stride + off + dim + c] = state[b * stride + off + dim + c].abs() + 0.1;
+                // bb > 0
+            }
+        }
+        let (ab, ssb, sb, vb) = (
+            ctx.storage_f32("att", &att).unwrap(),
+            ctx.storage_u32("seq_start", &seq_start).unwrap(),
+            ctx.storage_f32("state", &state).unwrap(),
+            ctx.storage_f32("vecs", &vecs).unwrap(),
+        );
+        let yb = zeros(&ctx, n * dim);
+        let params = Wkv4Params {
+            n_seq: n_seq as u32,
+            dim: dim as u32,
+            plane: p as u32,
+            state_stride: stride as u32,
+            state_offset: off as u32,
+            u_offset: 0,
+            w_offset: dim as u32,
+            _pad: 0,
+        };
+        let groups = [(dim as u32).div_ceil(64), n_seq as u32, 1];
+        run(&ctx, |rec| rec.dispatch(Kernel::Wkv4, 0, &params, &[&ab, &ssb, &sb, &yb, &vb], groups).unwrap());
+        let mut s = f64s(&state);
+        let mut y = vec![0f64; n * dim];
+        let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
+        for b in 0..n_seq {
+            for c in 0..dim {
+                let si = b * stride + off + c;
+                let (u, w) = (vecs[c] as f64, vecs[dim + c] as f64);
+                let (mut aa, mut bb, mut pp) = (s[si], s[si + dim], s[si + 2 * dim]);
+                for t in seq_start[b] as usize..seq_start[b + 1] as usize {
+                    let (k, v) = (g(plane::K, t * dim + c), g(plane::V, t * dim + c));
+                    let ww = u + k;
+                    let q = pp.max(ww);
+                    let (e1, e2) = ((pp - q).exp(), (ww - q).exp());
+                    y[t * dim + c] = g(plane::R, t * dim + c) * (e1 * aa + e2 * v) / (e1 * bb + e2);
+                    let ww = pp + w;
+                    let q = ww.max(k);
+                    let (e1, e2) = ((ww - q).exp(), (k - q).exp());
+                    aa = e1 * aa + e2 * v;
+                    bb = e1 * bb + e2;
+                    pp = q;
+                }
+                (s[si], s[si + dim], s[si + 2 * dim]) = (aa, bb, pp);
+            }
+        }
+        let got = ctx.read_f32(&yb).unwrap();
+        assert!(got.iter().all(|v| v.is_finite()), "wkv4: non-finite output over {seq_lens:?} tokens");
+        check(&format!("wkv4 y lens={}", seq_lens.len()), &got, &y);
+        check(&format!("wkv4 state lens={}", seq_lens.len()), &ctx.read_f32(&sb).unwrap(), &s);
+    }
+}
+
+#[test]
+fn mul_add_rows() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng::new(24);
+    let (n, dim) = (3, 24);
+    let (a, b, x) = (rng.vec(n * dim + 8, 1.0), rng.vec(n * dim + 4, 1.0), rng.vec(n * dim, 1.0));
+    let (ab, bb, xb) =
+        (ctx.storage_f32("a", &a).unwrap(), ctx.storage_f32("b", &b).unwrap(), ctx.storage_f32("x", &x).unwrap());
+    let p = MulAddParams { n_tok: n as u32, dim: dim as u32, a_offset: 8, b_offset: 4 };
+    run(&ctx, |rec| rec.dispatch(Kernel::MulAdd, 0, &p, &[&ab, &bb, &xb], [1, n as u32, 1]).unwrap());
+    let want: Vec<f64> = (0..n * dim).map(|i| x[i] as f64 + a[8 + i] as f64 * b[4 + i] as f64).collect();
+    check("mul_add", &ctx.read_f32(&xb).unwrap(), &want);
 }
 
 /// A matrix larger than the adapter's storage-binding limit (lavapipe: 128

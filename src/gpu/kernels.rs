@@ -26,7 +26,10 @@ pub enum Kernel {
     V7Prep,
     Wkv7,
     Wkv7Tex,
-    V7Out,
+    Wkv5,
+    Wkv4,
+    GroupNorm,
+    MulAdd,
 }
 
 impl Kernel {
@@ -41,7 +44,10 @@ impl Kernel {
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Wkv7Tex => include_str!("../../shaders/wkv7_tex.wgsl"),
-            Kernel::V7Out => include_str!("../../shaders/v7_out.wgsl"),
+            Kernel::Wkv5 => include_str!("../../shaders/wkv5.wgsl"),
+            Kernel::Wkv4 => include_str!("../../shaders/wkv4.wgsl"),
+            Kernel::GroupNorm => include_str!("../../shaders/group_norm.wgsl"),
+            Kernel::MulAdd => include_str!("../../shaders/mul_add.wgsl"),
         }
     }
 }
@@ -81,6 +87,8 @@ pub enum Act {
     Sigmoid = 2,
     /// relu(x)², the RWKV channel-mix key activation.
     ReluSq = 3,
+    /// x · sigmoid(x), the RWKV-5/6 gate.
+    Silu = 4,
 }
 
 /// `linear.wgsl`: Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i]).
@@ -127,7 +135,7 @@ pub struct LayerNormParams {
     pub _pad: u32,
 }
 
-/// `token_shift.wgsl`: out[m, n, c] = x + (prev - x) * mix[m, c].
+/// `token_shift.wgsl`: out[m, n, c] = x + (prev - x) * (mix[m, c] + extra[m, n, c]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct TokenShiftParams {
@@ -138,7 +146,21 @@ pub struct TokenShiftParams {
     pub state_stride: u32,
     pub state_offset: u32,
     pub out_plane: u32,
-    pub _pad: u32,
+    /// 1: each sequence's last x becomes its state.
+    pub hand_over: u32,
+    /// Elements between the planes of `extra`; 0: no extra (binding unused).
+    pub extra_plane: u32,
+    pub _pad: [u32; 3],
+}
+
+/// `mul_add.wgsl`: x[n, c] += a[n, c] * b[n, c].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct MulAddParams {
+    pub n_tok: u32,
+    pub dim: u32,
+    pub a_offset: u32,
+    pub b_offset: u32,
 }
 
 /// `gather_rows.wgsl`: out[r, :] = x[rows[r], :].
@@ -283,10 +305,10 @@ pub fn record_wkv7<'a>(
     Ok(())
 }
 
-/// `v7_out.wgsl`: group norm, the r·k·r_k bonus and the gate.
+/// `group_norm.wgsl`: per-head group norm, then v7's r·k·r_k bonus and the gate.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
-pub struct V7OutParams {
+pub struct GroupNormParams {
     pub n_tok: u32,
     pub dim: u32,
     pub head_size: u32,
@@ -295,6 +317,41 @@ pub struct V7OutParams {
     pub lnx_b: u32,
     pub r_k: u32,
     pub eps: f32,
+    pub bonus: u32,
+    pub gate: u32,
+    pub _pad: [u32; 2],
+}
+
+/// `wkv5.wgsl`: the RWKV-5/6 state recurrence, one workgroup per (head, sequence).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Wkv5Params {
+    pub n_seq: u32,
+    pub n_head: u32,
+    pub head_size: u32,
+    pub dim: u32,
+    pub plane: u32,
+    pub state_stride: u32,
+    pub state_offset: u32,
+    pub t_first: u32,
+    pub t_count: u32,
+    pub u_offset: u32,
+    pub w_offset: u32,
+    pub w_dynamic: u32,
+}
+
+/// `wkv4.wgsl`: the RWKV-4 recurrence, one invocation per (channel, sequence).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct Wkv4Params {
+    pub n_seq: u32,
+    pub dim: u32,
+    pub plane: u32,
+    pub state_stride: u32,
+    pub state_offset: u32,
+    pub u_offset: u32,
+    pub w_offset: u32,
+    pub _pad: u32,
 }
 
 /// Plane indices of the RWKV-7 time-mix activation buffer `[PLANES, tokens, C]`.

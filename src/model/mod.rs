@@ -1,7 +1,13 @@
 //! Loading a checkpoint, detecting its RWKV generation, and running it over
 //! batches of token sequences in bounded chunks.
 
+mod runtime;
+pub mod v4;
+pub mod v5;
+pub mod v6;
 pub mod v7;
+
+pub use runtime::{GN_EPS, LN_EPS};
 
 use std::fmt;
 use std::path::Path;
@@ -173,13 +179,9 @@ pub struct Chunk {
     pub head_rows: Vec<u32>,
 }
 
-enum Inner {
-    V7(v7::V7),
-}
-
 /// A loaded model, ready to run.
 pub struct Model {
-    inner: Inner,
+    rt: runtime::Runtime,
     chunk_tokens: usize,
 }
 
@@ -200,30 +202,21 @@ impl Model {
             done: std::cell::Cell::new(0),
             progress: opts.progress.clone(),
         };
-        let inner = match version {
-            Version::V7 => Inner::V7(v7::V7::load(&uploader, file)?),
-            other => {
-                return Err(Error::UnsupportedVersion { path: file.path().to_path_buf(), version: other.to_string() })
-            }
-        };
+        let rt = runtime::Runtime::load(&uploader, file, version)?;
         // Weights live on the GPU; the model keeps the file mapping for the
         // embedding rows only (their pages were dropped during the upload).
-        let mut model = Self { inner, chunk_tokens: 1 };
+        let mut model = Self { rt, chunk_tokens: 1 };
         model.set_chunk_tokens(opts.chunk_tokens)?;
         Ok(model)
     }
 
     pub fn info(&self) -> &ModelInfo {
-        match &self.inner {
-            Inner::V7(m) => &m.info,
-        }
+        &self.rt.info
     }
 
     /// A fresh (zero) state for `batch` sequences.
     pub fn new_state(&self, batch: usize) -> Result<State> {
-        match &self.inner {
-            Inner::V7(m) => m.new_state(batch),
-        }
+        self.rt.new_state(batch)
     }
 
     pub fn chunk_tokens(&self) -> usize {
@@ -236,9 +229,7 @@ impl Model {
         if n == 0 {
             return Err(Error::InvalidArgument("the chunk size must be at least 1 token".into()));
         }
-        let max = match &self.inner {
-            Inner::V7(m) => m.max_chunk_tokens(),
-        };
+        let max = self.rt.max_chunk_tokens();
         self.chunk_tokens = n.min(max);
         Ok(())
     }
@@ -255,9 +246,7 @@ impl Model {
                 state.batch()
             )));
         }
-        let expected = match &self.inner {
-            Inner::V7(m) => m.state_layout().stride,
-        };
+        let expected = self.rt.layout.stride;
         if state.layout().n_layer != n_layer || state.layout().stride != expected {
             return Err(Error::InvalidArgument("the state was made for a different model".into()));
         }
@@ -322,9 +311,7 @@ impl Model {
                 pos[b] += take[b];
             }
             chunk.seq_start.push(chunk.tokens.len() as u32);
-            let logits = match &mut self.inner {
-                Inner::V7(m) => m.step(state, &chunk, cap)?,
-            };
+            let logits = self.rt.step(state, &chunk, cap)?;
             for (row, &b) in owners.iter().enumerate() {
                 out[b].extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
             }

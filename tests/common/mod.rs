@@ -37,6 +37,25 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 pub const V7_FIXTURES: [&str; 3] = ["v7-L2-C128-V512-fp32", "v7-L2-C128-V512-bf16", "v7-L3-C64-V512-fp16-l0v"];
 
+/// Every generation's fixtures (from ../shared/fixtures): v7 first, then v6,
+/// 5.2, 5.1, 5.0 and 4, each as fp32 (2 layers, 2 heads) and fp16 (3 layers,
+/// one head, whose 5.0/5.1 per-head tensors have shape [1]).
+pub const ALL_FIXTURES: [&str; 13] = [
+    "v7-L2-C128-V512-fp32",
+    "v7-L2-C128-V512-bf16",
+    "v7-L3-C64-V512-fp16-l0v",
+    "v6-L2-C128-V512-fp32",
+    "v6-L3-C64-V512-fp16",
+    "v5.2-L2-C128-V512-fp32",
+    "v5.2-L3-C64-V512-fp16",
+    "v5.1-L2-C128-V512-fp32",
+    "v5.1-L3-C64-V512-fp16",
+    "v5.0-L2-C128-V512-fp32",
+    "v5.0-L3-C64-V512-fp16",
+    "v4-L2-C128-V512-fp32",
+    "v4-L3-C64-V512-fp16",
+];
+
 pub fn model_path(name: &str) -> PathBuf {
     fixture(&format!("models/{name}.safetensors"))
 }

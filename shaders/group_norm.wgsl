@@ -1,9 +1,9 @@
-// RWKV-7 time-mix output, one workgroup per (head, token), in place on y;
-// each invocation takes four channels of the head at a time (head size and
-// dim multiples of 4: vec4 loads):
-//   y = GroupNorm(y) * ln_x.weight + ln_x.bias       (per head, eps 64e-5, biased variance)
-//   y = y + (sum_j r[j] * k[j] * r_k[h, j]) * v       (the bonus)
-//   y = y * g                                         (the gate)
+// The time-mix output of RWKV-5, 6 and 7, one workgroup per (head, token),
+// in place on y; each invocation takes four channels of the head at a time
+// (head size and dim multiples of 4: vec4 loads):
+//   y = GroupNorm(y) * ln_x.weight + ln_x.bias       (per head, biased variance)
+//   y = y + (sum_j r[j] * k[j] * r_k[h, j]) * v       (v7's bonus, if `bonus`)
+//   y = y * g                                         (the gate, if `gate`; g from att plane G)
 
 struct Params {
     n_tok: u32,
@@ -14,6 +14,10 @@ struct Params {
     lnx_b: u32,
     r_k: u32,   // r_k [n_head, head_size] flattened to [dim]
     eps: f32,
+    bonus: u32, // 1: add v7's bonus (reads planes R, K, V and r_k)
+    gate: u32,  // 1: multiply by plane G
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -37,7 +41,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var bonus = vec4<f32>(0.0);
     for (var j = lid; j < hs4; j += GS) {
         s += y[base + j];
-        bonus += att[R * pl + base + j] * att[K * pl + base + j] * vecs[p.r_k / 4u + ch + j];
+        if (p.bonus == 1u) {
+            bonus += att[R * pl + base + j] * att[K * pl + base + j] * vecs[p.r_k / 4u + ch + j];
+        }
     }
     let mean = group_sum(hsum(s), lid) / f32(p.head_size);
     let bonus_sum = group_sum(hsum(bonus), lid);
@@ -51,6 +57,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let c = ch + j;
         let i = base + j;
         let normed = (y[i] - mean) * rstd * vecs[p.lnx_w / 4u + c] + vecs[p.lnx_b / 4u + c];
-        y[i] = (normed + bonus_sum * att[V * pl + i]) * att[G * pl + i];
+        var out = normed;
+        if (p.bonus == 1u) {
+            out += bonus_sum * att[V * pl + i];
+        }
+        if (p.gate == 1u) {
+            out *= att[G * pl + i];
+        }
+        y[i] = out;
     }
 }

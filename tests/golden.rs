@@ -1,4 +1,5 @@
-//! End-to-end RWKV-7 numerics against the float64 golden logits and states.
+//! End-to-end numerics of every RWKV generation against the float64 golden
+//! logits and states of the fixtures.
 
 mod common;
 
@@ -39,7 +40,7 @@ fn assert_state_matches(what: &str, state: &StateData, g: &Golden, prefix: &str)
 
 #[test]
 fn logits_match_golden_at_every_position() {
-    for name in V7_FIXTURES {
+    for name in ALL_FIXTURES {
         let Some(mut model) = load(name, 256) else { return };
         let g = Golden::load(name);
         let mut state = model.new_state(1).unwrap();
@@ -51,7 +52,7 @@ fn logits_match_golden_at_every_position() {
 
 #[test]
 fn chunkings_agree_and_state40_hands_over() {
-    for name in V7_FIXTURES {
+    for name in ALL_FIXTURES {
         let Some(mut model) = load(name, 256) else { return };
         let g = Golden::load(name);
         let t = &g.tokens;
@@ -129,7 +130,13 @@ fn long_steps_match_short_steps() {
 
 #[test]
 fn batch_of_uneven_sequences_equals_single_runs() {
-    let name = "v7-L2-C128-V512-fp32";
+    for name in ["v7-L2-C128-V512-fp32", "v6-L2-C128-V512-fp32", "v5.2-L2-C128-V512-fp32", "v5.0-L3-C64-V512-fp16"] {
+        batch_equals_single_runs(name);
+    }
+    batch_equals_single_runs("v4-L2-C128-V512-fp32");
+}
+
+fn batch_equals_single_runs(name: &str) {
     // A small chunk cap so that the batch is split over many steps, with
     // sequences finishing in different steps.
     let Some(mut model) = load(name, 16) else { return };
@@ -149,7 +156,39 @@ fn batch_of_uneven_sequences_equals_single_runs() {
         assert_eq!(state.read(i).unwrap(), single_state.read(0).unwrap(), "sequence {i}: state");
     }
     // The first sequence is the golden one.
-    assert_matches_golden("batch seq 0", &batched[0], &g.logits, g.vocab);
+    assert_matches_golden(&format!("{name} batch seq 0"), &batched[0], &g.logits, g.vocab);
+}
+
+/// How far the logits after 10,000 repeated tokens may be from those after the
+/// last 2,000 alone. Every fixture decay is e^w with w = -exp(time_decay) well
+/// below 0, so 8,000 tokens of the same input wash the start out to far below
+/// f32 resolution; what is left is f32 rounding over the two runs (measured
+/// 3.9e-7). A state that overflowed, went NaN or stopped updating would be
+/// off by O(1).
+const FORGOTTEN_CONTEXT_REL_L2: f64 = 1e-5;
+
+/// RWKV-4 keeps its sums over a running maximum exponent, so 10,000 tokens of
+/// one repeated token stay finite (a plain exp(k) sum would overflow f32).
+#[test]
+fn v4_stays_finite_over_10000_repeated_tokens() {
+    let name = "v4-L2-C128-V512-fp32";
+    let Some(mut model) = load(name, 256) else { return };
+    let tokens = vec![7u32; 10_000];
+    let mut state = model.new_state(1).unwrap();
+    let logits = model.forward(&mut state, &[&tokens], LogitsMode::All).unwrap().remove(0);
+    assert_eq!(logits.len(), 10_000 * 512);
+    assert!(logits.iter().all(|v| v.is_finite()), "v4 logits went non-finite");
+    for (field, _, values) in state.read(0).unwrap().fields {
+        assert!(values.iter().all(|v| v.is_finite()), "v4 state.{field} went non-finite");
+    }
+    // The last logits agree with a fresh run of the last 2,000 tokens only
+    // if the state is still meaningful (the decays forget the first 8,000).
+    let last = &logits[9_999 * 512..];
+    let mut fresh = model.new_state(1).unwrap();
+    let short = model.forward(&mut fresh, &[&tokens[8_000..]], LogitsMode::Last).unwrap().remove(0);
+    let err = rel_l2(last, &short);
+    eprintln!("v4 after 10,000 vs 2,000 repeated tokens: {err:.3e}");
+    assert!(err <= FORGOTTEN_CONTEXT_REL_L2, "v4 after 10,000 vs 2,000 repeated tokens: {err:.3e}");
 }
 
 #[test]

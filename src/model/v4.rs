@@ -1,0 +1,177 @@
+//! RWKV-4 on the GPU.
+//!
+//! Per layer, for the tokens x of a chunk (rows n, channels c):
+//!  1. xx = LayerNorm(x, ln1); shifted = token shift of xx against att_x state
+//!  2. xr, xk, xv = xx * time_mix + shifted * (1 - time_mix)
+//!  3. r = sigmoid(xr Wr), k = xk Wk, v = xv Wv
+//!  4. per channel, with u = time_first and w = -exp(time_decay):
+//!       y = r * (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+//!               / (sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t})
+//!     kept as (aa, bb, pp): numerator and denominator over a common exponent
+//!     pp, so nothing overflows however long the context (`wkv4.wgsl`)
+//!  5. x = x + y Wo
+//!  6. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
+//!  7. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+//!
+//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+
+use crate::error::Result;
+use crate::gpu::kernels::{plane, Act, Wkv4Params, WG};
+use crate::gpu::{GpuBuffer, Kernel, Recorder};
+use crate::matrix::Matrix;
+use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
+use crate::model::{Chunk, ModelInfo, Version};
+use crate::state::{State, StateLayout};
+
+// Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`. The token-shift
+// mixes come in the order of the mixed planes (r, k, v), stored as
+// 1 - time_mix (see v5.rs).
+const MIX_R: usize = 0; // r, k, v at 0..3
+const FIRST: usize = 3; // u = time_first
+const DECAY: usize = 4; // w = -exp(time_decay)
+const LN1_W: usize = 5;
+const LN1_B: usize = 6;
+const LN2_W: usize = 7;
+const LN2_B: usize = 8;
+const FFN_MIX_K: usize = 9; // k, r at 9, 10
+const VEC_COUNT: usize = 11;
+
+/// The zero state's pp (the exponent of empty sums), as in the official code.
+const PP_INIT: f32 = -1e30;
+
+pub(crate) struct Block {
+    vecs: GpuBuffer, // [VEC_COUNT, C] f32
+    receptance: Matrix,
+    key: Matrix,
+    value: Matrix,
+    output: Matrix,
+    ffn_key: Matrix,        // [F, C]
+    ffn_value: Matrix,      // [C, F]
+    ffn_receptance: Matrix, // [C, C]
+}
+
+/// Per layer and sequence: `att_x`, `ffn_x`, `aa`, `bb`, `pp`, each [C].
+fn state_layout(n_layer: usize, c: usize) -> StateLayout {
+    StateLayout::new(
+        n_layer,
+        &[
+            ("att_x", vec![c], 0.0),
+            ("ffn_x", vec![c], 0.0),
+            ("aa", vec![c], 0.0),
+            ("bb", vec![c], 0.0),
+            ("pp", vec![c], PP_INIT),
+        ],
+    )
+}
+
+/// The blocks of an RWKV-4 checkpoint, one line per official tensor name.
+pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo, StateLayout)> {
+    let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
+    let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(0);
+    let mix = [1, 1, c];
+    let mut blocks = Vec::with_capacity(n_layer);
+    let mut gpu_bytes = 0;
+    for l in 0..n_layer {
+        let p = format!("blocks.{l}.");
+        let mut v = vec![0f32; VEC_COUNT * c];
+        let mut put = |slot: usize, values: Vec<f32>| v[slot * c..(slot + 1) * c].copy_from_slice(&values);
+        for (i, n) in ["r", "k", "v"].iter().enumerate() {
+            let m = ld.vector(&format!("{p}att.time_mix_{n}"), &mix)?;
+            put(MIX_R + i, m.iter().map(|m| 1.0 - m).collect());
+        }
+        for (i, n) in ["k", "r"].iter().enumerate() {
+            let m = ld.vector(&format!("{p}ffn.time_mix_{n}"), &mix)?;
+            put(FFN_MIX_K + i, m.iter().map(|m| 1.0 - m).collect());
+        }
+        put(FIRST, ld.vector(&format!("{p}att.time_first"), &[c])?);
+        // w = -exp(time_decay), in f64 and rounded once.
+        let decay = ld.vector(&format!("{p}att.time_decay"), &[c])?;
+        put(DECAY, decay.iter().map(|&t| -(t as f64).exp() as f32).collect());
+        put(LN1_W, ld.vector(&format!("{p}ln1.weight"), &[c])?);
+        put(LN1_B, ld.vector(&format!("{p}ln1.bias"), &[c])?);
+        put(LN2_W, ld.vector(&format!("{p}ln2.weight"), &[c])?);
+        put(LN2_B, ld.vector(&format!("{p}ln2.bias"), &[c])?);
+        let b = Block {
+            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            receptance: ld.mat(&format!("{p}att.receptance.weight"), c, c)?,
+            key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
+            value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
+            output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
+            ffn_key: ld.mat(&format!("{p}ffn.key.weight"), ffn, c)?,
+            ffn_value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
+            ffn_receptance: ld.mat(&format!("{p}ffn.receptance.weight"), c, c)?,
+        };
+        gpu_bytes += b.vecs.size()
+            + [&b.receptance, &b.key, &b.value, &b.output, &b.ffn_key, &b.ffn_value, &b.ffn_receptance]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<u64>();
+        blocks.push(b);
+    }
+    let info = ModelInfo {
+        version: Version::V4,
+        n_layer,
+        n_embd: c,
+        n_head: 0,
+        head_size: 0,
+        vocab: d.vocab,
+        ffn,
+        lora: Vec::new(),
+        dtype: d.dtype,
+        parameters: 0,
+        weight_bytes: 0,
+        gpu_weight_bytes: gpu_bytes,
+        state_bytes_per_sequence: 0,
+    };
+    Ok((Layers::V4(blocks), info, state_layout(n_layer, c)))
+}
+
+/// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
+pub(crate) fn record<'a>(
+    rt: &'a Runtime,
+    blocks: &'a [Block],
+    rec: &mut Recorder<'a>,
+    s: &'a Scratch,
+    state: &'a State,
+    chunk: &Chunk,
+) -> Result<()> {
+    let n = chunk.tokens.len();
+    let c = rt.info.n_embd;
+    let at = |p: u32| p as usize * s.plane_len(c); // plane p of mixed or att
+    let (att_x, ffn_x, aa) = (0, c, 2 * c); // offsets within a layer's state
+    for (l, b) in blocks.iter().enumerate() {
+        let st = &state.layers[l];
+        // 1-2. xx = ln1(x); the mixes into mixed planes 0.. (r, k, v), and
+        // xx's last row of each sequence into the state, for the next call.
+        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        rt.token_shift(rec, s, st, &b.vecs, n, 3, MIX_R, att_x, true, false)?;
+
+        // 3. r, k, v projections into the planes of att.
+        b.receptance.linear(rec, &s.mixed, at(0), &s.att, at(plane::R), n, Act::Sigmoid, false)?;
+        b.key.linear(rec, &s.mixed, at(1), &s.att, at(plane::K), n, Act::None, false)?;
+        b.value.linear(rec, &s.mixed, at(2), &s.att, at(plane::V), n, Act::None, false)?;
+
+        // 4. the WKV, one invocation per (channel, sequence).
+        let p = Wkv4Params {
+            n_seq: state.batch() as u32,
+            dim: c as u32,
+            plane: s.plane_len(c) as u32,
+            state_stride: rt.layout.stride as u32,
+            state_offset: aa as u32,
+            u_offset: (FIRST * c) as u32,
+            w_offset: (DECAY * c) as u32,
+            _pad: 0,
+        };
+        let groups = [(c as u32).div_ceil(WG), state.batch() as u32, 1];
+        rec.dispatch(Kernel::Wkv4, 0, &p, &[&s.att, &s.seq_start, st, &s.y, &b.vecs], groups)?;
+
+        // 5. x += y Wo.
+        b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
+
+        // 6-7. channel mix.
+        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
+        rt.token_shift(rec, s, st, &b.vecs, n, 2, FFN_MIX_K, ffn_x, true, false)?;
+        rt.channel_mix(rec, s, n, &b.ffn_key, &b.ffn_value, &b.ffn_receptance)?;
+    }
+    Ok(())
+}

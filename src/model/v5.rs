@@ -1,0 +1,248 @@
+//! RWKV-5 "Eagle" (5.0, 5.1, 5.2) on the GPU.
+//!
+//! Per layer, for the tokens x of a chunk (rows n, channels c):
+//!  1. xx = LayerNorm(x, ln1); shifted = token shift of xx against att_x state
+//!  2. xr, xk, xv, xg = xx * time_mix + shifted * (1 - time_mix)   (5.0: no xg)
+//!  3. r = xr Wr, k = xk Wk, v = xv Wv, g = silu(xg Wg)             (5.0: no g)
+//!  4. per head, state S [key j, value i]:
+//!       y[i] = sum_j r[j] (u[j] k[j] v[i] + S[j, i]);  S[j, i] = k[j] v[i] + w[j] S[j, i]
+//!     with w = exp(-exp(time_decay)) and u = time_faaaa (5.2, per channel) or
+//!     u = exp(time_first) (5.0/5.1, whose decay and bonus are per head)
+//!  5. y = GroupNorm(y, ln_x, eps 64e-5) (* g)
+//!  6. x = x + y Wo
+//!  7. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
+//!  8. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+//!
+//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::{plane, Act, Wkv5Params, WKV_TOKENS_PER_DISPATCH};
+use crate::gpu::{GpuBuffer, Kernel, Recorder};
+use crate::matrix::Matrix;
+use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
+use crate::model::{Chunk, ModelInfo, Version};
+use crate::state::{State, StateLayout};
+
+/// Head size of every RWKV-5 and RWKV-6 checkpoint.
+pub const HEAD_SIZE: usize = 64;
+
+// Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`. The token-shift
+// mixes come in the order of the mixed planes (r, k, v, g), stored as
+// 1 - time_mix so that the shift kernel's x + (prev - x) * m is
+// x * time_mix + prev * (1 - time_mix).
+const MIX_R: usize = 0; // r, k, v, g at 0..4
+const DECAY: usize = 4; // w = exp(-exp(time_decay)) per channel
+const BONUS: usize = 5; // u per channel
+const LNX_W: usize = 6; // and ln_x.bias at 7
+const LN1_W: usize = 8;
+const LN1_B: usize = 9;
+const LN2_W: usize = 10;
+const LN2_B: usize = 11;
+const FFN_MIX_K: usize = 12; // k, r at 12, 13
+const VEC_COUNT: usize = 14;
+
+pub(crate) struct Block {
+    vecs: GpuBuffer, // [VEC_COUNT, C] f32
+    receptance: Matrix,
+    key: Matrix,
+    value: Matrix,
+    gate: Option<Matrix>, // absent in 5.0
+    output: Matrix,
+    ffn_key: Matrix,        // [F, C]
+    ffn_value: Matrix,      // [C, F]
+    ffn_receptance: Matrix, // [C, C]
+}
+
+/// Per layer and sequence: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`
+/// indexed [head, key j, value i] (v5 and v6).
+pub(crate) fn state_layout(n_layer: usize, c: usize, n_head: usize) -> StateLayout {
+    StateLayout::new(
+        n_layer,
+        &[("att_x", vec![c], 0.0), ("ffn_x", vec![c], 0.0), ("att_kv", vec![n_head, HEAD_SIZE, HEAD_SIZE], 0.0)],
+    )
+}
+
+/// The heads of a v5/v6 checkpoint: C / 64, checked against `time_faaaa` or
+/// `time_decay` (whose per-head shapes are [H], or [1] for one head).
+pub(crate) fn heads(f: &crate::loader::SafeTensorsFile, c: usize, per_head: &str) -> Result<usize> {
+    let shape = f.shape(per_head).ok_or_else(|| Error::MissingTensor { name: per_head.into() })?;
+    let h = shape.first().copied().unwrap_or(0);
+    if !c.is_multiple_of(HEAD_SIZE) || h * HEAD_SIZE != c {
+        return Err(Error::ShapeMismatch {
+            name: per_head.into(),
+            expected: vec![c / HEAD_SIZE],
+            found: shape.to_vec(),
+        });
+    }
+    Ok(h)
+}
+
+/// A per-head or per-channel vector (`[H]` or `[H, N]`) as one value per channel.
+fn per_channel(ld: &mut BlockLoader, name: &str, n_head: usize, per_head: bool) -> Result<Vec<f32>> {
+    if per_head {
+        let v = ld.vector(name, &[n_head])?;
+        Ok(v.iter().flat_map(|&x| std::iter::repeat_n(x, HEAD_SIZE)).collect())
+    } else {
+        ld.vector(name, &[n_head, HEAD_SIZE])
+    }
+}
+
+/// The blocks of an RWKV-5 checkpoint, one line per official tensor name.
+pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(Layers, ModelInfo, StateLayout)> {
+    let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
+    let n_head = heads(f, c, "blocks.0.att.time_decay")?;
+    let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(0);
+    let per_head = version != Version::V5_2;
+    let gated = version != Version::V5_0;
+    let mix = [1, 1, c];
+    let mut blocks = Vec::with_capacity(n_layer);
+    let mut gpu_bytes = 0;
+    for l in 0..n_layer {
+        let p = format!("blocks.{l}.");
+        let mut v = vec![0f32; VEC_COUNT * c];
+        let mut one_minus = |ld: &mut BlockLoader, slot: usize, name: &str| -> Result<()> {
+            let m = ld.vector(name, &mix)?;
+            v[slot * c..(slot + 1) * c].iter_mut().zip(&m).for_each(|(d, m)| *d = 1.0 - m);
+            Ok(())
+        };
+        let names = if gated { &["r", "k", "v", "g"][..] } else { &["r", "k", "v"][..] };
+        for (i, n) in names.iter().enumerate() {
+            one_minus(ld, MIX_R + i, &format!("{p}att.time_mix_{n}"))?;
+        }
+        one_minus(ld, FFN_MIX_K, &format!("{p}ffn.time_mix_k"))?;
+        one_minus(ld, FFN_MIX_K + 1, &format!("{p}ffn.time_mix_r"))?;
+        // w = exp(-exp(time_decay)), in f64 and rounded once.
+        let decay = per_channel(ld, &format!("{p}att.time_decay"), n_head, per_head)?;
+        let w: Vec<f32> = decay.iter().map(|&t| (-(t as f64).exp()).exp() as f32).collect();
+        v[DECAY * c..(DECAY + 1) * c].copy_from_slice(&w);
+        let u = if per_head {
+            // time_first stores log(u).
+            let first = per_channel(ld, &format!("{p}att.time_first"), n_head, true)?;
+            first.iter().map(|&t| (t as f64).exp() as f32).collect()
+        } else {
+            ld.vector(&format!("{p}att.time_faaaa"), &[n_head, HEAD_SIZE])?
+        };
+        v[BONUS * c..(BONUS + 1) * c].copy_from_slice(&u);
+        ld.vec_into(&mut v, LNX_W, &format!("{p}att.ln_x.weight"), &[c])?;
+        ld.vec_into(&mut v, LNX_W + 1, &format!("{p}att.ln_x.bias"), &[c])?;
+        ld.vec_into(&mut v, LN1_W, &format!("{p}ln1.weight"), &[c])?;
+        ld.vec_into(&mut v, LN1_B, &format!("{p}ln1.bias"), &[c])?;
+        ld.vec_into(&mut v, LN2_W, &format!("{p}ln2.weight"), &[c])?;
+        ld.vec_into(&mut v, LN2_B, &format!("{p}ln2.bias"), &[c])?;
+        let b = Block {
+            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            receptance: ld.mat(&format!("{p}att.receptance.weight"), c, c)?,
+            key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
+            value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
+            gate: if gated { Some(ld.mat(&format!("{p}att.gate.weight"), c, c)?) } else { None },
+            output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
+            ffn_key: ld.mat(&format!("{p}ffn.key.weight"), ffn, c)?,
+            ffn_value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
+            ffn_receptance: ld.mat(&format!("{p}ffn.receptance.weight"), c, c)?,
+        };
+        gpu_bytes += b.vecs.size()
+            + [&b.receptance, &b.key, &b.value, &b.output, &b.ffn_key, &b.ffn_value, &b.ffn_receptance]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<u64>()
+            + b.gate.as_ref().map_or(0, Matrix::bytes);
+        blocks.push(b);
+    }
+    let info = ModelInfo {
+        version,
+        n_layer,
+        n_embd: c,
+        n_head,
+        head_size: HEAD_SIZE,
+        vocab: d.vocab,
+        ffn,
+        lora: Vec::new(),
+        dtype: d.dtype,
+        parameters: 0,
+        weight_bytes: 0,
+        gpu_weight_bytes: gpu_bytes,
+        state_bytes_per_sequence: 0,
+    };
+    Ok((Layers::V5(blocks), info, state_layout(n_layer, c, n_head)))
+}
+
+/// The v5/v6 WKV over the chunk: y from planes R, K, V (and W for a dynamic
+/// decay) and the layer's state, in runs of WKV_TOKENS_PER_DISPATCH tokens.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_wkv5<'a>(
+    rt: &'a Runtime,
+    rec: &mut Recorder<'a>,
+    s: &'a Scratch,
+    st: &'a GpuBuffer,
+    vecs: &'a GpuBuffer,
+    chunk: &Chunk,
+    n_seq: usize,
+    bonus_slot: usize,
+    decay_slot: usize,
+    dynamic: bool,
+) -> Result<()> {
+    let (c, nh) = (rt.info.n_embd, rt.info.n_head);
+    let longest = chunk.seq_start.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+        let p = Wkv5Params {
+            n_seq: n_seq as u32,
+            n_head: nh as u32,
+            head_size: HEAD_SIZE as u32,
+            dim: c as u32,
+            plane: s.plane_len(c) as u32,
+            state_stride: rt.layout.stride as u32,
+            state_offset: (2 * c) as u32, // att_kv, after att_x and ffn_x
+            t_first,
+            t_count: WKV_TOKENS_PER_DISPATCH,
+            u_offset: (bonus_slot * c) as u32,
+            w_offset: (decay_slot * c) as u32,
+            w_dynamic: dynamic as u32,
+        };
+        rec.dispatch(Kernel::Wkv5, 0, &p, &[&s.att, &s.seq_start, st, &s.y, vecs], [nh as u32, n_seq as u32, 1])?;
+    }
+    Ok(())
+}
+
+/// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
+pub(crate) fn record<'a>(
+    rt: &'a Runtime,
+    blocks: &'a [Block],
+    rec: &mut Recorder<'a>,
+    s: &'a Scratch,
+    state: &'a State,
+    chunk: &Chunk,
+) -> Result<()> {
+    let n = chunk.tokens.len();
+    let c = rt.info.n_embd;
+    let at = |p: u32| p as usize * s.plane_len(c); // plane p of mixed or att
+    let (att_x, ffn_x) = (0, c); // offsets within a layer's state
+    for (l, b) in blocks.iter().enumerate() {
+        let st = &state.layers[l];
+        // 1-2. xx = ln1(x); the mixes into mixed planes 0.. (r, k, v, g), and
+        // xx's last row of each sequence into the state, for the next call.
+        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        let n_mix = if b.gate.is_some() { 4 } else { 3 };
+        rt.token_shift(rec, s, st, &b.vecs, n, n_mix, MIX_R, att_x, true, false)?;
+
+        // 3. r, k, v, g projections into the planes of att.
+        b.receptance.linear(rec, &s.mixed, at(0), &s.att, at(plane::R), n, Act::None, false)?;
+        b.key.linear(rec, &s.mixed, at(1), &s.att, at(plane::K), n, Act::None, false)?;
+        b.value.linear(rec, &s.mixed, at(2), &s.att, at(plane::V), n, Act::None, false)?;
+        if let Some(g) = &b.gate {
+            g.linear(rec, &s.mixed, at(3), &s.att, at(plane::G), n, Act::Silu, false)?;
+        }
+
+        // 4. the WKV recurrence with the fixed decay.
+        record_wkv5(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, false)?;
+
+        // 5-6. group norm (and gate); x += y Wo.
+        rt.group_norm(rec, s, &b.vecs, n, LNX_W, None, b.gate.is_some())?;
+        b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
+
+        // 7-8. channel mix.
+        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
+        rt.token_shift(rec, s, st, &b.vecs, n, 2, FFN_MIX_K, ffn_x, true, false)?;
+        rt.channel_mix(rec, s, n, &b.ffn_key, &b.ffn_value, &b.ffn_receptance)?;
+    }
+    Ok(())
+}
