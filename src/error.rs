@@ -20,11 +20,11 @@ pub enum Error {
     #[error("{path} has a bad safetensors header: {detail}")]
     BadHeader { path: PathBuf, detail: String },
 
+    #[error("{path} is not a readable PyTorch checkpoint: {detail}")]
+    BadPth { path: PathBuf, detail: String },
+
     #[error("{path} is not an RWKV checkpoint: {detail}")]
     NotRwkv { path: PathBuf, detail: String },
-
-    #[error("{path}: RWKV version {version} is recognised but not supported yet (supported: 7)")]
-    UnsupportedVersion { path: PathBuf, version: String },
 
     #[error("missing tensor `{name}`")]
     MissingTensor { name: String },

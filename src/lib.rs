@@ -19,6 +19,7 @@ pub mod loader;
 pub mod matrix;
 pub mod model;
 pub mod npy;
+pub mod pth;
 pub mod reference;
 pub mod sampler;
 pub mod session;

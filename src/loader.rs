@@ -1,4 +1,5 @@
-//! Memory-mapped safetensors reading with shape and dtype checks.
+//! Memory-mapped checkpoint reading with shape and dtype checks: safetensors,
+//! and official PyTorch `.pth` files (see `pth.rs`), told apart by content.
 //!
 //! The file is mapped, never read into RAM as a whole: tensors are handed out
 //! as borrowed byte slices of the mapping, and the GPU upload copies each one
@@ -63,7 +64,8 @@ impl std::ops::Deref for Backing {
     }
 }
 
-/// An opened, validated safetensors file.
+/// An opened, validated checkpoint: a safetensors file or a PyTorch `.pth`
+/// (the name is historical; both are read the same way from then on).
 pub struct SafeTensorsFile {
     path: PathBuf,
     mmap: Backing,
@@ -99,6 +101,14 @@ impl SafeTensorsFile {
     }
 
     fn parse(path: PathBuf, mmap: Backing) -> Result<Self> {
+        if crate::pth::is_zip(&mmap) {
+            let tensors = crate::pth::index(&mmap).map_err(|detail| Error::BadPth { path: path.clone(), detail })?;
+            let entries = tensors
+                .into_iter()
+                .map(|t| (t.name, Entry { dtype: t.dtype, shape: t.shape, start: t.start, end: t.end }))
+                .collect();
+            return Ok(Self { path, mmap, entries });
+        }
         let (header_len, metadata) =
             safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| header_error(&path, mmap.len(), e))?;
         let data_start = 8 + header_len;

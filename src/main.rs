@@ -457,11 +457,14 @@ fn run(cli: Cli) -> Result<()> {
             println!("version         RWKV-{}", i.version);
             println!("layers          {}", i.n_layer);
             println!("width           {}", i.n_embd);
-            println!("heads           {} x {}", i.n_head, i.head_size);
+            match i.n_head {
+                0 => println!("heads           none (RWKV-4 mixes per channel)"),
+                h => println!("heads           {h} x {}", i.head_size),
+            }
             println!("vocab           {}", i.vocab);
             println!("ffn             {}", i.ffn);
             let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
-            println!("lora            {}", lora.join(", "));
+            println!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
             println!("parameters      {}", i.parameters);
             println!("dtype           {}", i.dtype.name());
             println!("weight bytes    {}", i.weight_bytes);

@@ -149,15 +149,29 @@ fn not_rwkv() {
 
 #[test]
 fn other_generation_is_reported_not_misread() {
-    // Without r_k (and with ln_x but no gate) the file reads as RWKV-5.0,
-    // which this build does not run yet: a clear error, not a v7 load.
+    // Without r_k (and with ln_x but no gate) the file reads as RWKV-5.0:
+    // loading it names the first 5.0 tensor it lacks, not a v7 load.
     let mut t = tensors();
     for l in 0..2 {
         t.remove(&format!("blocks.{l}.att.r_k"));
     }
     let Some(e) = load_err(&write("v50.safetensors", &t)) else { return };
     match e {
-        Error::UnsupportedVersion { version, .. } => assert_eq!(version, "5.0"),
+        Error::MissingTensor { name } => assert_eq!(name, "blocks.0.att.time_decay"),
         other => panic!("{other}"),
     }
+}
+
+#[test]
+fn unrecognised_layout_lists_what_was_found() {
+    // Neither r_k, time_maa_x, ln_x nor v4's time_first: no generation.
+    let mut t = tensors();
+    for l in 0..2 {
+        t.remove(&format!("blocks.{l}.att.r_k"));
+        t.remove(&format!("blocks.{l}.att.ln_x.weight"));
+    }
+    let Some(e) = load_err(&write("unknown.safetensors", &t)) else { return };
+    let msg = e.to_string();
+    assert!(matches!(e, Error::NotRwkv { .. }), "{msg}");
+    assert!(msg.contains("blocks.0.att.w0 [1, 1, 128]") && msg.contains("7: att.r_k"), "{msg}");
 }

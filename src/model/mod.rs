@@ -60,20 +60,36 @@ pub fn detect_version(f: &SafeTensorsFile) -> Result<Version> {
         });
     }
     let a = "blocks.0.att.";
-    Ok(if f.contains(&format!("{a}r_k")) {
+    let has = |n: &str| f.contains(&format!("{a}{n}"));
+    Ok(if has("r_k") {
         Version::V7
-    } else if f.contains(&format!("{a}time_maa_x")) {
+    } else if has("time_maa_x") {
         Version::V6
-    } else if f.contains(&format!("{a}ln_x.weight")) {
-        if !f.contains(&format!("{a}gate.weight")) {
+    } else if has("ln_x.weight") {
+        if !has("gate.weight") {
             Version::V5_0
         } else if f.shape(&format!("{a}time_decay")).is_some_and(|s| s.len() == 1) {
             Version::V5_1
         } else {
             Version::V5_2
         }
-    } else {
+    } else if has("time_first") && has("time_decay") && has("time_mix_k") {
         Version::V4
+    } else {
+        let mut names: Vec<String> = f
+            .names()
+            .filter(|n| n.starts_with("blocks.0."))
+            .map(|n| format!("{n} {:?}", f.shape(n).unwrap_or(&[])))
+            .collect();
+        names.sort_unstable();
+        return Err(Error::NotRwkv {
+            path: f.path().to_path_buf(),
+            detail: format!(
+                "no RWKV generation's layout (4: att.time_first/time_decay/time_mix_k, 5: att.ln_x, 6: att.time_maa_x, \
+                 7: att.r_k); block 0 has: [{}]",
+                names.join(", ")
+            ),
+        });
     })
 }
 
