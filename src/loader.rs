@@ -222,6 +222,32 @@ impl SafeTensorsFile {
     }
 }
 
+/// Writes every tensor of `src` (a `.pth` or a safetensors file) to a
+/// safetensors file at `out`, names, dtypes and bytes unchanged, streaming
+/// from the mapping (the checkpoint is never copied into memory whole).
+/// Returns the number of tensors written.
+pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<usize> {
+    let mut names: Vec<&str> = src.names().collect();
+    names.sort_unstable();
+    let mut views = Vec::with_capacity(names.len());
+    for name in &names {
+        let t = src.get(name)?;
+        let dtype = match t.dtype {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+        };
+        let view = safetensors::tensor::TensorView::new(dtype, t.shape.to_vec(), t.bytes)
+            .map_err(|e| Error::InvalidArgument(format!("tensor `{name}`: {e}")))?;
+        views.push((name.to_string(), view));
+    }
+    let source = src.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("converted_from".to_string(), source)]);
+    safetensors::serialize_to_file(views, Some(meta), out)
+        .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))?;
+    Ok(names.len())
+}
+
 fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {
     let path = path.to_path_buf();
     match e {

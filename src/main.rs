@@ -35,7 +35,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model file (.safetensors with the official RWKV tensor names).
+    /// Model file: .safetensors with the official RWKV tensor names, or an
+    /// official PyTorch .pth (RWKV-4, 5.x, 6 or 7, detected from the tensors).
     /// Default: the built-in Jane Austen demo model.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -47,6 +48,15 @@ struct ModelArgs {
     /// Most tokens processed in one GPU step (bounds per-step GPU memory).
     #[arg(long, default_value_t = DEFAULT_CHUNK_TOKENS)]
     chunk: usize,
+}
+
+#[derive(Args, Clone)]
+struct StateArgs {
+    /// Initial state: an official state-tuning file (`blocks.N.att.time_state`,
+    /// .pth or .safetensors) or a state saved with chat's /save. /reset
+    /// returns to it.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -105,6 +115,8 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
         sampling: SamplingArgs,
     },
     /// Multi-turn chat on stdin (`User: …` / `Assistant: …`), keeping the
@@ -112,6 +124,8 @@ enum Command {
     Chat {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        state: StateArgs,
         #[command(flatten)]
         sampling: SamplingArgs,
     },
@@ -186,6 +200,14 @@ enum Command {
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
+    },
+    /// Write a checkpoint (.pth or .safetensors) as .safetensors, official
+    /// tensor names, dtypes and values unchanged.
+    Convert {
+        /// The checkpoint to read, e.g. RWKV-x060-World-1B6.pth.
+        input: PathBuf,
+        /// The .safetensors file to write.
+        output: PathBuf,
     },
 }
 
@@ -310,7 +332,7 @@ fn read_stdin() -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Generate { prompt, model, sampling } => {
+        Command::Generate { prompt, model, state, sampling } => {
             let prompt = match prompt.as_deref() {
                 Some("-") | None => read_stdin()?,
                 Some(p) => p.as_bytes().to_vec(),
@@ -323,7 +345,11 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = gpu(&cli)?;
             let (mut m, tok) = load(&ctx, model, true)?;
             let tok = tok.unwrap();
+            let initial = initial_state(&m, state)?;
             let mut session = Session::new(&mut m, &tok)?;
+            if let Some(s) = initial {
+                session.set_initial_state(s)?;
+            }
             let t0 = Instant::now();
             let n_prompt = session.feed_text(&prompt)?;
             let t1 = Instant::now();
@@ -352,7 +378,20 @@ fn run(cli: Cli) -> Result<()> {
                 sampler.config().seed
             );
         }
-        Command::Chat { model, sampling } => chat(&cli, model, sampling)?,
+        Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling)?,
+        Command::Convert { input, output } => {
+            if input == output {
+                bail!("convert: the output would overwrite the input {}", input.display());
+            }
+            let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
+            let version = rwkv_wgpu::detect_version(&src).map(|v| format!("RWKV-{v}"));
+            let n = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
+            eprintln!(
+                "wrote {n} tensors ({}) to {}",
+                version.unwrap_or_else(|e| format!("not recognised as RWKV: {e}")),
+                output.display()
+            );
+        }
         Command::Tokenize { tokenizer } => {
             let tok = Tokenizer::from_spec(tokenizer)?;
             let ids = tok.encode(&read_stdin()?)?;
@@ -519,13 +558,17 @@ fn parse_id_array(text: &str) -> Result<Vec<u32>> {
     inner.split(',').map(|s| s.trim().parse::<u32>().map_err(|_| anyhow!("`{}` is not a token id", s.trim()))).collect()
 }
 
-fn chat(cli: &Cli, model: &ModelArgs, sampling: &SamplingArgs) -> Result<()> {
+fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs) -> Result<()> {
     let cfg = sampler_config(sampling, true)?;
     let mut sampler = Sampler::new(cfg)?;
     let ctx = gpu(cli)?;
     let (mut m, tok) = load(&ctx, model, true)?;
     let tok = tok.unwrap();
+    let initial = initial_state(&m, state)?;
     let mut session = Session::new(&mut m, &tok)?;
+    if let Some(s) = initial {
+        session.set_initial_state(s)?;
+    }
     let opts = generate_options(sampling, &["\n\n"]);
     let interactive = std::io::stdin().is_terminal();
     let mut out = std::io::stdout().lock();
@@ -608,6 +651,19 @@ fn save_state(state: &StateData, path: &Path) -> Result<()> {
     let meta = std::collections::HashMap::from([("format".to_string(), "rwkv-wgpu state".to_string())]);
     let bytes = safetensors::serialize(views, Some(meta))?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `--state FILE`: an official state-tuning file (`blocks.0.att.time_state`)
+/// or a state saved with /save.
+fn initial_state(m: &Model, args: &StateArgs) -> Result<Option<StateData>> {
+    let Some(path) = &args.state else { return Ok(None) };
+    let f = SafeTensorsFile::open(path).with_context(|| format!("reading the state {}", path.display()))?;
+    let s = if f.contains("blocks.0.att.time_state") {
+        m.tuned_state(&f).with_context(|| format!("state-tuning file {}", path.display()))?
+    } else {
+        load_state(path)?
+    };
+    Ok(Some(s))
 }
 
 fn load_state(path: &Path) -> Result<StateData> {

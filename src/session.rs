@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::{LogitsMode, Model};
 use crate::sampler::Sampler;
-use crate::state::State;
+use crate::state::{State, StateData};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// The end-of-text token of RWKV World and of the NeoX/BPE vocabularies.
@@ -47,12 +47,23 @@ pub struct Session<'m> {
     pub tokenizer: &'m Tokenizer,
     state: State,
     logits: Option<Vec<f32>>,
+    /// What `reset` returns to: a tuned initial state, or the zero state.
+    initial: Option<StateData>,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m mut Model, tokenizer: &'m Tokenizer) -> Result<Self> {
         let state = model.new_state(1)?;
-        Ok(Self { model, tokenizer, state, logits: None })
+        Ok(Self { model, tokenizer, state, logits: None, initial: None })
+    }
+
+    /// Starts from `initial` (e.g. `Model::tuned_state`) now and after every
+    /// `reset`.
+    pub fn set_initial_state(&mut self, initial: StateData) -> Result<()> {
+        self.state.write(0, &initial)?;
+        self.logits = None;
+        self.initial = Some(initial);
+        Ok(())
     }
 
     pub fn state(&self) -> &State {
@@ -64,10 +75,13 @@ impl<'m> Session<'m> {
         &mut self.state
     }
 
-    /// Back to the fresh state.
+    /// Back to the initial state (the zero state unless one was set).
     pub fn reset(&mut self) -> Result<()> {
         self.logits = None;
-        self.state.reset(None)
+        match &self.initial {
+            Some(s) => self.state.write(0, s),
+            None => self.state.reset(None),
+        }
     }
 
     /// Logits after the last token read, if any was.

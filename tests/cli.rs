@@ -84,6 +84,54 @@ fn inspect_reports_the_model() {
     }
 }
 
+/// `inspect` tells each generation apart, on .pth as on .safetensors, and
+/// `convert` writes a .pth as a safetensors file with the same tensors.
+#[test]
+fn inspect_every_generation_and_convert_pth() {
+    if gpu().is_none() {
+        return;
+    }
+    for (file, want) in [
+        (model_path("v4-L2-C128-V512-fp32"), "RWKV-4"),
+        (model_path("v5.0-L3-C64-V512-fp16"), "RWKV-5.0"),
+        (model_path("v5.1-L3-C64-V512-fp16"), "RWKV-5.1"),
+        (model_path("v5.2-L2-C128-V512-fp32"), "RWKV-5.2"),
+        (model_path("v6-L2-C128-V512-fp32"), "RWKV-6"),
+        (fixture("pth/v7-L2-C128-V512-bf16.pth"), "RWKV-7"),
+    ] {
+        let o = rwkv(&["inspect", "--model", file.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8(o.stdout).unwrap();
+        assert!(out.contains(&format!("version         {want}\n")), "{}: want {want}:\n{out}", file.display());
+    }
+
+    let dir = std::env::temp_dir().join(format!("rwkv-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("converted.safetensors");
+    let src = fixture("pth/v7-L3-C64-V512-fp16-l0v.pth");
+    let o = rwkv(&["convert", src.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("RWKV-7"), "{}", stderr(&o));
+    let a = rwkv_wgpu::SafeTensorsFile::open(&out).unwrap();
+    let b = rwkv_wgpu::SafeTensorsFile::open(model_path("v7-L3-C64-V512-fp16-l0v")).unwrap();
+    let mut names: Vec<&str> = b.names().collect();
+    names.sort_unstable();
+    assert_eq!(a.names().count(), names.len());
+    for n in names {
+        let (x, y) = (a.get(n).unwrap(), b.get(n).unwrap());
+        assert!(x.shape == y.shape && x.dtype == y.dtype && x.bytes == y.bytes, "converted `{n}` differs");
+    }
+    // Refuses to overwrite its input; a malicious .pth is one error line.
+    let o = rwkv(&["convert", src.to_str().unwrap(), src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let evil = fixture("pth/malicious.pth");
+    let o = rwkv(&["convert", evil.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let errors = error_lines(&o);
+    assert!(errors.len() == 1 && errors[0].contains("refused"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bad_input_is_a_one_line_error() {
     let model = model_path("v7-L2-C128-V512-fp32");

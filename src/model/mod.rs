@@ -15,7 +15,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::loader::{Dtype, SafeTensorsFile};
-use crate::state::State;
+use crate::state::{State, StateData};
 
 /// RWKV generations, as ChatRWKV tells them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +228,40 @@ impl Model {
 
     pub fn info(&self) -> &ModelInfo {
         &self.rt.info
+    }
+
+    /// The initial state of an official state-tuning run (`blocks.N.att.time_state
+    /// [H, N, N]` for every layer, RWKV-5 to 7), as one sequence's state: the
+    /// token-shift parts are zero and att_kv is the tuned matrix. The tuning
+    /// code stores it as [head, value i, key j]: RWKV-7's own layout, and the
+    /// transpose of v5/v6's [head, key j, value i] (ChatRWKV transposes it
+    /// on load for those too).
+    pub fn tuned_state(&self, f: &SafeTensorsFile) -> Result<StateData> {
+        let i = self.info();
+        if i.version == Version::V4 {
+            return Err(Error::InvalidArgument("RWKV-4 has no state tuning (no att_kv matrix state)".into()));
+        }
+        let (l, h, n, c) = (i.n_layer, i.n_head, i.head_size, i.n_embd);
+        let mut kv = Vec::with_capacity(l * h * n * n);
+        for layer in 0..l {
+            let t = f.expect(&format!("blocks.{layer}.att.time_state"), &[h, n, n])?;
+            let v = t.to_f32();
+            if i.version == Version::V7 {
+                kv.extend_from_slice(&v);
+            } else {
+                for head in 0..h {
+                    let m = &v[head * n * n..(head + 1) * n * n];
+                    kv.extend((0..n * n).map(|e| m[(e % n) * n + e / n]));
+                }
+            }
+        }
+        Ok(StateData {
+            fields: vec![
+                ("att_x".into(), vec![l, c], vec![0.0; l * c]),
+                ("ffn_x".into(), vec![l, c], vec![0.0; l * c]),
+                ("att_kv".into(), vec![l, h, n, n], kv),
+            ],
+        })
     }
 
     /// A fresh (zero) state for `batch` sequences.
