@@ -174,7 +174,7 @@ enum Command {
         /// Weight dtype of the synthetic model: f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: String,
-        /// RWKV version of the synthetic model (only 7 for now).
+        /// RWKV generation of the synthetic model: 4, 5.0, 5.1, 5.2, 6 or 7.
         #[arg(long = "version", default_value = "7")]
         rwkv_version: String,
         /// Prompt tokens for the prefill figure.
@@ -455,9 +455,7 @@ fn run(cli: Cli) -> Result<()> {
                     rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::load(&ctx, path, o))?
                 }
                 None => {
-                    if rwkv_version != "7" {
-                        bail!("synthetic models exist for RWKV version 7 only (got --version {rwkv_version})");
-                    }
+                    let version: rwkv_wgpu::Version = rwkv_version.parse()?;
                     let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
                     let dt = match dtype.to_ascii_lowercase().as_str() {
                         "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
@@ -467,8 +465,8 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     let file =
                         std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
-                    rwkv_wgpu::synthetic::write_v7(&file, shape, dt, 1).context("writing the synthetic model")?;
-                    let name = format!("synthetic v7 {shape} {}", dt.name());
+                    rwkv_wgpu::synthetic::write(&file, version, shape, dt, 1).context("writing the synthetic model")?;
+                    let name = format!("synthetic v{version} {shape} {}", dt.name());
                     let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
                         let m = Model::load(&ctx, &file, o);
                         let _ = std::fs::remove_file(&file);

@@ -1,5 +1,6 @@
-//! Synthetic RWKV-7 checkpoints of any shape, with deterministic random
-//! weights, for benchmarks that need no download. Written to a safetensors
+//! Synthetic RWKV checkpoints of any generation and shape, with
+//! deterministic random weights and the official tensor names, for
+//! benchmarks that need no download. Written to a safetensors
 //! file tensor by tensor, so a 1.5B-shaped model never sits in RAM whole.
 
 use std::io::{BufWriter, Write};
@@ -10,6 +11,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::loader::Dtype;
+use crate::model::Version;
 
 /// `L12-D768-V65536` (optionally `-F3072` for the FFN width; default 4·D).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,15 +119,104 @@ fn v7_tensors(s: Shape) -> Vec<(String, Vec<usize>, Fill)> {
     t
 }
 
+/// The tensors of a v4, v5.x or v6 checkpoint of `shape`, as the official
+/// code names and shapes them (see the fixtures README).
+fn v4_to_v6_tensors(s: Shape, version: Version) -> Vec<(String, Vec<usize>, Fill)> {
+    let (c, f, v) = (s.n_embd, s.ffn, s.vocab);
+    let h = c / 64;
+    let sc = 1.0 / (c as f32).sqrt();
+    let u = |a: f32| Fill::Uniform(-a, a);
+    let mut t = vec![
+        ("emb.weight".to_string(), vec![v, c], u(1.0)),
+        ("blocks.0.ln0.weight".into(), vec![c], Fill::Const(1.0)),
+        ("blocks.0.ln0.bias".into(), vec![c], Fill::Const(0.0)),
+    ];
+    // v6's LoRA widths as in the official 0.1B-1.6B checkpoints.
+    let (d_mix, d_decay) = (32, 64);
+    for l in 0..s.n_layer {
+        let p = |n: &str| format!("blocks.{l}.{n}");
+        let mix = vec![1, 1, c];
+        for n in ["ln1", "ln2"] {
+            t.push((p(&format!("{n}.weight")), vec![c], Fill::Const(1.0)));
+            t.push((p(&format!("{n}.bias")), vec![c], Fill::Const(0.0)));
+        }
+        let mut projections = vec!["receptance", "key", "value", "output"];
+        match version {
+            Version::V4 => {
+                t.push((p("att.time_decay"), vec![c], u(1.0)));
+                t.push((p("att.time_first"), vec![c], u(1.0)));
+                for n in ["k", "v", "r"] {
+                    t.push((p(&format!("att.time_mix_{n}")), mix.clone(), Fill::Uniform(0.0, 1.0)));
+                }
+            }
+            Version::V6 => {
+                for n in ["x", "w", "k", "v", "r", "g"] {
+                    t.push((p(&format!("att.time_maa_{n}")), mix.clone(), Fill::Uniform(0.0, 1.0)));
+                }
+                t.push((p("att.time_maa_w1"), vec![c, 5 * d_mix], u(0.1)));
+                t.push((p("att.time_maa_w2"), vec![5, d_mix, c], u(0.1)));
+                t.push((p("att.time_decay"), mix.clone(), Fill::Uniform(-2.0, 0.0)));
+                t.push((p("att.time_decay_w1"), vec![c, d_decay], u(0.1)));
+                t.push((p("att.time_decay_w2"), vec![d_decay, c], u(0.1)));
+                t.push((p("att.time_faaaa"), vec![h, 64], u(0.5)));
+                projections.push("gate");
+            }
+            _ => {
+                let gated = version != Version::V5_0;
+                let names: &[&str] = if gated { &["k", "v", "r", "g"] } else { &["k", "v", "r"] };
+                for n in names {
+                    t.push((p(&format!("att.time_mix_{n}")), mix.clone(), Fill::Uniform(0.0, 1.0)));
+                }
+                if version == Version::V5_2 {
+                    t.push((p("att.time_decay"), vec![h, 64], Fill::Uniform(-2.0, 0.0)));
+                    t.push((p("att.time_faaaa"), vec![h, 64], u(0.5)));
+                } else {
+                    t.push((p("att.time_decay"), vec![h], Fill::Uniform(-2.0, 0.0)));
+                    t.push((p("att.time_first"), vec![h], u(0.5)));
+                }
+                if gated {
+                    projections.push("gate");
+                }
+            }
+        }
+        for n in projections {
+            t.push((p(&format!("att.{n}.weight")), vec![c, c], u(sc)));
+        }
+        if version != Version::V4 {
+            t.push((p("att.ln_x.weight"), vec![c], Fill::Const(1.0)));
+            t.push((p("att.ln_x.bias"), vec![c], Fill::Const(0.0)));
+        }
+        let ffn_mix = if version == Version::V6 { "time_maa" } else { "time_mix" };
+        for n in ["k", "r"] {
+            t.push((p(&format!("ffn.{ffn_mix}_{n}")), mix.clone(), Fill::Uniform(0.0, 1.0)));
+        }
+        t.push((p("ffn.key.weight"), vec![f, c], u(sc)));
+        t.push((p("ffn.receptance.weight"), vec![c, c], u(sc)));
+        t.push((p("ffn.value.weight"), vec![c, f], u(1.0 / (f as f32).sqrt())));
+    }
+    t.push(("ln_out.weight".into(), vec![c], Fill::Const(1.0)));
+    t.push(("ln_out.bias".into(), vec![c], Fill::Const(0.0)));
+    t.push(("head.weight".into(), vec![v, c], u(sc)));
+    t
+}
+
 /// Writes a synthetic RWKV-7 checkpoint; returns its tensor bytes.
 pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
-    let tensors = v7_tensors(shape);
+    write(path, Version::V7, shape, dtype, seed)
+}
+
+/// Writes a synthetic checkpoint of any generation; returns its tensor bytes.
+pub fn write(path: &Path, version: Version, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
+    let tensors = match version {
+        Version::V7 => v7_tensors(shape),
+        other => v4_to_v6_tensors(shape, other),
+    };
     let dname = match dtype {
         Dtype::F32 => "F32",
         Dtype::F16 => "F16",
         Dtype::BF16 => "BF16",
     };
-    let mut header = String::from("{\"__metadata__\":{\"rwkv_version\":\"7\",\"synthetic\":\"");
+    let mut header = format!("{{\"__metadata__\":{{\"rwkv_version\":\"{version}\",\"synthetic\":\"");
     header.push_str(&shape.to_string());
     header.push_str("\"}");
     let mut offset = 0usize;

@@ -41,6 +41,26 @@ impl fmt::Display for Version {
     }
 }
 
+impl std::str::FromStr for Version {
+    type Err = Error;
+    /// "4", "5.0", "5.1", "5.2", "6" or "7" (a leading `v` is allowed).
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim_start_matches(['v', 'V']) {
+            "4" => Version::V4,
+            "5.0" => Version::V5_0,
+            "5.1" => Version::V5_1,
+            "5" | "5.2" => Version::V5_2,
+            "6" => Version::V6,
+            "7" => Version::V7,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "RWKV version `{other}`: expected 4, 5.0, 5.1, 5.2, 6 or 7"
+                )))
+            }
+        })
+    }
+}
+
 /// Detects the generation from tensor names and shapes:
 /// `r_k` → 7, `time_maa_x` → 6, `ln_x` without a gate → 5.0,
 /// `time_decay` of shape `[H]` → 5.1, `[H, N]` → 5.2, otherwise 4.
