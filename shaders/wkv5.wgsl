@@ -7,7 +7,9 @@
 // The decay w is per channel and fixed (v5: from vecs at w_offset, already
 // exp(-exp(time_decay))) or per token (v6, w_dynamic: exp(-exp(d)) with
 // d = vecs[w_offset] + plane W, the data-dependent part from the LoRA).
-// The state layout is [head, key j, value i], the official one for v5/v6.
+// The state is kept as [head, value i, key j] (the transpose of the official
+// v5/v6 layout, see `StateField::transposed`), so invocation i's column of
+// the official matrix is one contiguous row.
 
 struct Params {
     n_seq: u32,
@@ -45,12 +47,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let b = wid.y;
     let nh = p.head_size;
     let c = h * nh + i;
-    let sbase = b * p.state_stride + p.state_offset + h * nh * nh + i;
+    let sbase = b * p.state_stride + p.state_offset + h * nh * nh + i * nh;
     var s: array<f32, MAX_N>;
     var w_fixed = 0.0;
     if (i < nh) {
         for (var j = 0u; j < nh; j++) {
-            s[j] = state[sbase + j * nh];
+            s[j] = state[sbase + j];
         }
         su[i] = vecs[p.u_offset + c];
         w_fixed = vecs[p.w_offset + c];
@@ -87,7 +89,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if (i < nh) {
         for (var j = 0u; j < nh; j++) {
-            state[sbase + j * nh] = s[j];
+            state[sbase + j] = s[j];
         }
     }
 }

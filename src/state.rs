@@ -16,11 +16,43 @@ pub struct StateField {
     pub offset: usize,
     /// Value of the fresh state.
     pub init: f32,
+    /// Kept on the GPU with its last two axes swapped (`[H, N, N]` matrices
+    /// transposed: v5/v6's official [key, value] stored as [value, key], the
+    /// layout their WKV kernels read row by row). `read` and `write` use the
+    /// official layout.
+    pub transposed: bool,
 }
 
 impl StateField {
     pub fn len(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Copies one layer's values between the official layout (`official`)
+    /// and the GPU layout (`gpu`), in the direction `to_gpu`.
+    fn convert(&self, official: &mut [f32], gpu: &mut [f32], to_gpu: bool) {
+        if !self.transposed {
+            if to_gpu {
+                gpu.copy_from_slice(official);
+            } else {
+                official.copy_from_slice(gpu);
+            }
+            return;
+        }
+        let n = self.shape[self.shape.len() - 1];
+        let m = self.shape[self.shape.len() - 2];
+        for (o, g) in official.chunks_exact_mut(m * n).zip(gpu.chunks_exact_mut(m * n)) {
+            for a in 0..m {
+                for b in 0..n {
+                    // official [a, b] <-> gpu [b, a]
+                    if to_gpu {
+                        g[b * m + a] = o[a * n + b];
+                    } else {
+                        o[a * n + b] = g[b * m + a];
+                    }
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -43,12 +75,21 @@ impl StateLayout {
         let fields = fields
             .iter()
             .map(|(name, shape, init)| {
-                let f = StateField { name, shape: shape.clone(), offset, init: *init };
+                let f = StateField { name, shape: shape.clone(), offset, init: *init, transposed: false };
                 offset += f.len();
                 f
             })
             .collect();
         Self { n_layer, fields, stride: offset }
+    }
+
+    /// Marks `name` as stored transposed in its last two axes (see
+    /// `StateField::transposed`).
+    pub fn transposed(mut self, name: &str) -> Self {
+        for f in self.fields.iter_mut().filter(|f| f.name == name) {
+            f.transposed = true;
+        }
+        self
     }
 
     pub fn field(&self, name: &str) -> Option<&StateField> {
@@ -148,10 +189,12 @@ impl State {
             .fields
             .iter()
             .map(|f| {
-                let mut values = Vec::with_capacity(l * f.len());
-                for layer in 0..l {
+                let mut values = vec![0f32; l * f.len()];
+                let mut gpu = vec![0f32; f.len()];
+                for (layer, out) in values.chunks_exact_mut(f.len()).enumerate() {
                     let start = layer * self.layout.stride + f.offset;
-                    values.extend_from_slice(&flat[start..start + f.len()]);
+                    gpu.copy_from_slice(&flat[start..start + f.len()]);
+                    f.convert(out, &mut gpu, false);
                 }
                 let mut shape = vec![l];
                 shape.extend_from_slice(&f.shape);
@@ -179,7 +222,8 @@ impl State {
                 return Err(Error::ShapeMismatch { name: format!("state.{}", f.name), expected, found: shape.clone() });
             }
             for (layer, dst) in layers.iter_mut().enumerate() {
-                dst[f.offset..f.offset + f.len()].copy_from_slice(&values[layer * f.len()..(layer + 1) * f.len()]);
+                let mut official = values[layer * f.len()..(layer + 1) * f.len()].to_vec();
+                f.convert(&mut official, &mut dst[f.offset..f.offset + f.len()], true);
             }
         }
         let row = (self.layout.stride * 4) as u64;

@@ -729,7 +729,7 @@ fn wkv5_fixed_and_dynamic_decay() {
                     for i in 0..hs {
                         let mut acc = 0.0;
                         for j in 0..hs {
-                            let si = b * stride + off + h * hs * hs + j * hs + i; // [head, key j, value i]
+                            let si = b * stride + off + h * hs * hs + i * hs + j; // GPU layout [head, value i, key j]
                             let kv = g(plane::K, base + j) * g(plane::V, base + i);
                             acc += g(plane::R, base + j) * (vecs[h * hs + j] as f64 * kv + s[si]);
                             s[si] = kv + w[j] * s[si];

@@ -54,12 +54,15 @@ pub(crate) struct Block {
 }
 
 /// Per layer and sequence: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`
-/// indexed [head, key j, value i] (v5 and v6).
+/// officially indexed [head, key j, value i] (v5 and v6), kept on the GPU as
+/// [head, value i, key j] so that each WKV invocation owns one contiguous row
+/// (as in v7); `State::read`/`write` give and take the official layout.
 pub(crate) fn state_layout(n_layer: usize, c: usize, n_head: usize) -> StateLayout {
     StateLayout::new(
         n_layer,
         &[("att_x", vec![c], 0.0), ("ffn_x", vec![c], 0.0), ("att_kv", vec![n_head, HEAD_SIZE, HEAD_SIZE], 0.0)],
     )
+    .transposed("att_kv")
 }
 
 /// The heads of a v5/v6 checkpoint: C / 64, checked against `time_faaaa` or
