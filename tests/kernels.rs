@@ -545,8 +545,8 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
     // Walk the tokens in runs, as the model does.
     let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
     let wkv_tex = tex.then(|| {
-        assert!(Wkv7Textures::fit(ctx, hs, dim, stride, cap, n_seq), "wkv7_tex.wgsl does not fit this test's shape");
-        Wkv7Textures::new(ctx, dim, cap, n_seq).unwrap()
+        assert!(WkvTextures::fit(ctx, hs, dim, stride, cap, n_seq), "wkv7_tex.wgsl does not fit this test's shape");
+        WkvTextures::new(ctx, dim, cap, n_seq).unwrap()
     });
     run(ctx, |rec| record_wkv7(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, wkv_tex.as_ref()).unwrap());
     let mut s = f64s(&state);
@@ -656,11 +656,13 @@ fn group_norm_bonus_gate() {
 }
 
 /// The RWKV-5/6 WKV against the CPU, with a fixed (v5) and a per-token (v6)
-/// decay, over sequences of 4, 0 and 5 tokens and one of 600 (three runs).
+/// decay, over sequences of 4, 0 and 5 tokens and one of 600 (three runs):
+/// `wkv5.wgsl`, and `wkv5_tex.wgsl` where the adapter runs it.
 #[test]
 fn wkv5_fixed_and_dynamic_decay() {
     let Some(ctx) = gpu() else { return };
-    for (seq_lens, dynamic, seed) in [(&[4usize, 0, 5][..], false, 20), (&[4, 0, 5], true, 21), (&[600, 3], true, 22)] {
+    let cases = [(&[4usize, 0, 5][..], false, 20), (&[4, 0, 5], true, 21), (&[600, 3], true, 22)];
+    for ((seq_lens, dynamic, seed), tex) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let mut rng = Rng::new(seed);
         let (hs, nh) = (64, 2);
         let dim = nh * hs;
@@ -679,7 +681,9 @@ fn wkv5_fixed_and_dynamic_decay() {
         if !dynamic {
             vecs[dim..].iter_mut().for_each(|w| *w = 0.75 + 0.24 * *w);
         }
-        let (stride, off) = (nh * hs * hs + 5, 3);
+        // State rows of other layers around this one's (for wkv5_tex: sequences
+        // whole 256-byte rows apart, this layer at a 16-byte offset).
+        let (stride, off) = if tex { (nh * hs * hs + 64, 4) } else { (nh * hs * hs + 5, 3) };
         let state = rng.vec(n_seq * stride, 0.5);
         let (ab, ssb, sb, vb) = (
             ctx.storage_f32("att", &att).unwrap(),
@@ -689,25 +693,27 @@ fn wkv5_fixed_and_dynamic_decay() {
         );
         let yb = zeros(&ctx, n * dim);
         let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
+        let params = Wkv5Params {
+            n_seq: n_seq as u32,
+            n_head: nh as u32,
+            head_size: hs as u32,
+            dim: dim as u32,
+            plane: p as u32,
+            state_stride: stride as u32,
+            state_offset: off as u32,
+            t_first: 0,
+            t_count: 0,
+            u_offset: 0,
+            w_offset: dim as u32,
+            w_dynamic: dynamic as u32,
+        };
+        if tex && !WkvTextures::fit(&ctx, hs, dim, stride, cap, n_seq) {
+            assert!(ctx.weight_store() != WeightStore::Texture, "the texture store must run wkv5_tex");
+            continue;
+        }
+        let wkv_tex = tex.then(|| WkvTextures::new(&ctx, dim, cap, n_seq).unwrap());
         run(&ctx, |rec| {
-            for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-                let params = Wkv5Params {
-                    n_seq: n_seq as u32,
-                    n_head: nh as u32,
-                    head_size: hs as u32,
-                    dim: dim as u32,
-                    plane: p as u32,
-                    state_stride: stride as u32,
-                    state_offset: off as u32,
-                    t_first,
-                    t_count: WKV_TOKENS_PER_DISPATCH,
-                    u_offset: 0,
-                    w_offset: dim as u32,
-                    w_dynamic: dynamic as u32,
-                };
-                let groups = [nh as u32, n_seq as u32, 1];
-                rec.dispatch(Kernel::Wkv5, 0, &params, &[&ab, &ssb, &sb, &yb, &vb], groups).unwrap();
-            }
+            record_wkv5(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, &vb, wkv_tex.as_ref()).unwrap()
         });
         let mut s = f64s(&state);
         let mut y = vec![0f64; n * dim];
@@ -739,7 +745,7 @@ fn wkv5_fixed_and_dynamic_decay() {
                 }
             }
         }
-        let what = format!("wkv5 (dynamic {dynamic}) lens={seq_lens:?}");
+        let what = format!("wkv5 (dynamic {dynamic}, tex {tex}) lens={seq_lens:?}");
         check(&format!("{what} y"), &ctx.read_f32(&yb).unwrap(), &y);
         check(&format!("{what} state"), &ctx.read_f32(&sb).unwrap(), &s);
     }

@@ -27,6 +27,7 @@ pub enum Kernel {
     Wkv7,
     Wkv7Tex,
     Wkv5,
+    Wkv5Tex,
     Wkv4,
     GroupNorm,
     MulAdd,
@@ -45,6 +46,7 @@ impl Kernel {
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Wkv7Tex => include_str!("../../shaders/wkv7_tex.wgsl"),
             Kernel::Wkv5 => include_str!("../../shaders/wkv5.wgsl"),
+            Kernel::Wkv5Tex => include_str!("../../shaders/wkv5_tex.wgsl"),
             Kernel::Wkv4 => include_str!("../../shaders/wkv4.wgsl"),
             Kernel::GroupNorm => include_str!("../../shaders/group_norm.wgsl"),
             Kernel::MulAdd => include_str!("../../shaders/mul_add.wgsl"),
@@ -217,15 +219,16 @@ pub const WKV_TOKENS_PER_DISPATCH: u32 = 256;
 /// reads (r, w, k, v, a, kk).
 pub const WKV_PLANES: u32 = plane::KK + 1;
 
-/// What `wkv7_tex.wgsl` reads instead of storage buffers: the WKV planes of
-/// `att` and one layer's state, copied into textures before each run.
-pub struct Wkv7Textures {
+/// What `wkv7_tex.wgsl` and `wkv5_tex.wgsl` read instead of storage buffers:
+/// the WKV planes of `att` and one layer's state, copied into textures
+/// before each run.
+pub struct WkvTextures {
     att: Arc<GpuTexture>,   // [WKV_PLANES, capacity, dim / 4] texels
     state: Arc<GpuTexture>, // [n_seq, n_head * 64, 16] texels
 }
 
-impl Wkv7Textures {
-    /// Whether `wkv7_tex.wgsl` can run this shape here: head size 64,
+impl WkvTextures {
+    /// Whether the texture WKV kernels can run this shape here: head size 64,
     /// subgroups of 8, `capacity` tokens and `n_seq` sequences within the
     /// texture limits, and a state layout a buffer-to-texture copy can read
     /// (rows of 256 bytes, sequences a whole number of rows apart, layers at
@@ -254,6 +257,27 @@ impl Wkv7Textures {
     }
 }
 
+impl WkvTextures {
+    /// att's planes 0 .. WKV_PLANES for `n_tok` tokens into the att texture.
+    fn copy_att<'a>(&self, rec: &mut Recorder<'a>, att: &'a GpuBuffer, dim: u32, plane: u32, n_tok: u32) {
+        rec.copy_to_texture(att, 0, dim * 4, plane / dim, self.att.clone(), [dim / 4, n_tok, WKV_PLANES]);
+    }
+
+    /// One layer's state of every sequence (one texture row per state row of
+    /// 64 floats = 256 bytes) into the state texture.
+    fn copy_state<'a>(
+        &self,
+        rec: &mut Recorder<'a>,
+        state: &'a GpuBuffer,
+        offset: u32,
+        stride: u32,
+        rows: u32,
+        n_seq: u32,
+    ) {
+        rec.copy_to_texture(state, offset as u64 * 4, 256, stride / 64, self.state.clone(), [16, rows, n_seq]);
+    }
+}
+
 /// Records the WKV over tokens `0 .. longest` of each of `p.n_seq` sequences
 /// (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH tokens: with
 /// `tex`, `wkv7_tex.wgsl` (att's planes copied once, the layer's state
@@ -268,28 +292,17 @@ pub fn record_wkv7<'a>(
     seq_start: &'a GpuBuffer, // [n_seq + 1]
     state: &'a GpuBuffer,     // [n_seq, state_stride]
     y: &'a GpuBuffer,         // [n_tok, dim]
-    tex: Option<&Wkv7Textures>,
+    tex: Option<&WkvTextures>,
 ) -> Result<()> {
     let groups = [p.n_head, p.n_seq, 1];
     if let Some(t) = tex {
-        let texels = p.dim / 4;
-        rec.copy_to_texture(att, 0, p.dim * 4, p.plane / p.dim, t.att.clone(), [texels, n_tok, WKV_PLANES]);
+        t.copy_att(rec, att, p.dim, p.plane, n_tok);
     }
     for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
         let run = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..p };
         match tex {
             Some(t) => {
-                // One texture row per state row (64 floats = 256 bytes).
-                let state_rows = p.n_head * p.head_size;
-                let offset = p.state_offset as u64 * 4;
-                rec.copy_to_texture(
-                    state,
-                    offset,
-                    256,
-                    p.state_stride / 64,
-                    t.state.clone(),
-                    [16, state_rows, p.n_seq],
-                );
+                t.copy_state(rec, state, p.state_offset, p.state_stride, p.n_head * p.head_size, p.n_seq);
                 let bindings = vec![
                     Binding::Texture(t.att.clone()),
                     Binding::Buffer(seq_start),
@@ -300,6 +313,46 @@ pub fn record_wkv7<'a>(
                 rec.dispatch_with(Kernel::Wkv7Tex, 0, &run, bindings, groups)?
             }
             None => rec.dispatch(Kernel::Wkv7, 0, &run, &[att, seq_start, state, y], groups)?,
+        }
+    }
+    Ok(())
+}
+
+/// As `record_wkv7` for the RWKV-5/6 recurrence (`wkv5_tex.wgsl` with `tex`,
+/// else `wkv5.wgsl`); `vecs` holds the bonus and the decay.
+#[allow(clippy::too_many_arguments)]
+pub fn record_wkv5<'a>(
+    rec: &mut Recorder<'a>,
+    p: Wkv5Params,
+    n_tok: u32,
+    longest: u32,
+    att: &'a GpuBuffer,       // [plane::COUNT, p.plane / p.dim, dim]
+    seq_start: &'a GpuBuffer, // [n_seq + 1]
+    state: &'a GpuBuffer,     // [n_seq, state_stride]
+    y: &'a GpuBuffer,         // [n_tok, dim]
+    vecs: &'a GpuBuffer,      // per-layer vectors
+    tex: Option<&WkvTextures>,
+) -> Result<()> {
+    let groups = [p.n_head, p.n_seq, 1];
+    if let Some(t) = tex {
+        t.copy_att(rec, att, p.dim, p.plane, n_tok);
+    }
+    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+        let run = Wkv5Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..p };
+        match tex {
+            Some(t) => {
+                t.copy_state(rec, state, p.state_offset, p.state_stride, p.n_head * p.head_size, p.n_seq);
+                let bindings = vec![
+                    Binding::Texture(t.att.clone()),
+                    Binding::Buffer(seq_start),
+                    Binding::Buffer(state),
+                    Binding::Buffer(y),
+                    Binding::Texture(t.state.clone()),
+                    Binding::Buffer(vecs),
+                ];
+                rec.dispatch_with(Kernel::Wkv5Tex, 0, &run, bindings, groups)?
+            }
+            None => rec.dispatch(Kernel::Wkv5, 0, &run, &[att, seq_start, state, y, vecs], groups)?,
         }
     }
     Ok(())

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    plane, Act, GatherParams, GroupNormParams, LayerNormParams, MulAddParams, TokenShiftParams, Wkv7Textures, WG,
+    plane, Act, GatherParams, GroupNormParams, LayerNormParams, MulAddParams, TokenShiftParams, WkvTextures, WG,
 };
 use crate::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, READBACK, STORAGE, X_WINDOW_BYTES};
 use crate::loader::{Dtype, SafeTensorsFile, Tensor};
@@ -65,8 +65,8 @@ pub(crate) struct Scratch {
     pub logits: GpuBuffer,    // [head_cap, V]
     pub staging: GpuBuffer,   // [head_cap, V] for reading logits back
     /// att's WKV planes and a layer's state as textures for `wkv7_tex.wgsl`
-    /// (v7 on CPU adapters, head size 64 only).
-    pub wkv_tex: Option<Wkv7Textures>,
+    /// and `wkv5_tex.wgsl` (v5-v7 on CPU adapters, head size 64 only).
+    pub wkv_tex: Option<WkvTextures>,
 }
 
 impl Scratch {
@@ -206,14 +206,13 @@ impl BlockLoader<'_, '_> {
 /// first use as before.
 fn compile_kernels(ctx: &GpuContext, version: Version, dtype: Dtype, head_size: usize) -> Result<()> {
     let mut kernels = vec![(Kernel::LayerNorm, 0), (Kernel::TokenShift, 0), (Kernel::GatherRows, 0)];
+    // The texture WKV kernels, where they will run (see `WkvTextures::fit`).
+    let tex = ctx.weight_store() == WeightStore::Texture && head_size == 64 && ctx.subgroup_size() == Some(8);
     kernels.extend(match version {
-        Version::V7
-            if ctx.weight_store() == WeightStore::Texture && head_size == 64 && ctx.subgroup_size() == Some(8) =>
-        {
-            vec![(Kernel::V7Prep, 0), (Kernel::Wkv7Tex, 0), (Kernel::GroupNorm, 0)]
-        }
+        Version::V7 if tex => vec![(Kernel::V7Prep, 0), (Kernel::Wkv7Tex, 0), (Kernel::GroupNorm, 0)],
         Version::V7 => vec![(Kernel::V7Prep, 0), (Kernel::Wkv7, 0), (Kernel::GroupNorm, 0)],
         Version::V4 => vec![(Kernel::Wkv4, 0), (Kernel::MulAdd, 0)],
+        _ if tex => vec![(Kernel::Wkv5Tex, 0), (Kernel::GroupNorm, 0), (Kernel::MulAdd, 0)],
         _ => vec![(Kernel::Wkv5, 0), (Kernel::GroupNorm, 0), (Kernel::MulAdd, 0)],
     });
     kernels.extend(Matrix::kernels(ctx, dtype));
@@ -312,9 +311,9 @@ impl Runtime {
             ctx.x_texture(width, capacity.min(ctx.max_texture_dims().0 as usize) as u32)?;
         }
         let i = &self.info;
-        let wkv_tex = i.version == Version::V7
+        let wkv_tex = i.version != Version::V4
             && ctx.weight_store() == WeightStore::Texture
-            && Wkv7Textures::fit(ctx, i.head_size, c, self.layout.stride, capacity, batch);
+            && WkvTextures::fit(ctx, i.head_size, c, self.layout.stride, capacity, batch);
         self.scratch = Some(Scratch {
             capacity,
             batch,
@@ -333,7 +332,7 @@ impl Runtime {
             head_xn: f32s("head xn", head_cap * c)?,
             logits: f32s("logits", head_cap * v)?,
             staging: ctx.buffer("logits staging", (head_cap * v * 4) as u64, READBACK)?,
-            wkv_tex: if wkv_tex { Some(Wkv7Textures::new(ctx, c, capacity, batch)?) } else { None },
+            wkv_tex: if wkv_tex { Some(WkvTextures::new(ctx, c, capacity, batch)?) } else { None },
         });
         self.reserve_params(capacity, state, head_cap)
     }

@@ -16,8 +16,8 @@
 //! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{plane, Act, Wkv5Params, WKV_TOKENS_PER_DISPATCH};
-use crate::gpu::{GpuBuffer, Kernel, Recorder};
+use crate::gpu::kernels::{plane, record_wkv5, Act, Wkv5Params};
+use crate::gpu::{GpuBuffer, Recorder};
 use crate::matrix::Matrix;
 use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
 use crate::model::{Chunk, ModelInfo, Version};
@@ -170,9 +170,9 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(
 }
 
 /// The v5/v6 WKV over the chunk: y from planes R, K, V (and W for a dynamic
-/// decay) and the layer's state, in runs of WKV_TOKENS_PER_DISPATCH tokens.
+/// decay) and the layer's state (`gpu::kernels::record_wkv5`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn record_wkv5<'a>(
+pub(crate) fn wkv<'a>(
     rt: &'a Runtime,
     rec: &mut Recorder<'a>,
     s: &'a Scratch,
@@ -186,24 +186,22 @@ pub(crate) fn record_wkv5<'a>(
 ) -> Result<()> {
     let (c, nh) = (rt.info.n_embd, rt.info.n_head);
     let longest = chunk.seq_start.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-        let p = Wkv5Params {
-            n_seq: n_seq as u32,
-            n_head: nh as u32,
-            head_size: HEAD_SIZE as u32,
-            dim: c as u32,
-            plane: s.plane_len(c) as u32,
-            state_stride: rt.layout.stride as u32,
-            state_offset: (2 * c) as u32, // att_kv, after att_x and ffn_x
-            t_first,
-            t_count: WKV_TOKENS_PER_DISPATCH,
-            u_offset: (bonus_slot * c) as u32,
-            w_offset: (decay_slot * c) as u32,
-            w_dynamic: dynamic as u32,
-        };
-        rec.dispatch(Kernel::Wkv5, 0, &p, &[&s.att, &s.seq_start, st, &s.y, vecs], [nh as u32, n_seq as u32, 1])?;
-    }
-    Ok(())
+    let p = Wkv5Params {
+        n_seq: n_seq as u32,
+        n_head: nh as u32,
+        head_size: HEAD_SIZE as u32,
+        dim: c as u32,
+        plane: s.plane_len(c) as u32,
+        state_stride: rt.layout.stride as u32,
+        state_offset: (2 * c) as u32, // att_kv, after att_x and ffn_x
+        t_first: 0,
+        t_count: 0,
+        u_offset: (bonus_slot * c) as u32,
+        w_offset: (decay_slot * c) as u32,
+        w_dynamic: dynamic as u32,
+    };
+    let n = chunk.tokens.len() as u32;
+    record_wkv5(rec, p, n, longest, &s.att, &s.seq_start, st, &s.y, vecs, s.wkv_tex.as_ref())
 }
 
 /// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
@@ -236,7 +234,7 @@ pub(crate) fn record<'a>(
         }
 
         // 4. the WKV recurrence with the fixed decay.
-        record_wkv5(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, false)?;
+        wkv(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, false)?;
 
         // 5-6. group norm (and gate); x += y Wo.
         rt.group_norm(rec, s, &b.vecs, n, LNX_W, None, b.gate.is_some())?;

@@ -23,7 +23,7 @@ use crate::gpu::{GpuBuffer, Recorder};
 use crate::loader::Tensor;
 use crate::matrix::Matrix;
 use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
-use crate::model::v5::{heads, record_wkv5, state_layout, HEAD_SIZE};
+use crate::model::v5::{heads, state_layout, wkv, HEAD_SIZE};
 use crate::model::{Chunk, ModelInfo, Version};
 use crate::state::{State, StateLayout};
 
@@ -201,7 +201,7 @@ pub(crate) fn record<'a>(
         b.decay2.linear(rec, &s.lora, 0, &s.att, at(p(plane::W)), n, Act::None, false)?;
 
         // 7. the WKV recurrence with the per-token decay.
-        record_wkv5(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, true)?;
+        wkv(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, true)?;
 
         // 8. group norm and gate; x += y Wo.
         rt.group_norm(rec, s, &b.vecs, n, LNX_W, None, true)?;
