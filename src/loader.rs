@@ -222,16 +222,25 @@ impl SafeTensorsFile {
     }
 }
 
-/// Writes every tensor of `src` (a `.pth` or a safetensors file) to a
+/// Writes every float tensor of `src` (a `.pth` or a safetensors file) to a
 /// safetensors file at `out`, names, dtypes and bytes unchanged, streaming
 /// from the mapping (the checkpoint is never copied into memory whole).
-/// Returns the number of tensors written.
-pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<usize> {
+/// Returns the number of tensors written and the names of those skipped
+/// (integer or f64 tensors, which no RWKV weight is).
+pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<(usize, Vec<String>)> {
     let mut names: Vec<&str> = src.names().collect();
     names.sort_unstable();
     let mut views = Vec::with_capacity(names.len());
+    let mut skipped = Vec::new();
     for name in &names {
-        let t = src.get(name)?;
+        let t = match src.get(name) {
+            Ok(t) => t,
+            Err(Error::UnsupportedDtype { .. }) => {
+                skipped.push(name.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let dtype = match t.dtype {
             Dtype::F32 => safetensors::Dtype::F32,
             Dtype::F16 => safetensors::Dtype::F16,
@@ -243,9 +252,10 @@ pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<usize
     }
     let source = src.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("converted_from".to_string(), source)]);
+    let written = views.len();
     safetensors::serialize_to_file(views, Some(meta), out)
         .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))?;
-    Ok(names.len())
+    Ok((written, skipped))
 }
 
 fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {

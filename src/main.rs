@@ -385,7 +385,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
             let version = rwkv_wgpu::detect_version(&src).map(|v| format!("RWKV-{v}"));
-            let n = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
+            let (n, skipped) = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
+            if !skipped.is_empty() {
+                eprintln!("skipped {} tensors that are not f32/f16/bf16: {}", skipped.len(), skipped.join(", "));
+            }
             eprintln!(
                 "wrote {n} tensors ({}) to {}",
                 version.unwrap_or_else(|e| format!("not recognised as RWKV: {e}")),

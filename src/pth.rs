@@ -42,7 +42,7 @@ pub fn index(bytes: &[u8]) -> Result<Vec<PthTensor>, String> {
         .entries
         .keys()
         .filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-        .min_by_key(|n| n.len())
+        .min_by_key(|n| (n.len(), n.as_str()))
         .ok_or("no data.pkl in the archive (not a torch.save checkpoint)")?
         .clone();
     let prefix = &pkl[..pkl.len() - "data.pkl".len()];
@@ -75,13 +75,13 @@ pub fn index(bytes: &[u8]) -> Result<Vec<PthTensor>, String> {
             .entries
             .get(&format!("{prefix}data/{}", t.storage.key))
             .ok_or_else(|| format!("tensor `{name}`: storage {} is missing from the archive", t.storage.key))?;
-        let elem = match &t.storage.dtype {
-            Ok(d) => d.size(),
-            Err(_) => 1,
-        };
+        let elem = t.storage.elem;
         let too_big = || format!("tensor `{name}`: shape {:?} is too large", t.shape);
         let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
         // Row-major contiguous strides (dimensions of size 1 may have any stride).
+        if t.stride.len() != t.shape.len() {
+            return Err(format!("tensor `{name}`: {} strides for {} dimensions", t.stride.len(), t.shape.len()));
+        }
         let mut expect = 1usize;
         for (&size, &stride) in t.shape.iter().zip(&t.stride).rev() {
             if size != 1 && stride != expect {
@@ -110,16 +110,25 @@ struct Zip {
     entries: HashMap<String, std::ops::Range<usize>>,
 }
 
+/// The `N` bytes at `at`, or an error if they run past the end (`at` comes
+/// from the file, so the sum is checked too).
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> Result<[u8; N], String> {
+    at.checked_add(N)
+        .and_then(|end| b.get(at..end))
+        .map(|s| s.try_into().unwrap())
+        .ok_or_else(|| "zip: truncated (an offset points past the end of the file)".to_string())
+}
+
 fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
-    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or_else(|| "zip: truncated".to_string())
+    bytes_at(b, at).map(u16::from_le_bytes)
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "zip: truncated".to_string())
+    bytes_at(b, at).map(u32::from_le_bytes)
 }
 
 fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
-    b.get(at..at + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "zip: truncated".to_string())
+    bytes_at(b, at).map(u64::from_le_bytes)
 }
 
 impl Zip {
@@ -138,7 +147,7 @@ impl Zip {
             if u32_at(b, loc)? != 0x0706_4b50 {
                 return Err("zip: missing zip64 locator".into());
             }
-            let rec = u64_at(b, loc + 8)? as usize;
+            let rec = usize::try_from(u64_at(b, loc + 8)?).map_err(|_| "zip: bad zip64 end record offset")?;
             if u32_at(b, rec)? != 0x0606_4b50 {
                 return Err("zip: bad zip64 end record".into());
             }
@@ -146,11 +155,12 @@ impl Zip {
             cd_offset = u64_at(b, rec + 48)?;
         }
         let mut entries = HashMap::new();
-        let mut at = cd_offset as usize;
+        let mut at = usize::try_from(cd_offset).map_err(|_| "zip: bad central directory offset")?;
         for _ in 0..count {
             if u32_at(b, at)? != 0x0201_4b50 {
                 return Err(format!("zip: bad central directory entry at byte {at}"));
             }
+            let flags = u16_at(b, at + 8)?;
             let method = u16_at(b, at + 10)?;
             let mut size = u32_at(b, at + 20)? as u64;
             let mut uncompressed = u32_at(b, at + 24)? as u64;
@@ -158,9 +168,12 @@ impl Zip {
             let extra_len = u16_at(b, at + 30)? as usize;
             let comment_len = u16_at(b, at + 32)? as usize;
             let mut local = u32_at(b, at + 42)? as u64;
+            // Offsets below come from the file: `at` is bounded by the
+            // checks above (it points at a 46-byte header inside the file).
             let name_bytes = b.get(at + 46..at + 46 + name_len).ok_or("zip: truncated entry name")?;
             let name = String::from_utf8_lossy(name_bytes).into_owned();
-            // Zip64 extra field: the 64-bit values of the fields set to all ones.
+            // Zip64 extra field: the 64-bit values of the fields set to all
+            // ones, each inside the field's own length.
             let mut e = at + 46 + name_len;
             let extra_end = e + extra_len;
             while e + 4 <= extra_end {
@@ -169,6 +182,9 @@ impl Zip {
                     let mut f = e + 4;
                     for v in [&mut uncompressed, &mut size, &mut local] {
                         if *v == 0xffff_ffff {
+                            if f + 8 > e + 4 + len {
+                                return Err(format!("zip: entry `{name}` has a short zip64 field"));
+                            }
                             *v = u64_at(b, f)?;
                             f += 8;
                         }
@@ -176,13 +192,20 @@ impl Zip {
                 }
                 e += 4 + len;
             }
+            if flags & 1 != 0 {
+                return Err(format!("zip: entry `{name}` is encrypted"));
+            }
+            if entries.contains_key(&name) {
+                return Err(format!("zip: entry `{name}` appears twice"));
+            }
             if method != 0 || size != uncompressed {
                 return Err(format!("zip: entry `{name}` is compressed (method {method}); torch.save stores entries"));
             }
-            let local = local as usize;
+            let local = usize::try_from(local).map_err(|_| format!("zip: bad offset for `{name}`"))?;
             if u32_at(b, local)? != 0x0403_4b50 {
                 return Err(format!("zip: bad local header for `{name}`"));
             }
+            // `local` is inside the file (the header was read), so these sums do not overflow.
             let data = local + 30 + u16_at(b, local + 26)? as usize + u16_at(b, local + 28)? as usize;
             let end = data.checked_add(size as usize).filter(|&end| end <= b.len());
             let end = end.ok_or_else(|| format!("zip: entry `{name}` runs past the end of the file"))?;
@@ -199,6 +222,8 @@ impl Zip {
 struct Storage {
     key: String,
     dtype: Result<Dtype, String>,
+    /// Bytes per element (also of the dtypes not loaded, for the bounds check).
+    elem: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -251,32 +276,61 @@ const ALLOWED_GLOBALS: [&str; 3] =
     ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter"];
 
 /// Storage classes and the dtype they hold (None: a dtype we do not load).
-const STORAGES: [(&str, Option<Dtype>); 8] = [
-    ("torch.FloatStorage", Some(Dtype::F32)),
-    ("torch.HalfStorage", Some(Dtype::F16)),
-    ("torch.BFloat16Storage", Some(Dtype::BF16)),
-    ("torch.DoubleStorage", None),
-    ("torch.LongStorage", None),
-    ("torch.IntStorage", None),
-    ("torch.ByteStorage", None),
-    ("torch.BoolStorage", None),
+/// Storage classes, the dtype they hold (None: a dtype we do not load) and
+/// their bytes per element.
+const STORAGES: [(&str, Option<Dtype>, usize); 8] = [
+    ("torch.FloatStorage", Some(Dtype::F32), 4),
+    ("torch.HalfStorage", Some(Dtype::F16), 2),
+    ("torch.BFloat16Storage", Some(Dtype::BF16), 2),
+    ("torch.DoubleStorage", None, 8),
+    ("torch.LongStorage", None, 8),
+    ("torch.IntStorage", None, 4),
+    ("torch.ByteStorage", None, 1),
+    ("torch.BoolStorage", None, 1),
 ];
+
+/// Deepest nesting of containers a state dict needs (a dict of tensors with
+/// `_metadata` is about 5 deep); deeper pickles are refused, so dropping a
+/// value never recurses far.
+const MAX_DEPTH: u32 = 32;
+/// Most values the pickle may build or copy in all (memo gets copy): real
+/// state dicts use a few per tensor; a pickle that doubles a list through
+/// the memo would otherwise need exponential memory.
+const MAX_NODES: u64 = 1 << 24;
+
+/// A value on the unpickler's stack or in its memo, with its nesting depth
+/// and its size in values (what a copy of it costs).
+#[derive(Debug, Clone)]
+struct Item {
+    v: Value,
+    depth: u32,
+    nodes: u64,
+}
+
+impl Item {
+    fn leaf(v: Value) -> Self {
+        Item { v, depth: 0, nodes: 1 }
+    }
+}
 
 struct Unpickler<'a> {
     b: &'a [u8],
     at: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    stack: Vec<Item>,
+    memo: HashMap<u32, Item>,
+    /// Values built or copied so far (bounded by MAX_NODES).
+    nodes: u64,
 }
 
 impl<'a> Unpickler<'a> {
     fn new(b: &'a [u8]) -> Self {
-        Self { b, at: 0, stack: Vec::new(), memo: HashMap::new() }
+        Self { b, at: 0, stack: Vec::new(), memo: HashMap::new(), nodes: 0 }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let s = self.b.get(self.at..self.at + n).ok_or("pickle: truncated")?;
-        self.at += n;
+        let end = self.at.checked_add(n).ok_or("pickle: truncated")?;
+        let s = self.b.get(self.at..end).ok_or("pickle: truncated")?;
+        self.at = end;
         Ok(s)
     }
 
@@ -296,16 +350,81 @@ impl<'a> Unpickler<'a> {
         Ok(s)
     }
 
-    fn pop(&mut self) -> Result<Value, String> {
+    /// Counts `n` more values against MAX_NODES.
+    fn spend(&mut self, n: u64) -> Result<(), String> {
+        self.nodes = self.nodes.saturating_add(n);
+        if self.nodes > MAX_NODES {
+            return Err(format!("refused: the pickle builds more than {MAX_NODES} values (not a plain state dict)"));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, v: Value) -> Result<(), String> {
+        self.spend(1)?;
+        self.stack.push(Item::leaf(v));
+        Ok(())
+    }
+
+    /// A container of `items` (moved in), one level deeper than the deepest of them.
+    fn push_container(
+        &mut self,
+        items: Vec<Item>,
+        make: impl FnOnce(Vec<Value>) -> Result<Value, String>,
+    ) -> Result<(), String> {
+        let depth = items.iter().map(|i| i.depth + 1).max().unwrap_or(1);
+        if depth > MAX_DEPTH {
+            return Err(format!("refused: containers nested more than {MAX_DEPTH} deep (not a plain state dict)"));
+        }
+        self.spend(1)?;
+        let nodes = items.iter().map(|i| i.nodes).fold(1u64, u64::saturating_add);
+        let v = make(items.into_iter().map(|i| i.v).collect())?;
+        self.stack.push(Item { v, depth, nodes });
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Item, String> {
         self.stack.pop().ok_or_else(|| "pickle: stack underflow".to_string())
     }
 
     /// Everything above the topmost mark, removing the mark.
-    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let m = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("pickle: no mark")?;
+    fn pop_mark(&mut self) -> Result<Vec<Item>, String> {
+        let m = self.stack.iter().rposition(|i| matches!(i.v, Value::Mark)).ok_or("pickle: no mark")?;
         let items = self.stack.split_off(m + 1);
         self.stack.pop();
         Ok(items)
+    }
+
+    /// Adds `items` to the list or dict on top of the stack (`dict`: as
+    /// key/value pairs), keeping its depth and size up to date.
+    fn extend_top(&mut self, items: Vec<Item>, dict: bool) -> Result<(), String> {
+        let depth = items.iter().map(|i| i.depth + 1).max().unwrap_or(0);
+        if depth > MAX_DEPTH {
+            return Err(format!("refused: containers nested more than {MAX_DEPTH} deep (not a plain state dict)"));
+        }
+        let nodes = items.iter().map(|i| i.nodes).fold(0u64, u64::saturating_add);
+        let top = self.stack.last_mut().ok_or("pickle: stack underflow")?;
+        let values: Vec<Value> = items.into_iter().map(|i| i.v).collect();
+        match (&mut top.v, dict) {
+            (Value::List(l), false) => l.extend(values),
+            (Value::Dict(d), true) => d.extend(pairs(values)?),
+            _ => return Err(format!("pickle: adding items to {}", top.v.kind())),
+        }
+        top.depth = top.depth.max(depth);
+        top.nodes = top.nodes.saturating_add(nodes);
+        Ok(())
+    }
+
+    /// A copy of the top of the stack or of a memo entry, paid for in nodes.
+    fn copy(&mut self, item: Item) -> Result<Item, String> {
+        self.spend(item.nodes)?;
+        Ok(item)
+    }
+
+    fn memo_put(&mut self, k: u32) -> Result<(), String> {
+        let top = self.stack.last().ok_or("pickle: memo of an empty stack")?.clone();
+        let top = self.copy(top)?;
+        self.memo.insert(k, top);
+        Ok(())
     }
 
     fn global(module: &str, name: &str) -> Result<Value, String> {
@@ -313,7 +432,7 @@ impl<'a> Unpickler<'a> {
         if let Some(g) = ALLOWED_GLOBALS.iter().find(|g| **g == full) {
             return Ok(Value::Global(g));
         }
-        if let Some((g, _)) = STORAGES.iter().find(|(g, _)| *g == full) {
+        if let Some((g, _, _)) = STORAGES.iter().find(|(g, _, _)| *g == full) {
             return Ok(Value::Global(g));
         }
         Err(format!(
@@ -337,25 +456,24 @@ impl<'a> Unpickler<'a> {
                 0x95 => {
                     self.take(8)?; // FRAME
                 }
-                b'.' => return self.pop(), // STOP
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b'(' => self.stack.push(Value::Mark),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool),
-                0x89 => self.stack.push(Value::Bool),
+                b'.' => return Ok(self.pop()?.v), // STOP
+                b'}' => self.push_container(Vec::new(), |_| Ok(Value::Dict(Vec::new())))?,
+                b']' => self.push_container(Vec::new(), |_| Ok(Value::List(Vec::new())))?,
+                b')' => self.push_container(Vec::new(), |_| Ok(Value::Tuple(Vec::new())))?,
+                b'(' => self.push(Value::Mark)?,
+                b'N' => self.push(Value::None)?,
+                0x88 | 0x89 => self.push(Value::Bool)?,
                 b'J' => {
                     let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap());
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 0x8a => {
                     // LONG1: n little-endian two's-complement bytes.
@@ -371,58 +489,56 @@ impl<'a> Unpickler<'a> {
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
                         v -= 1i64 << (8 * n);
                     }
-                    self.stack.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'G' => {
                     self.take(8)?;
-                    self.stack.push(Value::Float);
+                    self.push(Value::Float)?;
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let v = self.str_value(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let v = self.str_value(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'q' => {
                     let k = self.u8()? as u32;
-                    let top = self.stack.last().ok_or("pickle: memo of an empty stack")?.clone();
-                    self.memo.insert(k, top);
+                    self.memo_put(k)?;
                 }
                 b'r' => {
                     let k = self.u32()?;
-                    let top = self.stack.last().ok_or("pickle: memo of an empty stack")?.clone();
-                    self.memo.insert(k, top);
+                    self.memo_put(k)?;
                 }
                 0x94 => {
                     let k = self.memo.len() as u32;
-                    let top = self.stack.last().ok_or("pickle: memo of an empty stack")?.clone();
-                    self.memo.insert(k, top);
+                    self.memo_put(k)?;
                 }
                 b'h' | b'j' => {
                     let k = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
                     let v = self.memo.get(&k).ok_or_else(|| format!("pickle: memo {k} is unset"))?.clone();
+                    let v = self.copy(v)?;
                     self.stack.push(v);
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Self::global(module, name)?);
+                    self.push(Self::global(module, name)?)?;
                 }
                 0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
+                    let name = self.pop()?.v;
+                    let module = self.pop()?.v;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Self::global(&m, &n)?),
+                        (Value::Str(m), Value::Str(n)) => self.push(Self::global(&m, &n)?)?,
                         _ => return Err("pickle: STACK_GLOBAL of non-strings".into()),
                     }
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.push_container(items, |v| Ok(Value::Tuple(v)))?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -430,62 +546,49 @@ impl<'a> Unpickler<'a> {
                         return Err("pickle: stack underflow".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    self.push_container(items, |v| Ok(Value::Tuple(v)))?;
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(items));
+                    self.push_container(items, |v| Ok(Value::List(v)))?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let pairs = pairs(items)?;
-                    self.stack.push(Value::Dict(pairs));
+                    self.push_container(items, |v| Ok(Value::Dict(pairs(v)?)))?;
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    match self.stack.last_mut() {
-                        Some(Value::List(l)) => l.push(v),
-                        _ => return Err("pickle: APPEND to a non-list".into()),
-                    }
+                    self.extend_top(vec![v], false)?;
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    match self.stack.last_mut() {
-                        Some(Value::List(l)) => l.extend(items),
-                        _ => return Err("pickle: APPENDS to a non-list".into()),
-                    }
+                    self.extend_top(items, false)?;
                 }
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    match self.stack.last_mut() {
-                        Some(Value::Dict(d)) => d.push((k, v)),
-                        _ => return Err("pickle: SETITEM on a non-dict".into()),
-                    }
+                    self.extend_top(vec![k, v], true)?;
                 }
                 b'u' => {
-                    let items = pairs(self.pop_mark()?)?;
-                    match self.stack.last_mut() {
-                        Some(Value::Dict(d)) => d.extend(items),
-                        _ => return Err("pickle: SETITEMS on a non-dict".into()),
-                    }
+                    let items = self.pop_mark()?;
+                    self.extend_top(items, true)?;
                 }
                 b'b' => {
                     // BUILD: the state of an OrderedDict (its `_metadata`) is
                     // not part of the weights; anything else is refused.
                     let _state = self.pop()?;
-                    if !matches!(self.stack.last(), Some(Value::Dict(_)) | Some(Value::Tensor(_))) {
+                    if !matches!(self.stack.last().map(|i| &i.v), Some(Value::Dict(_)) | Some(Value::Tensor(_))) {
                         return Err("pickle: BUILD on something other than a dict or tensor".into());
                     }
                 }
                 b'Q' => {
-                    let pid = self.pop()?;
-                    self.stack.push(persistent_load(pid)?);
+                    let pid = self.pop()?.v;
+                    self.push(persistent_load(pid)?)?;
                 }
                 b'R' => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    self.stack.push(reduce(f, args)?);
+                    let args = self.pop()?.v;
+                    let f = self.pop()?.v;
+                    self.push(reduce(f, args)?)?;
                 }
                 other => {
                     return Err(format!(
@@ -515,12 +618,12 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
     let Value::Tuple(t) = pid else { return Err("pickle: a persistent id that is not a tuple".into()) };
     match t.as_slice() {
         [Value::Str(kind), Value::Global(class), Value::Str(key), ..] if kind == "storage" => {
-            let dtype = match STORAGES.iter().find(|(g, _)| g == class) {
-                Some((_, Some(d))) => Ok(*d),
-                Some((g, None)) => Err(g.trim_start_matches("torch.").trim_end_matches("Storage").to_string()),
+            let (dtype, elem) = match STORAGES.iter().find(|(g, _, _)| g == class) {
+                Some((_, Some(d), e)) => (Ok(*d), *e),
+                Some((g, None, e)) => (Err(g.trim_start_matches("torch.").trim_end_matches("Storage").to_string()), *e),
                 None => return Err(format!("pickle: `{class}` is not a storage class")),
             };
-            Ok(Value::Storage(Storage { key: key.clone(), dtype }))
+            Ok(Value::Storage(Storage { key: key.clone(), dtype, elem }))
         }
         _ => Err("pickle: a persistent id other than a torch storage".into()),
     }

@@ -64,6 +64,17 @@ fn malicious_pickle_is_refused() {
     assert!(msg.contains("refused") && msg.contains("system"), "{msg}");
 }
 
+/// Pickles that build no code but would exhaust memory or the stack: a
+/// tuple doubled through the memo 40 times, and lists nested 1,000 deep.
+#[test]
+fn resource_bombs_are_refused() {
+    for (file, what) in [("memo_bomb", "values"), ("deep", "nested")] {
+        let e = SafeTensorsFile::open(pth(file)).err().expect("must not load");
+        let msg = e.to_string();
+        assert!(matches!(e, Error::BadPth { .. }) && msg.contains(what), "{file}: {msg}");
+    }
+}
+
 #[test]
 fn broken_pth_files_are_errors() {
     let bytes = std::fs::read(pth("v7-L3-C64-V512-fp16-l0v")).unwrap();
