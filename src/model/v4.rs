@@ -5,8 +5,8 @@
 //!  2. xr, xk, xv = xx * time_mix + shifted * (1 - time_mix)
 //!  3. r = sigmoid(xr Wr), k = xk Wk, v = xv Wv
 //!  4. per channel, with u = time_first and w = -exp(time_decay):
-//!       y = r * (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
-//!               / (sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t})
+//!     y = r * (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) /
+//!     (sum_{i<t} e^{(t-1-i) w + k_i} + e^{u + k_t})
 //!     kept as (aa, bb, pp): numerator and denominator over a common exponent
 //!     pp, so nothing overflows however long the context (`wkv4.wgsl`)
 //!  5. x = x + y Wo

@@ -5,7 +5,7 @@
 //!  2. xr, xk, xv, xg = xx * time_mix + shifted * (1 - time_mix)   (5.0: no xg)
 //!  3. r = xr Wr, k = xk Wk, v = xv Wv, g = silu(xg Wg)             (5.0: no g)
 //!  4. per head, state S [key j, value i]:
-//!       y[i] = sum_j r[j] (u[j] k[j] v[i] + S[j, i]);  S[j, i] = k[j] v[i] + w[j] S[j, i]
+//!     y[i] = sum_j r[j] (u[j] k[j] v[i] + S[j, i]);  S[j, i] = k[j] v[i] + w[j] S[j, i]
 //!     with w = exp(-exp(time_decay)) and u = time_faaaa (5.2, per channel) or
 //!     u = exp(time_first) (5.0/5.1, whose decay and bonus are per head)
 //!  5. y = GroupNorm(y, ln_x, eps 64e-5) (* g)

@@ -9,7 +9,7 @@
 //!  5. r = xr Wr, k = xk Wk, v = xv Wv, g = silu(xg Wg)
 //!  6. w = exp(-exp(time_decay + tanh(xw Wd1) Wd2))            (per token)
 //!  7. per head, state S [key j, value i]:
-//!       y[i] = sum_j r[j] (u[j] k[j] v[i] + S[j, i]);  S[j, i] = k[j] v[i] + w[j] S[j, i]
+//!     y[i] = sum_j r[j] (u[j] k[j] v[i] + S[j, i]);  S[j, i] = k[j] v[i] + w[j] S[j, i]
 //!     with u = time_faaaa
 //!  8. y = GroupNorm(y, ln_x, eps 64e-5) * g; x = x + y Wo
 //!  9. xx = LayerNorm(x, ln2); xk, xr = xx + sx * time_maa_{k,r}
