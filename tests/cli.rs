@@ -205,4 +205,17 @@ fn bench_reports_json_on_a_synthetic_model() {
     assert_eq!(v["gpu_bytes_after_deep"], v["gpu_bytes_at_100"], "{out}");
     let o = rwkv(&["bench", "--shape", "L2-D100-V512", "--pp", "4", "--tg", "2"]);
     assert_eq!(o.status.code(), Some(1), "a width that is not a multiple of 64: {}", stderr(&o));
+
+    // Synthetic checkpoints of the other generations load (detected from
+    // their tensors) and run; an unknown version is an error.
+    for version in ["4", "5.0", "5.1", "5.2", "6"] {
+        let args = ["bench", "--version", version, "--shape", "L2-D128-V512", "--pp", "4", "--tg", "2", "--batch", "1"];
+        let o = rwkv(&[&args[..], &["--repeat", "1", "--json"]].concat());
+        assert!(o.status.success(), "--version {version}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["model"].as_str().is_some_and(|m| m.contains(&format!("v{version} "))), "{v}");
+        assert!(v["decode_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    }
+    let o = rwkv(&["bench", "--version", "3", "--shape", "L2-D128-V512"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
