@@ -120,7 +120,8 @@ enum Command {
         sampling: SamplingArgs,
     },
     /// Multi-turn chat on stdin (`User: …` / `Assistant: …`), keeping the
-    /// state between turns. Commands: /reset, /save FILE, /load FILE, /quit.
+    /// state between turns. Commands: /reset, /save FILE, /load FILE (a saved
+    /// or state-tuned state), /quit.
     Chat {
         #[command(flatten)]
         model: ModelArgs,
@@ -601,7 +602,8 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
                     eprintln!("[state saved to {f}]");
                 }
                 ("load", f) if !f.is_empty() => {
-                    match load_state(Path::new(f)).and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
+                    let loaded = read_state_file(session.model, Path::new(f));
+                    match loaded.and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
                         Ok(()) => eprintln!("[state loaded from {f}]"),
                         Err(e) => eprintln!("error: {e:#}"),
                     }
@@ -657,14 +659,17 @@ fn save_state(state: &StateData, path: &Path) -> Result<()> {
 /// `--state FILE`: an official state-tuning file (`blocks.0.att.time_state`)
 /// or a state saved with /save.
 fn initial_state(m: &Model, args: &StateArgs) -> Result<Option<StateData>> {
-    let Some(path) = &args.state else { return Ok(None) };
+    args.state.as_deref().map(|path| read_state_file(m, path)).transpose()
+}
+
+/// One sequence's state from a state-tuning file or a /save file.
+fn read_state_file(m: &Model, path: &Path) -> Result<StateData> {
     let f = SafeTensorsFile::open(path).with_context(|| format!("reading the state {}", path.display()))?;
-    let s = if f.contains("blocks.0.att.time_state") {
-        m.tuned_state(&f).with_context(|| format!("state-tuning file {}", path.display()))?
+    if f.contains("blocks.0.att.time_state") {
+        m.tuned_state(&f).with_context(|| format!("state-tuning file {}", path.display()))
     } else {
-        load_state(path)?
-    };
-    Ok(Some(s))
+        load_state(path)
+    }
 }
 
 fn load_state(path: &Path) -> Result<StateData> {
