@@ -13,8 +13,11 @@ fn pth(name: &str) -> std::path::PathBuf {
 }
 
 /// (pth file, source fixture, dtype the pth stores)
-const CASES: [(&str, &str, Dtype); 3] = [
+const CASES: [(&str, &str, Dtype); 4] = [
     ("v7-L3-C64-V512-fp16-l0v", "v7-L3-C64-V512-fp16-l0v", Dtype::F16),
+    // The same entries with every size and offset in zip64 fields (as in
+    // checkpoints over 4 GiB).
+    ("v7-L3-C64-V512-fp16-l0v-zip64", "v7-L3-C64-V512-fp16-l0v", Dtype::F16),
     ("v7-L2-C128-V512-bf16", "v7-L2-C128-V512-bf16", Dtype::BF16),
     ("v4-L3-C64-V512-fp16-f32", "v4-L3-C64-V512-fp16", Dtype::F32),
 ];
