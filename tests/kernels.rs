@@ -336,6 +336,15 @@ fn layer_norm_rows() {
     check("layer_norm", &got, &want);
 }
 
+/// `seq_start` of sequences of `lens` tokens laid end to end: [0, l0, l0 + l1, ..].
+fn starts(lens: &[usize]) -> Vec<u32> {
+    let mut s = vec![0u32];
+    for l in lens {
+        s.push(s.last().unwrap() + *l as u32);
+    }
+    s
+}
+
 /// Three sequences of 4, 0 and 5 tokens.
 fn three_sequences() -> (Vec<u32>, Vec<u32>) {
     let seq_start = vec![0u32, 4, 4, 9];
@@ -503,10 +512,7 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
     let mut rng = Rng::new(seed);
     let nh = 2;
     let dim = nh * hs;
-    let mut seq_start = vec![0u32];
-    for l in seq_lens {
-        seq_start.push(seq_start.last().unwrap() + *l as u32);
-    }
+    let seq_start = starts(&seq_lens);
     let n = *seq_start.last().unwrap() as usize;
     let n_seq = seq_lens.len();
     let cap = n + 1;
@@ -666,10 +672,7 @@ fn wkv5_fixed_and_dynamic_decay() {
         let mut rng = Rng::new(seed);
         let (hs, nh) = (64, 2);
         let dim = nh * hs;
-        let mut seq_start = vec![0u32];
-        for l in seq_lens {
-            seq_start.push(seq_start.last().unwrap() + *l as u32);
-        }
+        let seq_start = starts(&seq_lens);
         let n = *seq_start.last().unwrap() as usize;
         let n_seq = seq_lens.len();
         let cap = n + 1;
@@ -760,10 +763,7 @@ fn wkv4_recurrence_and_long_run() {
     let dim = 12;
     for seq_lens in [vec![4usize, 0, 5], vec![10_000]] {
         let long = seq_lens[0] == 10_000;
-        let mut seq_start = vec![0u32];
-        for l in &seq_lens {
-            seq_start.push(seq_start.last().unwrap() + *l as u32);
-        }
+        let seq_start = starts(&seq_lens);
         let n = *seq_start.last().unwrap() as usize;
         let n_seq = seq_lens.len();
         let p = n * dim;

@@ -255,9 +255,7 @@ impl WkvTextures {
         let state = ctx.texture("state texture", 16, dim as u32, n_seq as u32, X_TEXTURE_FORMAT, true)?;
         Ok(Self { att: Arc::new(att), state: Arc::new(state) })
     }
-}
 
-impl WkvTextures {
     /// att's planes 0 .. WKV_PLANES for `n_tok` tokens into the att texture.
     fn copy_att<'a>(&self, rec: &mut Recorder<'a>, att: &'a GpuBuffer, dim: u32, plane: u32, n_tok: u32) {
         rec.copy_to_texture(att, 0, dim * 4, plane / dim, self.att.clone(), [dim / 4, n_tok, WKV_PLANES]);
@@ -278,10 +276,80 @@ impl WkvTextures {
     }
 }
 
-/// Records the WKV over tokens `0 .. longest` of each of `p.n_seq` sequences
-/// (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH tokens: with
-/// `tex`, `wkv7_tex.wgsl` (att's planes copied once, the layer's state
-/// before each run, since each run writes it), else `wkv7.wgsl`.
+/// The fields every WKV kernel's params share, for `record_runs`.
+trait WkvRun: Pod {
+    /// (n_seq, n_head, head_size, dim, plane, state_stride, state_offset)
+    fn geometry(&self) -> [u32; 7];
+    /// These params for the run of tokens `t_first .. t_first + t_count`.
+    fn run(self, t_first: u32, t_count: u32) -> Self;
+}
+
+impl WkvRun for Wkv7Params {
+    fn geometry(&self) -> [u32; 7] {
+        [self.n_seq, self.n_head, self.head_size, self.dim, self.plane, self.state_stride, self.state_offset]
+    }
+    fn run(self, t_first: u32, t_count: u32) -> Self {
+        Self { t_first, t_count, ..self }
+    }
+}
+
+impl WkvRun for Wkv5Params {
+    fn geometry(&self) -> [u32; 7] {
+        [self.n_seq, self.n_head, self.head_size, self.dim, self.plane, self.state_stride, self.state_offset]
+    }
+    fn run(self, t_first: u32, t_count: u32) -> Self {
+        Self { t_first, t_count, ..self }
+    }
+}
+
+/// Records a WKV kernel over tokens `0 .. longest` of each of the params'
+/// sequences (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH
+/// tokens: with `tex`, the texture kernel (att's planes copied once, the
+/// layer's state before each run, since each run writes it), else the buffer
+/// kernel. Bindings: att, seq_start, state, y, then (texture kernels) the
+/// state texture, then `extra`.
+#[allow(clippy::too_many_arguments)]
+fn record_runs<'a, P: WkvRun>(
+    rec: &mut Recorder<'a>,
+    (buffer_kernel, texture_kernel): (Kernel, Kernel),
+    p: P,
+    n_tok: u32,
+    longest: u32,
+    [att, seq_start, state, y]: [&'a GpuBuffer; 4],
+    extra: &[&'a GpuBuffer],
+    tex: Option<&WkvTextures>,
+) -> Result<()> {
+    let [n_seq, n_head, head_size, dim, plane, state_stride, state_offset] = p.geometry();
+    let groups = [n_head, n_seq, 1];
+    if let Some(t) = tex {
+        t.copy_att(rec, att, dim, plane, n_tok);
+    }
+    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
+        let run = p.run(t_first, WKV_TOKENS_PER_DISPATCH);
+        match tex {
+            Some(t) => {
+                t.copy_state(rec, state, state_offset, state_stride, n_head * head_size, n_seq);
+                let mut bindings = vec![
+                    Binding::Texture(t.att.clone()),
+                    Binding::Buffer(seq_start),
+                    Binding::Buffer(state),
+                    Binding::Buffer(y),
+                    Binding::Texture(t.state.clone()),
+                ];
+                bindings.extend(extra.iter().map(|b| Binding::Buffer(b)));
+                rec.dispatch_with(texture_kernel, 0, &run, bindings, groups)?
+            }
+            None => {
+                let mut buffers = vec![att, seq_start, state, y];
+                buffers.extend_from_slice(extra);
+                rec.dispatch(buffer_kernel, 0, &run, &buffers, groups)?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The RWKV-7 WKV (`wkv7_tex.wgsl` with `tex`, else `wkv7.wgsl`), see `record_runs`.
 #[allow(clippy::too_many_arguments)]
 pub fn record_wkv7<'a>(
     rec: &mut Recorder<'a>,
@@ -294,32 +362,12 @@ pub fn record_wkv7<'a>(
     y: &'a GpuBuffer,         // [n_tok, dim]
     tex: Option<&WkvTextures>,
 ) -> Result<()> {
-    let groups = [p.n_head, p.n_seq, 1];
-    if let Some(t) = tex {
-        t.copy_att(rec, att, p.dim, p.plane, n_tok);
-    }
-    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-        let run = Wkv7Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..p };
-        match tex {
-            Some(t) => {
-                t.copy_state(rec, state, p.state_offset, p.state_stride, p.n_head * p.head_size, p.n_seq);
-                let bindings = vec![
-                    Binding::Texture(t.att.clone()),
-                    Binding::Buffer(seq_start),
-                    Binding::Buffer(state),
-                    Binding::Buffer(y),
-                    Binding::Texture(t.state.clone()),
-                ];
-                rec.dispatch_with(Kernel::Wkv7Tex, 0, &run, bindings, groups)?
-            }
-            None => rec.dispatch(Kernel::Wkv7, 0, &run, &[att, seq_start, state, y], groups)?,
-        }
-    }
-    Ok(())
+    let kernels = (Kernel::Wkv7, Kernel::Wkv7Tex);
+    record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[], tex)
 }
 
-/// As `record_wkv7` for the RWKV-5/6 recurrence (`wkv5_tex.wgsl` with `tex`,
-/// else `wkv5.wgsl`); `vecs` holds the bonus and the decay.
+/// The RWKV-5/6 WKV (`wkv5_tex.wgsl` with `tex`, else `wkv5.wgsl`), see
+/// `record_runs`; `vecs` holds the bonus and the decay.
 #[allow(clippy::too_many_arguments)]
 pub fn record_wkv5<'a>(
     rec: &mut Recorder<'a>,
@@ -333,29 +381,8 @@ pub fn record_wkv5<'a>(
     vecs: &'a GpuBuffer,      // per-layer vectors
     tex: Option<&WkvTextures>,
 ) -> Result<()> {
-    let groups = [p.n_head, p.n_seq, 1];
-    if let Some(t) = tex {
-        t.copy_att(rec, att, p.dim, p.plane, n_tok);
-    }
-    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-        let run = Wkv5Params { t_first, t_count: WKV_TOKENS_PER_DISPATCH, ..p };
-        match tex {
-            Some(t) => {
-                t.copy_state(rec, state, p.state_offset, p.state_stride, p.n_head * p.head_size, p.n_seq);
-                let bindings = vec![
-                    Binding::Texture(t.att.clone()),
-                    Binding::Buffer(seq_start),
-                    Binding::Buffer(state),
-                    Binding::Buffer(y),
-                    Binding::Texture(t.state.clone()),
-                    Binding::Buffer(vecs),
-                ];
-                rec.dispatch_with(Kernel::Wkv5Tex, 0, &run, bindings, groups)?
-            }
-            None => rec.dispatch(Kernel::Wkv5, 0, &run, &[att, seq_start, state, y, vecs], groups)?,
-        }
-    }
-    Ok(())
+    let kernels = (Kernel::Wkv5, Kernel::Wkv5Tex);
+    record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[vecs], tex)
 }
 
 /// `group_norm.wgsl`: per-head group norm, then v7's r·k·r_k bonus and the gate.

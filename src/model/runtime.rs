@@ -45,6 +45,29 @@ pub(crate) enum Layers {
     V7(Vec<v7::Block>),
 }
 
+/// The channel-mix matrices of v4, v5 and v6 (`Runtime::channel_mix`).
+pub(crate) struct ChannelMix {
+    key: Matrix,        // [F, C]
+    value: Matrix,      // [C, F]
+    receptance: Matrix, // [C, C]
+}
+
+impl ChannelMix {
+    /// `blocks.{l}.ffn.{key,value,receptance}.weight`; `p` is `blocks.{l}.`.
+    pub fn load(ld: &mut BlockLoader, p: &str, ffn: usize) -> Result<Self> {
+        let c = ld.c;
+        Ok(Self {
+            key: ld.mat(&format!("{p}ffn.key.weight"), ffn, c)?,
+            value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
+            receptance: ld.mat(&format!("{p}ffn.receptance.weight"), c, c)?,
+        })
+    }
+
+    pub fn gpu_bytes(&self) -> u64 {
+        self.key.bytes() + self.value.bytes() + self.receptance.bytes()
+    }
+}
+
 /// Per-step buffers, sized by the chunk capacity (tokens) and batch.
 pub(crate) struct Scratch {
     pub capacity: usize,
@@ -538,24 +561,31 @@ impl Runtime {
         rec.dispatch(Kernel::GroupNorm, 0, &p, &[&s.y, &s.att, vecs], [i.n_head as u32, n as u32, 1])
     }
 
-    /// The channel mix of v4, v5 and v6, on `xx = ln2(x)` already shifted
-    /// into mixed planes 0 (xk) and 1 (xr):
+    /// The channel mix of v4, v5 and v6 (steps named as in those files):
+    ///   xx = LayerNorm(x, ln2); xk, xr = token-shift mixes of xx (slots
+    ///   `mix_slot`, `mix_slot + 1`; the state's ffn_x takes the last row)
     ///   x += sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+    /// with ln2's weight at `ln2_slot` and its bias in the slot after.
     #[allow(clippy::too_many_arguments)]
     pub fn channel_mix<'a>(
         &'a self,
         rec: &mut Recorder<'a>,
         s: &'a Scratch,
+        st: &'a GpuBuffer,
+        vecs: &'a GpuBuffer,
         n: usize,
-        key: &'a Matrix,
-        value: &'a Matrix,
-        receptance: &'a Matrix,
+        ln2_slot: usize,
+        mix_slot: usize,
+        ffn: &'a ChannelMix,
     ) -> Result<()> {
         let c = self.info.n_embd;
+        self.layer_norm(rec, &s.x, &s.xx, vecs, ln2_slot, ln2_slot + 1, n)?;
+        // ffn_x follows att_x [C] in every generation's layer state.
+        self.token_shift(rec, s, st, vecs, n, 2, mix_slot, c, true, false)?;
         let plane = s.plane_len(c);
-        receptance.linear(rec, &s.mixed, plane, &s.y, 0, n, Act::Sigmoid, false)?;
-        key.linear(rec, &s.mixed, 0, &s.ffn, 0, n, Act::ReluSq, false)?;
-        value.linear(rec, &s.ffn, 0, &s.att, 0, n, Act::None, false)?;
+        ffn.receptance.linear(rec, &s.mixed, plane, &s.y, 0, n, Act::Sigmoid, false)?;
+        ffn.key.linear(rec, &s.mixed, 0, &s.ffn, 0, n, Act::ReluSq, false)?;
+        ffn.value.linear(rec, &s.ffn, 0, &s.att, 0, n, Act::None, false)?;
         let p = MulAddParams { n_tok: n as u32, dim: c as u32, a_offset: 0, b_offset: 0 };
         rec.dispatch(Kernel::MulAdd, 0, &p, &[&s.y, &s.att, &s.x], [(c as u32 / 4).div_ceil(WG), n as u32, 1])
     }

@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::gpu::kernels::{plane, Act, Wkv4Params, WG};
 use crate::gpu::{GpuBuffer, Kernel, Recorder};
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
+use crate::model::runtime::{BlockLoader, ChannelMix, Dims, Layers, Runtime, Scratch};
 use crate::model::{Chunk, ModelInfo, Version};
 use crate::state::{State, StateLayout};
 
@@ -33,6 +33,7 @@ const LN1_W: usize = 5;
 const LN1_B: usize = 6;
 const LN2_W: usize = 7;
 const LN2_B: usize = 8;
+const _: () = assert!(LN2_B == LN2_W + 1, "Runtime::channel_mix reads ln2's bias from the slot after its weight");
 const FFN_MIX_K: usize = 9; // k, r at 9, 10
 const VEC_COUNT: usize = 11;
 
@@ -45,9 +46,7 @@ pub(crate) struct Block {
     key: Matrix,
     value: Matrix,
     output: Matrix,
-    ffn_key: Matrix,        // [F, C]
-    ffn_value: Matrix,      // [C, F]
-    ffn_receptance: Matrix, // [C, C]
+    ffn: ChannelMix,
 }
 
 /// Per layer and sequence: `att_x`, `ffn_x`, `aa`, `bb`, `pp`, each [C].
@@ -97,15 +96,11 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
             key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
             value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
             output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
-            ffn_key: ld.mat(&format!("{p}ffn.key.weight"), ffn, c)?,
-            ffn_value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
-            ffn_receptance: ld.mat(&format!("{p}ffn.receptance.weight"), c, c)?,
+            ffn: ChannelMix::load(ld, &p, ffn)?,
         };
         gpu_bytes += b.vecs.size()
-            + [&b.receptance, &b.key, &b.value, &b.output, &b.ffn_key, &b.ffn_value, &b.ffn_receptance]
-                .iter()
-                .map(|m| m.bytes())
-                .sum::<u64>();
+            + [&b.receptance, &b.key, &b.value, &b.output].iter().map(|m| m.bytes()).sum::<u64>()
+            + b.ffn.gpu_bytes();
         blocks.push(b);
     }
     let info = ModelInfo {
@@ -138,7 +133,7 @@ pub(crate) fn record<'a>(
     let n = chunk.tokens.len();
     let c = rt.info.n_embd;
     let at = |p: u32| p as usize * s.plane_len(c); // plane p of mixed or att
-    let (att_x, ffn_x, aa) = (0, c, 2 * c); // offsets within a layer's state
+    let (att_x, aa) = (0, 2 * c); // offsets within a layer's state (ffn_x is at c)
     for (l, b) in blocks.iter().enumerate() {
         let st = &state.layers[l];
         // 1-2. xx = ln1(x); the mixes into mixed planes 0.. (r, k, v), and
@@ -169,9 +164,7 @@ pub(crate) fn record<'a>(
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 6-7. channel mix.
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 2, FFN_MIX_K, ffn_x, true, false)?;
-        rt.channel_mix(rec, s, n, &b.ffn_key, &b.ffn_value, &b.ffn_receptance)?;
+        rt.channel_mix(rec, s, st, &b.vecs, n, LN2_W, FFN_MIX_K, &b.ffn)?;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::gpu::kernels::{plane, Act};
 use crate::gpu::{GpuBuffer, Recorder};
 use crate::loader::Tensor;
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
+use crate::model::runtime::{BlockLoader, ChannelMix, Dims, Layers, Runtime, Scratch};
 use crate::model::v5::{heads, state_layout, wkv, HEAD_SIZE};
 use crate::model::{Chunk, ModelInfo, Version};
 use crate::state::{State, StateLayout};
@@ -37,6 +37,7 @@ const LN1_W: usize = 10;
 const LN1_B: usize = 11;
 const LN2_W: usize = 12;
 const LN2_B: usize = 13;
+const _: () = assert!(LN2_B == LN2_W + 1, "Runtime::channel_mix reads ln2's bias from the slot after its weight");
 const FFN_MAA_K: usize = 14; // k, r at 14, 15
 const VEC_COUNT: usize = 16;
 
@@ -59,17 +60,15 @@ pub(crate) struct Block {
     value: Matrix,
     gate: Matrix,
     output: Matrix,
-    ffn_key: Matrix,        // [F, C]
-    ffn_value: Matrix,      // [C, F]
-    ffn_receptance: Matrix, // [C, C]
+    ffn: ChannelMix,
 }
 
 impl Block {
     fn gpu_bytes(&self) -> u64 {
         let mut m = vec![&self.decay1, &self.decay2, &self.receptance, &self.key, &self.value, &self.gate];
-        m.extend([&self.output, &self.ffn_key, &self.ffn_value, &self.ffn_receptance]);
+        m.push(&self.output);
         m.extend(self.maa1.iter().chain(&self.maa2));
-        self.vecs.size() + m.iter().map(|m| m.bytes()).sum::<u64>()
+        self.vecs.size() + m.iter().map(|m| m.bytes()).sum::<u64>() + self.ffn.gpu_bytes()
     }
 }
 
@@ -137,9 +136,7 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
             value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
             gate: ld.mat(&format!("{p}att.gate.weight"), c, c)?,
             output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
-            ffn_key: ld.mat(&format!("{p}ffn.key.weight"), ffn, c)?,
-            ffn_value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
-            ffn_receptance: ld.mat(&format!("{p}ffn.receptance.weight"), c, c)?,
+            ffn: ChannelMix::load(ld, &p, ffn)?,
         });
     }
     let info = ModelInfo {
@@ -173,7 +170,7 @@ pub(crate) fn record<'a>(
     let c = rt.info.n_embd;
     let at = |p: usize| p * s.plane_len(c); // plane p of mixed or att
     let lora_at = |p: usize| p * s.capacity * rt.d_lora_max; // plane p of lora
-    let (att_x, ffn_x) = (0, c); // offsets within a layer's state
+    let att_x = 0; // offset within a layer's state (ffn_x is at c)
     for (l, b) in blocks.iter().enumerate() {
         let st = &state.layers[l];
         // 1-2. xx = ln1(x); xxx into mixed plane 0 (the state is handed over in 4).
@@ -208,9 +205,7 @@ pub(crate) fn record<'a>(
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 9-10. channel mix.
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 2, FFN_MAA_K, ffn_x, true, false)?;
-        rt.channel_mix(rec, s, n, &b.ffn_key, &b.ffn_value, &b.ffn_receptance)?;
+        rt.channel_mix(rec, s, st, &b.vecs, n, LN2_W, FFN_MAA_K, &b.ffn)?;
     }
     Ok(())
 }
