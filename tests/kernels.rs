@@ -512,7 +512,7 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
     let mut rng = Rng::new(seed);
     let nh = 2;
     let dim = nh * hs;
-    let seq_start = starts(&seq_lens);
+    let seq_start = starts(seq_lens);
     let n = *seq_start.last().unwrap() as usize;
     let n_seq = seq_lens.len();
     let cap = n + 1;
@@ -672,7 +672,7 @@ fn wkv5_fixed_and_dynamic_decay() {
         let mut rng = Rng::new(seed);
         let (hs, nh) = (64, 2);
         let dim = nh * hs;
-        let seq_start = starts(&seq_lens);
+        let seq_start = starts(seq_lens);
         let n = *seq_start.last().unwrap() as usize;
         let n_seq = seq_lens.len();
         let cap = n + 1;
