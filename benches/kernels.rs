@@ -6,20 +6,34 @@
 
 use std::time::Instant;
 
-use rwkv_wgpu::gpu::kernels::{Act, LayerNormParams, Wkv7Params, WKV_TOKENS_PER_DISPATCH};
+use rwkv_wgpu::bench::cpu_seconds;
+use rwkv_wgpu::gpu::kernels::{record_wkv7, Act, LayerNormParams, Wkv7Params, WkvTextures, WKV_TOKENS_PER_DISPATCH};
 use rwkv_wgpu::gpu::{GpuContext, GpuOptions, Kernel, ParamArena, Recorder, STORAGE, X_WINDOW_BYTES};
 use rwkv_wgpu::{Dtype, Matrix};
 
-const RUNS: usize = 5;
+/// Timed runs per figure (the median is printed): 5, or $RWKV_BENCH_RUNS
+/// (more for steadier medians, or to keep a kernel running under a profiler).
+fn runs() -> usize {
+    std::env::var("RWKV_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn time(mut record: impl FnMut() -> f64) -> f64 {
+/// Median wall and CPU seconds (this process, all threads: on a CPU adapter
+/// the kernels' own threads; steadier than wall time on a shared machine) of
+/// `record`, which returns its own wall time, after one warm-up run.
+fn time(mut record: impl FnMut() -> f64) -> (f64, f64) {
     record(); // warm-up: compile, first touch
-    median((0..RUNS).map(|_| record()).collect())
+    let (mut wall, mut cpu) = (vec![], vec![]);
+    for _ in 0..runs() {
+        let c0 = cpu_seconds();
+        wall.push(record());
+        cpu.push(cpu_seconds() - c0);
+    }
+    (median(wall), median(cpu))
 }
 
 fn submit_timed<'a>(ctx: &'a GpuContext, arena: &mut ParamArena, f: impl FnOnce(&mut Recorder<'a>)) -> f64 {
@@ -29,6 +43,15 @@ fn submit_timed<'a>(ctx: &'a GpuContext, arena: &mut ParamArena, f: impl FnOnce(
     rec.submit(arena).unwrap();
     ctx.sync().unwrap();
     t.elapsed().as_secs_f64()
+}
+
+/// Whether to run a section: all, or those whose name contains the filter
+/// given after `--`: `bandwidth`, `linear ROWSxCOLSxTOKENS` (e.g. `linear
+/// 65536x768x8`), `wkv7_buffer`, `wkv7_tex`, `layer_norm`; so `cargo bench
+/// --bench kernels -- wkv` runs both WKV sections.
+fn wanted(section: &str) -> bool {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    filter.is_none_or(|f| section.contains(&f) || f.starts_with(section))
 }
 
 fn main() {
@@ -42,12 +65,27 @@ fn main() {
     println!("adapter: {} (subgroups: {:?})", ctx.adapter(), ctx.subgroup_size());
     let mut arena = ParamArena::new();
 
-    // Bandwidth probes.
+    if wanted("bandwidth") {
+        bandwidth(&ctx, &mut arena);
+    }
+    if wanted("linear ") {
+        linear(&ctx, &mut arena);
+    }
+    if wanted("wkv7_buffer") || wanted("wkv7_tex") {
+        wkv(&ctx, &mut arena);
+    }
+    if wanted("layer_norm") {
+        layer_norm(&ctx, &mut arena);
+    }
+}
+
+/// Bandwidth probes: a CPU memcpy and a GPU buffer copy.
+fn bandwidth(ctx: &GpuContext, arena: &mut ParamArena) {
     let n = 256usize << 20;
     let src = vec![1u8; n];
     let mut dst = vec![0u8; n];
     let cpu = median(
-        (0..RUNS)
+        (0..runs())
             .map(|_| {
                 let t = Instant::now();
                 dst.copy_from_slice(&src);
@@ -59,55 +97,64 @@ fn main() {
     let cpu_gbs = 2.0 * n as f64 / cpu / 1e9; // read + write
     let a = ctx.buffer("probe a", n as u64, STORAGE).unwrap();
     let b = ctx.buffer("probe b", n as u64, STORAGE).unwrap();
-    let gpu_copy = time(|| {
-        let mut rec = Recorder::new(&ctx);
+    let (gpu_copy, _) = time(|| {
+        let mut rec = Recorder::new(ctx);
         rec.copy(&a, 0, &b, 0, n as u64);
         let t = Instant::now();
-        rec.submit(&mut arena).unwrap();
+        rec.submit(arena).unwrap();
         ctx.sync().unwrap();
         t.elapsed().as_secs_f64()
     });
     let gpu_gbs = 2.0 * n as f64 / gpu_copy / 1e9;
     println!("bandwidth: CPU memcpy {cpu_gbs:.2} GB/s, GPU buffer copy {gpu_gbs:.2} GB/s (read + write)");
     drop((a, b, src, dst));
+}
 
+fn linear(ctx: &GpuContext, arena: &mut ParamArena) {
     // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, F 3072, V 65536).
     for (rows, cols) in [(768usize, 768usize), (3072, 768), (768, 3072), (65536, 768)] {
         let bytes: Vec<u8> =
             (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
-        let m = Matrix::upload(&ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();
-        for tokens in [1usize, 64] {
+        let m = Matrix::upload(ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();
+        for tokens in [1usize, 8, 64] {
+            if !wanted(&format!("linear {rows}x{cols}x{tokens}")) {
+                continue;
+            }
             // With a uniform window of slack, as the model's activation buffers
             // have: texture matrices read x in place, as in the model.
             let x = ctx.storage_f32("x", &vec![0.5f32; tokens * cols + (X_WINDOW_BYTES / 4) as usize]).unwrap();
             let y = ctx.buffer("y", (tokens * rows * 4) as u64, STORAGE).unwrap();
             let reps = if rows * cols * tokens > 50_000_000 { 2 } else { 20 };
-            let t = time(|| {
-                submit_timed(&ctx, &mut arena, |rec| {
+            let (t, cpu) = time(|| {
+                submit_timed(ctx, arena, |rec| {
                     for _ in 0..reps {
                         m.linear(rec, &x, 0, &y, 0, tokens, Act::None, false).unwrap();
                     }
                 })
-            }) / reps as f64;
+            });
+            let (t, cpu) = (t / reps as f64, cpu / reps as f64);
             let gbs = (rows * cols * 2) as f64 / t / 1e9;
             let gflops = 2.0 * (rows * cols * tokens) as f64 / t / 1e9;
             println!(
-                "linear f16 [{rows}x{cols}] x {tokens:>2} tokens: {:8.3} ms  {gbs:6.2} GB/s weights  {gflops:6.2} GFLOP/s",
-                t * 1e3
+                "linear f16 [{rows}x{cols}] x {tokens:>2} tokens: {:8.3} ms ({:8.3} CPU ms)  {gbs:6.2} GB/s weights  {gflops:6.2} GFLOP/s",
+                t * 1e3,
+                cpu * 1e3
             );
         }
     }
+}
 
+fn wkv(ctx: &GpuContext, arena: &mut ParamArena) {
     // WKV (the storage-buffer kernel, wkv7.wgsl): 12 heads of 64, 1 and 512 tokens of one sequence.
     let (nh, hs) = (12usize, 64usize);
     let c = nh * hs;
-    for tokens in [1usize, 512] {
+    for tokens in [1usize, 512].into_iter().filter(|_| wanted("wkv7_buffer")) {
         let att = ctx.storage_f32("att", &vec![0.1f32; 9 * tokens * c]).unwrap();
         let seq = ctx.storage_u32("seq", &[0, tokens as u32]).unwrap();
         let state = ctx.buffer("state", (nh * hs * hs * 4) as u64, STORAGE).unwrap();
         let y = ctx.buffer("y", (tokens * c * 4) as u64, STORAGE).unwrap();
-        let t = time(|| {
-            submit_timed(&ctx, &mut arena, |rec| {
+        let (t, cpu) = time(|| {
+            submit_timed(ctx, arena, |rec| {
                 for t_first in (0..tokens as u32).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
                     let p = Wkv7Params {
                         n_seq: 1,
@@ -126,11 +173,62 @@ fn main() {
             })
         });
         let flops = 6.0 * (tokens * nh * hs * hs) as f64;
-        println!("wkv7 12x64 heads x {tokens:>3} tokens: {:8.3} ms  {:6.2} GFLOP/s", t * 1e3, flops / t / 1e9);
+        println!(
+            "wkv7 12x64 heads x {tokens:>3} tokens: {:8.3} ms ({:8.3} CPU ms)  {:6.2} GFLOP/s",
+            t * 1e3,
+            cpu * 1e3,
+            flops / t / 1e9
+        );
     }
 
-    // LayerNorm over [512, 768] and [1, 768].
-    for rows in [1usize, 512] {
+    // WKV as a decode step runs it on CPU adapters (wkv7_tex.wgsl with its
+    // att and state copies): 12 heads of 64, one token of each of 1 and 8
+    // sequences; 12 layers' worth per submission, as in one step.
+    for n_seq in [1usize, 8].into_iter().filter(|_| wanted("wkv7_tex")) {
+        let stride = nh * hs * hs;
+        if !WkvTextures::fit(ctx, hs, c, stride, n_seq, n_seq) {
+            println!("wkv7_tex: not used on this adapter");
+            break;
+        }
+        let tex = WkvTextures::new(ctx, c, n_seq, n_seq).unwrap();
+        let att = ctx.storage_f32("att", &vec![0.1f32; 9 * n_seq * c]).unwrap();
+        let starts: Vec<u32> = (0..=n_seq as u32).collect();
+        let seq = ctx.storage_u32("seq", &starts).unwrap();
+        let state = ctx.buffer("state", (n_seq * stride * 4) as u64, STORAGE).unwrap();
+        let y = ctx.buffer("y", (n_seq * c * 4) as u64, STORAGE).unwrap();
+        let p = Wkv7Params {
+            n_seq: n_seq as u32,
+            n_head: nh as u32,
+            head_size: hs as u32,
+            dim: c as u32,
+            plane: (n_seq * c) as u32,
+            state_stride: stride as u32,
+            state_offset: 0,
+            t_first: 0,
+            t_count: 0,
+            _pad: [0; 3],
+        };
+        let layers = 12;
+        let (t, cpu) = time(|| {
+            submit_timed(ctx, arena, |rec| {
+                for _ in 0..layers {
+                    record_wkv7(rec, p, n_seq as u32, 1, &att, &seq, &state, &y, Some(&tex)).unwrap();
+                }
+            })
+        });
+        let (t, cpu) = (t / layers as f64, cpu / layers as f64);
+        println!(
+            "wkv7_tex 12x64 heads, {n_seq} sequence(s) x 1 token: {:8.3} ms ({:8.3} CPU ms) per layer",
+            t * 1e3,
+            cpu * 1e3
+        );
+    }
+}
+
+fn layer_norm(ctx: &GpuContext, arena: &mut ParamArena) {
+    let c = 768usize;
+    // LayerNorm over [1, 768], [8, 768] (batch-8 decode) and [512, 768].
+    for rows in [1usize, 8, 512] {
         let x = ctx.storage_f32("x", &vec![0.3f32; rows * c]).unwrap();
         let v = ctx.storage_f32("v", &vec![1.0f32; 2 * c]).unwrap();
         let y = ctx.buffer("y", (rows * c * 4) as u64, STORAGE).unwrap();
@@ -145,13 +243,19 @@ fn main() {
             _pad: 0,
         };
         let reps = 20;
-        let t = time(|| {
-            submit_timed(&ctx, &mut arena, |rec| {
+        let (t, cpu) = time(|| {
+            submit_timed(ctx, arena, |rec| {
                 for _ in 0..reps {
                     rec.dispatch(Kernel::LayerNorm, 0, &p, &[&x, &v, &y], [rows as u32, 1, 1]).unwrap();
                 }
             })
-        }) / reps as f64;
-        println!("layer_norm [{rows}x{c}]: {:8.3} ms  {:6.2} GB/s", t * 1e3, (2 * rows * c * 4) as f64 / t / 1e9);
+        });
+        let (t, cpu) = (t / reps as f64, cpu / reps as f64);
+        println!(
+            "layer_norm [{rows}x{c}]: {:8.3} ms ({:8.3} CPU ms)  {:6.2} GB/s",
+            t * 1e3,
+            cpu * 1e3,
+            (2 * rows * c * 4) as f64 / t / 1e9
+        );
     }
 }
