@@ -29,11 +29,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var att: texture_2d_array<f32>;                // [PLANES, >= tokens, dim / 4]
+@group(0) @binding(1) var att: texture_storage_2d_array<rgba32float, read>; // [PLANES, >= tokens, dim / 4]
 @group(0) @binding(2) var<storage, read> seq_start: array<u32>;     // [n_seq + 1]
 @group(0) @binding(3) var<storage, read_write> state: array<vec4<f32>>; // [n_seq, state_stride / 4]
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;       // [tokens, dim]
-@group(0) @binding(5) var state_in: texture_2d_array<f32>;           // [n_seq, n_head * 64, 16]: this layer's state
+@group(0) @binding(5) var state_in: texture_storage_2d_array<rgba32float, read>; // [n_seq, n_head * 64, 16]: this layer's state
 @group(0) @binding(6) var<storage, read> vecs: array<vec4<f32>>;    // per-layer vectors
 
 var<private> head_texel: u32; // first texel of this head in a row of att
@@ -42,12 +42,12 @@ var<private> seq: u32;
 
 // Texel m (elements 4m .. 4m + 3 of this head) of plane `pl` for token n.
 fn ld(pl: u32, m: u32, n: u32) -> vec4<f32> {
-    return textureLoad(att, vec2<u32>(head_texel + m, n), pl, 0);
+    return textureLoad(att, vec2<u32>(head_texel + m, n), pl);
 }
 
 // Texel m (elements 4m .. 4m + 3) of this invocation's state row.
 fn st(m: u32) -> vec4<f32> {
-    return textureLoad(state_in, state_row + vec2<u32>(m, 0u), seq, 0);
+    return textureLoad(state_in, state_row + vec2<u32>(m, 0u), seq);
 }
 
 // The decay of texel m of this head for token n.

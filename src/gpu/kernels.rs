@@ -229,7 +229,7 @@ pub struct WkvTextures {
 
 impl WkvTextures {
     /// Whether the texture WKV kernels can run this shape here: head size 64,
-    /// subgroups of 8, `capacity` tokens and `n_seq` sequences within the
+    /// subgroups of 8, float storage textures, `capacity` tokens and `n_seq` sequences within the
     /// texture limits, and a state layout a buffer-to-texture copy can read
     /// (rows of 256 bytes, sequences a whole number of rows apart, layers at
     /// 16-byte offsets).
@@ -243,6 +243,7 @@ impl WkvTextures {
     ) -> bool {
         let (max_dim, max_layers) = ctx.max_texture_dims();
         ctx.subgroup_size() == Some(8)
+            && ctx.float_storage_textures()
             && head_size == 64
             && dim.is_multiple_of(64)
             && (state_stride * 4).is_multiple_of(256)
