@@ -111,8 +111,9 @@ fn bandwidth(ctx: &GpuContext, arena: &mut ParamArena) {
 }
 
 fn linear(ctx: &GpuContext, arena: &mut ParamArena) {
-    // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, F 3072, V 65536).
-    for (rows, cols) in [(768usize, 768usize), (3072, 768), (768, 3072), (65536, 768)] {
+    // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, LoRA ranks
+    // padded to 64, F 3072, V 65536).
+    for (rows, cols) in [(768usize, 768usize), (64, 768), (768, 64), (3072, 768), (768, 3072), (65536, 768)] {
         let bytes: Vec<u8> =
             (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
         let m = Matrix::upload(ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();

@@ -35,32 +35,48 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f32>>; // [n_mix, out_plane / 4]
 @group(0) @binding(7) var<storage, read> extra: array<vec4<f32>>;     // [n_mix, extra_plane / 4] if extra_plane > 0
 
+// Tokens per invocation: the mix vectors are loaded once for all of them and
+// each token's previous x is the one before it in the loop (TPW = 1 on GPUs,
+// 8 on CPU adapters, where a storage-buffer load costs a per-lane loop).
+override TPW: u32 = 1u;
+// Most mixing vectors (v7: 6).
+const MAX_MIX: u32 = 8u;
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x; // channels 4c .. 4c + 3
-    let n = gid.y;
+    let n0 = gid.y * TPW; // tokens n0 .. n_end - 1
     let d4 = p.dim / 4u;
-    if (c >= d4 || n >= p.n_tok) {
+    if (c >= d4 || n0 >= p.n_tok) {
         return;
     }
-    let b = tok_seq[n];
-    let cur = x[n * d4 + c];
-    var prev: vec4<f32>;
-    if (n == seq_start[b]) {
-        let si = (b * p.state_stride + p.state_offset) / 4u + c;
-        prev = state[si];
-        if (p.hand_over == 1u) {
-            state[si] = x[(seq_start[b + 1u] - 1u) * d4 + c];
-        }
-    } else {
-        prev = x[(n - 1u) * d4 + c];
-    }
-    let d = prev - cur;
+    let n_end = min(n0 + TPW, p.n_tok);
+    var mix: array<vec4<f32>, MAX_MIX>;
     for (var m = 0u; m < p.n_mix; m++) {
-        var mix = vecs[p.mix_offset / 4u + m * d4 + c];
-        if (p.extra_plane > 0u) {
-            mix += extra[(m * p.extra_plane) / 4u + n * d4 + c];
+        mix[m] = vecs[p.mix_offset / 4u + m * d4 + c];
+    }
+    var last = vec4<f32>(0.0); // x of token n - 1
+    for (var n = n0; n < n_end; n++) {
+        let b = tok_seq[n];
+        let cur = x[n * d4 + c];
+        var prev = last;
+        if (n == seq_start[b]) {
+            let si = (b * p.state_stride + p.state_offset) / 4u + c;
+            prev = state[si];
+            if (p.hand_over == 1u) {
+                state[si] = x[(seq_start[b + 1u] - 1u) * d4 + c];
+            }
+        } else if (n == n0) {
+            prev = x[(n - 1u) * d4 + c];
         }
-        out[(m * p.out_plane) / 4u + n * d4 + c] = cur + d * mix;
+        last = cur;
+        let d = prev - cur;
+        for (var m = 0u; m < p.n_mix; m++) {
+            var mx = mix[m];
+            if (p.extra_plane > 0u) {
+                mx += extra[(m * p.extra_plane) / 4u + n * d4 + c];
+            }
+            out[(m * p.out_plane) / 4u + n * d4 + c] = cur + d * mx;
+        }
     }
 }

@@ -389,7 +389,7 @@ fn token_shift_and_state_hand_over() {
             extra_plane: if with_extra { out_plane as u32 } else { 0 },
             _pad: [0; 3],
         };
-        let rows = [(dim as u32 / 4).div_ceil(64), n as u32, 1];
+        let rows = shift.groups(&ctx);
         let bindings = [&xb, &tsb, &ssb, &sb, &vb, &out, &eb];
         run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &bindings, rows).unwrap());
         let got = ctx.read_f32(&out).unwrap();
@@ -475,7 +475,7 @@ fn v7_prep_both_layer_kinds() {
             k_a: 4 * dim as u32,
             _pad: [0; 2],
         };
-        run(&ctx, |rec| rec.dispatch(Kernel::V7Prep, 0, &params, &[&ab, &vb], [nh as u32, n as u32, 1]).unwrap());
+        run(&ctx, |rec| rec.dispatch(Kernel::V7Prep, 0, &params, &[&ab, &vb], params.groups(&ctx)).unwrap());
         let got = ctx.read_f32(&ab).unwrap();
         let mut want = f64s(&att);
         let at = |pl: u32, i: usize| pl as usize * p + i;
@@ -629,7 +629,7 @@ fn group_norm_bonus_gate() {
             gate: gate as u32,
             _pad: [0; 2],
         };
-        let groups = [nh as u32, n as u32, 1];
+        let groups = params.groups(&ctx);
         run(&ctx, |rec| rec.dispatch(Kernel::GroupNorm, 0, &params, &[&yb, &ab, &vb], groups).unwrap());
         let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
         let mut want = vec![0f64; n * dim];

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use std::sync::Arc;
 
-use super::{Binding, GpuBuffer, GpuContext, GpuTexture, Recorder, X_TEXTURE_FORMAT};
+use super::{Binding, GpuBuffer, GpuContext, GpuTexture, Recorder, WeightStore, X_TEXTURE_FORMAT};
 use crate::error::{Error, Result};
 use crate::loader::Dtype;
 
@@ -155,6 +155,17 @@ pub struct TokenShiftParams {
     pub _pad: [u32; 3],
 }
 
+impl TokenShiftParams {
+    /// Most mixing vectors (`MAX_MIX` in WGSL).
+    pub const MAX_MIX: u32 = 8;
+
+    /// Workgroups for these params: 64 channel groups of 4 by runs of
+    /// [`GpuContext::elementwise_tokens`] tokens.
+    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
+        [(self.dim / 4).div_ceil(WG), self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+    }
+}
+
 /// `mul_add.wgsl`: x[n, c] += a[n, c] * b[n, c].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -190,6 +201,14 @@ pub struct V7PrepParams {
     pub k_k: u32,
     pub k_a: u32,
     pub _pad: [u32; 2],
+}
+
+impl V7PrepParams {
+    /// Workgroups for these params: one per head and run of
+    /// [`GpuContext::elementwise_tokens`] tokens.
+    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
+        [self.dim / self.head_size, self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+    }
 }
 
 /// `wkv7.wgsl`: the RWKV-7 state recurrence, one workgroup per (head, sequence).
@@ -403,6 +422,14 @@ pub struct GroupNormParams {
     pub _pad: [u32; 2],
 }
 
+impl GroupNormParams {
+    /// Workgroups for these params: one per head and run of
+    /// [`GpuContext::elementwise_tokens`] tokens.
+    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
+        [self.dim / self.head_size, self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+    }
+}
+
 /// `wkv5.wgsl`: the RWKV-5/6 state recurrence, one workgroup per (head, sequence).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -450,6 +477,18 @@ pub mod plane {
 }
 
 impl GpuContext {
+    /// Tokens per invocation of the element-wise kernels that read per-layer
+    /// vectors (`token_shift.wgsl`, `group_norm.wgsl`, `v7_prep.wgsl`: their
+    /// `TPW`): 8 on CPU adapters (the texture store), where each storage-buffer
+    /// load is a per-lane loop and the vectors are then loaded once per 8
+    /// tokens (a batch-8 decode step); 1 elsewhere, for parallelism.
+    pub fn elementwise_tokens(&self) -> u32 {
+        match self.weight_store() {
+            WeightStore::Texture => 8,
+            WeightStore::Buffer => 1,
+        }
+    }
+
     /// Invocations per workgroup of the row-reducing kernels (`GS`): the
     /// subgroup size where it is fixed, else 64.
     pub fn group_size(&self) -> u32 {
@@ -483,6 +522,9 @@ impl GpuContext {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearTex needs a fixed subgroup size".into()))?;
             constants.push(("WG", sg as f64));
             constants.push(("XU", ((wdtype >> 12) & 1) as f64)); // x from a uniform window
+        }
+        if matches!(kernel, Kernel::TokenShift | Kernel::GroupNorm | Kernel::V7Prep) {
+            constants.push(("TPW", self.elementwise_tokens() as f64));
         }
         if kernel == Kernel::LinearSg {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearSg needs a fixed subgroup size".into()))?;

@@ -487,6 +487,12 @@ impl Runtime {
         extra: bool,
     ) -> Result<()> {
         let c = self.info.n_embd;
+        if n_mix > TokenShiftParams::MAX_MIX {
+            return Err(Error::InvalidArgument(format!(
+                "token shift: {n_mix} mixing vectors, at most {}",
+                TokenShiftParams::MAX_MIX
+            )));
+        }
         let p = TokenShiftParams {
             n_tok: n as u32,
             dim: c as u32,
@@ -499,7 +505,7 @@ impl Runtime {
             extra_plane: if extra { s.plane_len(c) as u32 } else { 0 },
             _pad: [0; 3],
         };
-        let groups = [(c as u32 / 4).div_ceil(WG), n as u32, 1];
+        let groups = p.groups(rec.ctx());
         let bindings = [&s.xx, &s.tok_seq, &s.seq_start, st, vecs, &s.mixed, &s.att];
         rec.dispatch(Kernel::TokenShift, 0, &p, &bindings, groups)
     }
@@ -558,7 +564,7 @@ impl Runtime {
             gate: gate as u32,
             _pad: [0; 2],
         };
-        rec.dispatch(Kernel::GroupNorm, 0, &p, &[&s.y, &s.att, vecs], [i.n_head as u32, n as u32, 1])
+        rec.dispatch(Kernel::GroupNorm, 0, &p, &[&s.y, &s.att, vecs], p.groups(rec.ctx()))
     }
 
     /// The channel mix of v4, v5 and v6 (steps named as in those files):

@@ -240,7 +240,7 @@ pub(crate) fn record<'a>(
             k_a: vi(K_A),
             _pad: [0; 2],
         };
-        rec.dispatch(Kernel::V7Prep, 0, &prep, &[&s.att, &b.vecs], [nh as u32, n as u32, 1])?;
+        rec.dispatch(Kernel::V7Prep, 0, &prep, &[&s.att, &b.vecs], prep.groups(rec.ctx()))?;
 
         // 8. the WKV recurrence, one workgroup per (head, sequence),
         // in runs of WKV_TOKENS_PER_DISPATCH tokens.
