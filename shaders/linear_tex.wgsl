@@ -35,6 +35,9 @@ override WG: u32 = 8u;
 // scalar load), 0 = the x texture (rows too long for a 64 KiB window).
 override XU: u32 = 0u;
 
+// Rows per lane of `prefill`: 16, or 8 (LINEAR_TEX_PREFILL_LANE_ROWS_SMALL).
+override PR: u32 = 16u;
+
 // Texels per weight row and x texels per weight texel.
 fn texels() -> u32 {
     return select(p.d_in / 8u, p.d_in / 4u, WDTYPE == 0u);
@@ -141,17 +144,19 @@ fn store4(v: vec4<f32>, n: u32, o: u32) {
     store(v.w, n + 3u, o);
 }
 
-// Several tokens: each lane owns 16 rows (o, o + WG, .., o + 15 WG) for 8
-// tokens and walks the whole rows, so there is no cross-lane reduction; each
-// weight texel serves 8 tokens and each x texel 16 rows. (16 x 8 measured
-// best on llvmpipe among 4/8/16 rows x 4/8/16 tokens.) Lane l (of lanes
+// Several tokens: each lane owns PR rows (o, o + WG, .., o + (PR - 1) WG) for
+// 8 tokens and walks the whole rows, so there is no cross-lane reduction; each
+// weight texel serves 8 tokens and each x texel PR rows. (16 x 8 measured
+// best on llvmpipe among 4/8/16 rows x 4/8/16 tokens; PR = 8 for matrices of
+// at most 8 WG rows, the LoRA ranks, which a 16-row tile would leave half
+// idle.) Lane l (of lanes
 // 0..7; needs WG >= 8) fetches token n + l's two x texels and the others get
 // them by subgroupBroadcast: 2 x loads per weight texel instead of 16. On
 // llvmpipe this took ~15 % off the CPU time of a batch-8 decode step (the
 // same sharing in `decode`, 2 loads per 8 weight texels, gained nothing).
 @compute @workgroup_size(WG)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o0 = wid.x * 16u * WG; // a tile never straddles two layers
+    let o0 = wid.x * PR * WG; // a tile never straddles two layers
     let o = o0 + lid;
     let n = wid.y * 8u;
     let l = o0 / p.layer_rows;
@@ -193,29 +198,33 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         s6a = wdot4(q6, a0, b0, a1, b1, a2, b2, a3, b3, s6a); s6b = wdot4(q6, a4, b4, a5, b5, a6, b6, a7, b7, s6b);
         let q7 = wt(k, o + 7u * WG, l);
         s7a = wdot4(q7, a0, b0, a1, b1, a2, b2, a3, b3, s7a); s7b = wdot4(q7, a4, b4, a5, b5, a6, b6, a7, b7, s7b);
-        let q8 = wt(k, o + 8u * WG, l);
-        s8a = wdot4(q8, a0, b0, a1, b1, a2, b2, a3, b3, s8a); s8b = wdot4(q8, a4, b4, a5, b5, a6, b6, a7, b7, s8b);
-        let q9 = wt(k, o + 9u * WG, l);
-        s9a = wdot4(q9, a0, b0, a1, b1, a2, b2, a3, b3, s9a); s9b = wdot4(q9, a4, b4, a5, b5, a6, b6, a7, b7, s9b);
-        let q10 = wt(k, o + 10u * WG, l);
-        s10a = wdot4(q10, a0, b0, a1, b1, a2, b2, a3, b3, s10a); s10b = wdot4(q10, a4, b4, a5, b5, a6, b6, a7, b7, s10b);
-        let q11 = wt(k, o + 11u * WG, l);
-        s11a = wdot4(q11, a0, b0, a1, b1, a2, b2, a3, b3, s11a); s11b = wdot4(q11, a4, b4, a5, b5, a6, b6, a7, b7, s11b);
-        let q12 = wt(k, o + 12u * WG, l);
-        s12a = wdot4(q12, a0, b0, a1, b1, a2, b2, a3, b3, s12a); s12b = wdot4(q12, a4, b4, a5, b5, a6, b6, a7, b7, s12b);
-        let q13 = wt(k, o + 13u * WG, l);
-        s13a = wdot4(q13, a0, b0, a1, b1, a2, b2, a3, b3, s13a); s13b = wdot4(q13, a4, b4, a5, b5, a6, b6, a7, b7, s13b);
-        let q14 = wt(k, o + 14u * WG, l);
-        s14a = wdot4(q14, a0, b0, a1, b1, a2, b2, a3, b3, s14a); s14b = wdot4(q14, a4, b4, a5, b5, a6, b6, a7, b7, s14b);
-        let q15 = wt(k, o + 15u * WG, l);
-        s15a = wdot4(q15, a0, b0, a1, b1, a2, b2, a3, b3, s15a); s15b = wdot4(q15, a4, b4, a5, b5, a6, b6, a7, b7, s15b);
+        if (PR == 16u) {
+            let q8 = wt(k, o + 8u * WG, l);
+            s8a = wdot4(q8, a0, b0, a1, b1, a2, b2, a3, b3, s8a); s8b = wdot4(q8, a4, b4, a5, b5, a6, b6, a7, b7, s8b);
+            let q9 = wt(k, o + 9u * WG, l);
+            s9a = wdot4(q9, a0, b0, a1, b1, a2, b2, a3, b3, s9a); s9b = wdot4(q9, a4, b4, a5, b5, a6, b6, a7, b7, s9b);
+            let q10 = wt(k, o + 10u * WG, l);
+            s10a = wdot4(q10, a0, b0, a1, b1, a2, b2, a3, b3, s10a); s10b = wdot4(q10, a4, b4, a5, b5, a6, b6, a7, b7, s10b);
+            let q11 = wt(k, o + 11u * WG, l);
+            s11a = wdot4(q11, a0, b0, a1, b1, a2, b2, a3, b3, s11a); s11b = wdot4(q11, a4, b4, a5, b5, a6, b6, a7, b7, s11b);
+            let q12 = wt(k, o + 12u * WG, l);
+            s12a = wdot4(q12, a0, b0, a1, b1, a2, b2, a3, b3, s12a); s12b = wdot4(q12, a4, b4, a5, b5, a6, b6, a7, b7, s12b);
+            let q13 = wt(k, o + 13u * WG, l);
+            s13a = wdot4(q13, a0, b0, a1, b1, a2, b2, a3, b3, s13a); s13b = wdot4(q13, a4, b4, a5, b5, a6, b6, a7, b7, s13b);
+            let q14 = wt(k, o + 14u * WG, l);
+            s14a = wdot4(q14, a0, b0, a1, b1, a2, b2, a3, b3, s14a); s14b = wdot4(q14, a4, b4, a5, b5, a6, b6, a7, b7, s14b);
+            let q15 = wt(k, o + 15u * WG, l);
+            s15a = wdot4(q15, a0, b0, a1, b1, a2, b2, a3, b3, s15a); s15b = wdot4(q15, a4, b4, a5, b5, a6, b6, a7, b7, s15b);
+        }
     }
     store4(s0a, n, o); store4(s1a, n, o + WG); store4(s2a, n, o + 2u * WG); store4(s3a, n, o + 3u * WG);
     store4(s4a, n, o + 4u * WG); store4(s5a, n, o + 5u * WG); store4(s6a, n, o + 6u * WG); store4(s7a, n, o + 7u * WG);
-    store4(s8a, n, o + 8u * WG); store4(s9a, n, o + 9u * WG); store4(s10a, n, o + 10u * WG); store4(s11a, n, o + 11u * WG);
-    store4(s12a, n, o + 12u * WG); store4(s13a, n, o + 13u * WG); store4(s14a, n, o + 14u * WG); store4(s15a, n, o + 15u * WG);
     store4(s0b, n + 4u, o); store4(s1b, n + 4u, o + WG); store4(s2b, n + 4u, o + 2u * WG); store4(s3b, n + 4u, o + 3u * WG);
     store4(s4b, n + 4u, o + 4u * WG); store4(s5b, n + 4u, o + 5u * WG); store4(s6b, n + 4u, o + 6u * WG); store4(s7b, n + 4u, o + 7u * WG);
-    store4(s8b, n + 4u, o + 8u * WG); store4(s9b, n + 4u, o + 9u * WG); store4(s10b, n + 4u, o + 10u * WG); store4(s11b, n + 4u, o + 11u * WG);
-    store4(s12b, n + 4u, o + 12u * WG); store4(s13b, n + 4u, o + 13u * WG); store4(s14b, n + 4u, o + 14u * WG); store4(s15b, n + 4u, o + 15u * WG);
+    if (PR == 16u) {
+        store4(s8a, n, o + 8u * WG); store4(s9a, n, o + 9u * WG); store4(s10a, n, o + 10u * WG); store4(s11a, n, o + 11u * WG);
+        store4(s12a, n, o + 12u * WG); store4(s13a, n, o + 13u * WG); store4(s14a, n, o + 14u * WG); store4(s15a, n, o + 15u * WG);
+        store4(s8b, n + 4u, o + 8u * WG); store4(s9b, n + 4u, o + 9u * WG); store4(s10b, n + 4u, o + 10u * WG); store4(s11b, n + 4u, o + 11u * WG);
+        store4(s12b, n + 4u, o + 12u * WG); store4(s13b, n + 4u, o + 13u * WG); store4(s14b, n + 4u, o + 14u * WG); store4(s15b, n + 4u, o + 15u * WG);
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
     self, Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_LANE_ROWS,
-    LINEAR_TEX_PREFILL_LANE_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
+    LINEAR_TEX_PREFILL_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
 };
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
@@ -242,6 +242,7 @@ impl Matrix {
                     v.extend([
                         (Kernel::LinearTex, wd | 1 << 8 | xu),
                         (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu),
+                        (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu | 1 << 13),
                     ]);
                 }
             }
@@ -378,13 +379,18 @@ impl Matrix {
                 _pad: 0,
             };
             let lanes = ctx.subgroup_size().unwrap_or(1);
+            // Matrices of at most 8 rows per lane (LoRA ranks) take the
+            // 8-row tile, which the 16-row one would leave half idle.
+            let small = self.rows as u32 <= LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * lanes;
             let (tn, groups) = if nb == 1 {
                 (1, [(self.rows as u32).div_ceil(LINEAR_TEX_DECODE_LANE_ROWS * lanes), 1, 1])
             } else {
-                let row_tiles = (self.rows as u32).div_ceil(LINEAR_TEX_PREFILL_LANE_ROWS * lanes);
+                let lane_rows = if small { LINEAR_TEX_PREFILL_LANE_ROWS_SMALL } else { LINEAR_TEX_PREFILL_LANE_ROWS };
+                let row_tiles = (self.rows as u32).div_ceil(lane_rows * lanes);
                 (LINEAR_TEX_TOKENS, [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1])
             };
-            let variant = self.wdtype() | (tn << 8) | ((uniform as u32) << 12);
+            let small = (small && nb > 1) as u32;
+            let variant = self.wdtype() | (tn << 8) | ((uniform as u32) << 12) | (small << 13);
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
             rec.dispatch_with(Kernel::LinearTex, variant, &params, bindings, groups)?;
             n0 += nb;

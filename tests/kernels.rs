@@ -202,8 +202,8 @@ fn linear_texture_kernel() {
         return;
     }
     let mut rng = Rng::new(21);
-    // Layers hold whole prefill tiles (64 rows on lavapipe): 150 rows in
-    // layers of one tile are three layers there.
+    // Layers hold whole prefill tiles (128 rows on lavapipe): 2 tiles + 1
+    // rows in layers of one tile are three layers there.
     let tile = rwkv_wgpu::matrix::texture_tile_rows(&ctx);
     let (d_in, d_out) = (192, 150);
     let max_tex = ctx.max_texture_dims().0 as usize;
@@ -222,6 +222,9 @@ fn linear_texture_kernel() {
     cases.push((Dtype::F16, 3, 16384, 5, tile, Act::None, false));
     cases.push((Dtype::F32, 1, 16384, 5, tile, Act::None, true));
     cases.push((Dtype::BF16, 17, 64, 2 * tile + 1, tile, Act::Tanh, false));
+    // At most 8 rows per lane (LoRA ranks): the 8-row prefill tile.
+    cases.push((Dtype::F32, 9, 192, 64, tile, Act::Sigmoid, true));
+    cases.push((Dtype::BF16, 17, 128, 37, tile, Act::None, false));
     // 101 tokens of 192: two uniform windows (80 + 21 tokens).
     cases.push((Dtype::F16, 101, 192, 70, tile, Act::None, true));
     if max_tex <= 16384 {
@@ -589,6 +592,8 @@ fn wkv7_recurrence_over_uneven_sequences() {
     check_wkv7(&ctx, 24, &[4, 0, 5], 8, false);
     check_wkv7(&ctx, 64, &[4, 0, 5], 10, true);
     check_wkv7(&ctx, 64, &[1], 11, true);
+    // At most one token per sequence (a batch decode step): the `decode` entry.
+    check_wkv7(&ctx, 64, &[1, 0, 1, 1], 13, true);
 }
 
 #[test]

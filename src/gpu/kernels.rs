@@ -67,6 +67,9 @@ pub const LINEAR_SG_ROWS: u32 = 16;
 /// straddles two layers.
 pub const LINEAR_TEX_DECODE_LANE_ROWS: u32 = 8;
 pub const LINEAR_TEX_PREFILL_LANE_ROWS: u32 = 16;
+/// `prefill`'s rows per lane for matrices of at most that many times the
+/// subgroup size rows (its `PR` override; 16 otherwise).
+pub const LINEAR_TEX_PREFILL_LANE_ROWS_SMALL: u32 = 8;
 pub const LINEAR_TEX_TOKENS: u32 = 8;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
@@ -325,13 +328,14 @@ impl WkvRun for Wkv5Params {
 /// Records a WKV kernel over tokens `0 .. longest` of each of the params'
 /// sequences (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH
 /// tokens: with `tex`, the texture kernel (att's planes copied once, the
-/// layer's state before each run, since each run writes it), else the buffer
-/// kernel. Bindings: att, seq_start, state, y, then (texture kernels) the
+/// layer's state before each run, since each run writes it; with
+/// `texture_decode`, its `decode` entry when no sequence has more than one
+/// token), else the buffer kernel. Bindings: att, seq_start, state, y, then (texture kernels) the
 /// state texture, then `extra`.
 #[allow(clippy::too_many_arguments)]
 fn record_runs<'a, P: WkvRun>(
     rec: &mut Recorder<'a>,
-    (buffer_kernel, texture_kernel): (Kernel, Kernel),
+    (buffer_kernel, texture_kernel, texture_decode): (Kernel, Kernel, bool),
     p: P,
     n_tok: u32,
     longest: u32,
@@ -357,7 +361,9 @@ fn record_runs<'a, P: WkvRun>(
                     Binding::Texture(t.state.clone()),
                 ];
                 bindings.extend(extra.iter().map(|b| Binding::Buffer(b)));
-                rec.dispatch_with(texture_kernel, 0, &run, bindings, groups)?
+                // One token per sequence: the `decode` entry (variant 1).
+                let variant = (texture_decode && longest == 1) as u32;
+                rec.dispatch_with(texture_kernel, variant, &run, bindings, groups)?
             }
             None => {
                 let mut buffers = vec![att, seq_start, state, y];
@@ -382,7 +388,7 @@ pub fn record_wkv7<'a>(
     y: &'a GpuBuffer,         // [n_tok, dim]
     tex: Option<&WkvTextures>,
 ) -> Result<()> {
-    let kernels = (Kernel::Wkv7, Kernel::Wkv7Tex);
+    let kernels = (Kernel::Wkv7, Kernel::Wkv7Tex, true);
     record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[], tex)
 }
 
@@ -401,7 +407,7 @@ pub fn record_wkv5<'a>(
     vecs: &'a GpuBuffer,      // per-layer vectors
     tex: Option<&WkvTextures>,
 ) -> Result<()> {
-    let kernels = (Kernel::Wkv5, Kernel::Wkv5Tex);
+    let kernels = (Kernel::Wkv5, Kernel::Wkv5Tex, false);
     record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[vecs], tex)
 }
 
@@ -510,18 +516,24 @@ impl GpuContext {
             label: Some(&format!("{kernel:?}")),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        // `variant` is the WDTYPE, plus for LinearSg its tokens per workgroup << 8.
+        // `variant` is the WDTYPE, plus for LinearSg and LinearTex its tokens
+        // per workgroup << 8, and for LinearTex x from a uniform window << 12
+        // and the 8-row prefill tile << 13.
         let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64), ("GS", self.group_size() as f64)];
         // linear_tex has two entry points: `decode` (1 token) and `prefill`.
         let entry = match kernel {
             Kernel::LinearTex if (wdtype >> 8) & 0xf == 1 => "decode",
             Kernel::LinearTex => "prefill",
+            Kernel::Wkv7Tex if wdtype == 1 => "decode",
             _ => "main",
         };
         if kernel == Kernel::LinearTex {
             let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearTex needs a fixed subgroup size".into()))?;
             constants.push(("WG", sg as f64));
             constants.push(("XU", ((wdtype >> 12) & 1) as f64)); // x from a uniform window
+            let pr =
+                if (wdtype >> 13) & 1 == 1 { LINEAR_TEX_PREFILL_LANE_ROWS_SMALL } else { LINEAR_TEX_PREFILL_LANE_ROWS };
+            constants.push(("PR", pr as f64));
         }
         if matches!(kernel, Kernel::TokenShift | Kernel::GroupNorm | Kernel::V7Prep) {
             constants.push(("TPW", self.elementwise_tokens() as f64));

@@ -232,7 +232,9 @@ fn compile_kernels(ctx: &GpuContext, version: Version, dtype: Dtype, head_size: 
     // The texture WKV kernels, where they will run (see `WkvTextures::fit`).
     let tex = ctx.weight_store() == WeightStore::Texture && head_size == 64 && ctx.subgroup_size() == Some(8);
     kernels.extend(match version {
-        Version::V7 if tex => vec![(Kernel::V7Prep, 0), (Kernel::Wkv7Tex, 0), (Kernel::GroupNorm, 0)],
+        Version::V7 if tex => {
+            vec![(Kernel::V7Prep, 0), (Kernel::Wkv7Tex, 0), (Kernel::Wkv7Tex, 1), (Kernel::GroupNorm, 0)]
+        }
         Version::V7 => vec![(Kernel::V7Prep, 0), (Kernel::Wkv7, 0), (Kernel::GroupNorm, 0)],
         Version::V4 => vec![(Kernel::Wkv4, 0), (Kernel::MulAdd, 0)],
         _ if tex => vec![(Kernel::Wkv5Tex, 0), (Kernel::GroupNorm, 0), (Kernel::MulAdd, 0)],
