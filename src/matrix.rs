@@ -242,9 +242,12 @@ impl Matrix {
                     v.extend([
                         (Kernel::LinearTex, wd | 1 << 8 | xu),
                         (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu),
-                        (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu | 1 << 13),
                     ]);
                 }
+                // The 8-row tile reads x through the window (LoRA inputs are
+                // narrow); its texture-x variant compiles on first use, if
+                // ever (each compiled variant keeps MiBs of JIT memory).
+                v.push((Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | 1 << 12 | 1 << 13));
             }
         } else {
             v.push((Kernel::Linear, wd));
