@@ -247,7 +247,7 @@ fn layer_norm(ctx: &GpuContext, arena: &mut ParamArena) {
         let (t, cpu) = time(|| {
             submit_timed(ctx, arena, |rec| {
                 for _ in 0..reps {
-                    rec.dispatch(Kernel::LayerNorm, 0, &p, &[&x, &v, &y], [rows as u32, 1, 1]).unwrap();
+                    rec.dispatch(Kernel::LayerNorm, 0, &p, &[&x, &v, &y], p.groups(ctx)).unwrap();
                 }
             })
         });

@@ -140,6 +140,14 @@ pub struct LayerNormParams {
     pub _pad: u32,
 }
 
+impl LayerNormParams {
+    /// Workgroups for these params: one per run of
+    /// [`GpuContext::elementwise_tokens`] rows.
+    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
+        [self.n_rows.div_ceil(ctx.elementwise_tokens()), 1, 1]
+    }
+}
+
 /// `token_shift.wgsl`: out[m, n, c] = x + (prev - x) * (mix[m, c] + extra[m, n, c]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -484,8 +492,8 @@ pub mod plane {
 
 impl GpuContext {
     /// Tokens per invocation of the element-wise kernels that read per-layer
-    /// vectors (`token_shift.wgsl`, `group_norm.wgsl`, `v7_prep.wgsl`: their
-    /// `TPW`): 8 on CPU adapters (the texture store), where each storage-buffer
+    /// vectors (`token_shift.wgsl`, `group_norm.wgsl`, `v7_prep.wgsl`,
+    /// `layer_norm.wgsl`: their `TPW`): 8 on CPU adapters (the texture store), where each storage-buffer
     /// load is a per-lane loop and the vectors are then loaded once per 8
     /// tokens (a batch-8 decode step); 1 elsewhere, for parallelism.
     pub fn elementwise_tokens(&self) -> u32 {
@@ -535,7 +543,7 @@ impl GpuContext {
                 if (wdtype >> 13) & 1 == 1 { LINEAR_TEX_PREFILL_LANE_ROWS_SMALL } else { LINEAR_TEX_PREFILL_LANE_ROWS };
             constants.push(("PR", pr as f64));
         }
-        if matches!(kernel, Kernel::TokenShift | Kernel::GroupNorm | Kernel::V7Prep) {
+        if matches!(kernel, Kernel::TokenShift | Kernel::GroupNorm | Kernel::V7Prep | Kernel::LayerNorm) {
             constants.push(("TPW", self.elementwise_tokens() as f64));
         }
         if kernel == Kernel::LinearSg {

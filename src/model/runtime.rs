@@ -534,7 +534,7 @@ impl Runtime {
             eps: LN_EPS,
             _pad: 0,
         };
-        rec.dispatch(Kernel::LayerNorm, 0, &p, &[x, vecs, y], [n as u32, 1, 1])
+        rec.dispatch(Kernel::LayerNorm, 0, &p, &[x, vecs, y], p.groups(rec.ctx()))
     }
 
     /// y = GroupNorm(y) per head with ln_x at `lnx_slot` (weight) and the
