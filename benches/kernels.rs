@@ -14,7 +14,7 @@ use rwkv_wgpu::{Dtype, Matrix};
 /// Timed runs per figure (the median is printed): 5, or $RWKV_BENCH_RUNS
 /// (more for steadier medians, or to keep a kernel running under a profiler).
 fn runs() -> usize {
-    std::env::var("RWKV_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+    std::env::var("RWKV_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

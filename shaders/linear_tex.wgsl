@@ -155,13 +155,13 @@ fn store4(v: vec4<f32>, n: u32, o: u32) {
 // llvmpipe this took ~15 % off the CPU time of a batch-8 decode step (the
 // same sharing in `decode`, 2 loads per 8 weight texels, gained nothing).
 @compute @workgroup_size(WG)
-fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) sl: u32) {
     let o0 = wid.x * PR * WG; // a tile never straddles two layers
     let o = o0 + lid;
     let n = wid.y * 8u;
     let l = o0 / p.layer_rows;
     let last = p.n_rows - 1u; // tokens past the end re-read the last one, never written
-    let nl = min(n + lid % 8u, last); // the token whose x this lane fetches
+    let nl = min(n + sl % 8u, last); // the token whose x this subgroup lane fetches
     // s<r>a: row o + r WG for tokens n .. n + 3; s<r>b: tokens n + 4 .. n + 7.
     var s0a = vec4<f32>(0.0); var s1a = vec4<f32>(0.0); var s2a = vec4<f32>(0.0); var s3a = vec4<f32>(0.0);
     var s4a = vec4<f32>(0.0); var s5a = vec4<f32>(0.0); var s6a = vec4<f32>(0.0); var s7a = vec4<f32>(0.0);

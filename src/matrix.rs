@@ -231,7 +231,8 @@ impl Matrix {
     }
 
     /// The (kernel, variant) pipelines `linear` may use for `dtype` weights
-    /// on this adapter, for compiling ahead of time.
+    /// on this adapter, for compiling ahead of time (the 8-row tile of
+    /// small matrices: see [`Matrix::small_tile_kernel`]).
     pub fn kernels(ctx: &GpuContext, dtype: Dtype) -> Vec<(Kernel, u32)> {
         let wd = kernels::wdtype(dtype);
         let mut v = Vec::new();
@@ -244,15 +245,26 @@ impl Matrix {
                         (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu),
                     ]);
                 }
-                // The 8-row tile reads x through the window (LoRA inputs are
-                // narrow); its texture-x variant compiles on first use, if
-                // ever (each compiled variant keeps MiBs of JIT memory).
-                v.push((Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | 1 << 12 | 1 << 13));
             }
         } else {
             v.push((Kernel::Linear, wd));
         }
         v
+    }
+
+    /// The pipeline a batch of several tokens through a matrix of at most
+    /// 8 rows per lane (LoRA down-projections) uses on this adapter, for
+    /// `d_in`-wide inputs: x through a uniform window when 8 tokens of it fit
+    /// one, else through the x texture. Only the model knows whether it has
+    /// such matrices, and each compiled variant keeps MiBs of JIT memory on
+    /// llvmpipe, so it is not among [`Matrix::kernels`].
+    pub fn small_tile_kernel(ctx: &GpuContext, dtype: Dtype, d_in: usize) -> Option<(Kernel, u32)> {
+        if ctx.weight_store() != WeightStore::Texture {
+            return None;
+        }
+        let windowed = (d_in * 4 * LINEAR_TEX_TOKENS as usize) as u64 <= X_WINDOW_BYTES;
+        let xu = if windowed { 1 << 12 } else { 0 };
+        Some((Kernel::LinearTex, kernels::wdtype(dtype) | LINEAR_TEX_TOKENS << 8 | xu | 1 << 13))
     }
 
     /// Whether `linear` can use the subgroup kernel: the adapter has

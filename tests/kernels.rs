@@ -313,9 +313,9 @@ fn linear_tanh_extremes_stay_finite() {
 fn layer_norm_rows() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(3);
-    // 5 rows (one partial run of 8 on CPU adapters), 11 rows of 2052 (two
-    // runs; rows too long to keep per invocation, so read again per pass).
-    for (rows, dim) in [(5, 100), (11, 2052)] {
+    // 5 rows (one partial run of 8 on CPU adapters), 11 rows (two runs),
+    // 11 rows of 2052 (rows too long to keep per invocation: read per pass).
+    for (rows, dim) in [(5, 100), (11, 100), (11, 2052)] {
         let x: Vec<f32> = rng.vec(rows * dim, 2.0).iter().map(|v| v + 0.7).collect();
         let vecs = rng.vec(3 * dim, 1.0); // weight at slot 1, bias at slot 2
         let xb = ctx.storage_f32("x", &x).unwrap();
@@ -460,8 +460,9 @@ fn planes(rng: &mut Rng, n: usize, dim: usize, cap: usize) -> Vec<f32> {
 fn v7_prep_both_layer_kinds() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(6);
-    // head_size 40 (< 64 invocations), 2 heads, 5 tokens, planes with spare capacity.
-    let (hs, nh, n, cap) = (40, 2, 5, 6);
+    // head_size 40 (< 64 invocations), 2 heads, 11 tokens (a full and a
+    // partial run of 8 on CPU adapters), planes with spare capacity.
+    let (hs, nh, n, cap) = (40, 2, 11, 12);
     let dim = hs * nh;
     let p = cap * dim;
     for layer0 in [true, false] {
@@ -611,7 +612,8 @@ fn wkv7_long_chunk() {
 fn group_norm_bonus_gate() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng::new(8);
-    let (hs, nh, n, cap) = (40, 3, 5, 7);
+    // 11 tokens: a full and a partial run of 8 on CPU adapters.
+    let (hs, nh, n, cap) = (40, 3, 11, 13);
     let dim = hs * nh;
     let p = cap * dim;
     let att = rng.vec(plane::COUNT as usize * p, 1.0);

@@ -267,13 +267,13 @@ impl GpuContext {
         self.shared.subgroup_size
     }
 
-    /// Where matrices built for `linear` keep their weights on this adapter.
     /// Whether kernels can read activation (rgba32float) textures as
     /// read-only storage textures, as the texture WKV kernels do.
     pub fn float_storage_textures(&self) -> bool {
         self.shared.float_storage_textures
     }
 
+    /// Where matrices built for `linear` keep their weights on this adapter.
     pub fn weight_store(&self) -> WeightStore {
         self.shared.weight_store
     }

@@ -227,7 +227,8 @@ impl BlockLoader<'_, '_> {
 /// memory, which then overlaps a small process instead of the loaded model,
 /// and is handed back to the OS afterwards. Anything missed compiles on
 /// first use as before.
-fn compile_kernels(ctx: &GpuContext, version: Version, dtype: Dtype, head_size: usize) -> Result<()> {
+fn compile_kernels(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> Result<()> {
+    let dtype = d.dtype;
     let mut kernels = vec![(Kernel::LayerNorm, 0), (Kernel::TokenShift, 0), (Kernel::GatherRows, 0)];
     // The texture WKV kernels, where they will run (see `WkvTextures::fit`).
     let tex = ctx.weight_store() == WeightStore::Texture && head_size == 64 && ctx.subgroup_size() == Some(8);
@@ -241,6 +242,10 @@ fn compile_kernels(ctx: &GpuContext, version: Version, dtype: Dtype, head_size: 
         _ => vec![(Kernel::Wkv5, 0), (Kernel::GroupNorm, 0), (Kernel::MulAdd, 0)],
     });
     kernels.extend(Matrix::kernels(ctx, dtype));
+    // v6 and v7 have LoRAs (down-projections of rank <= 64 from C wide inputs).
+    if matches!(version, Version::V6 | Version::V7) {
+        kernels.extend(Matrix::small_tile_kernel(ctx, dtype, d.c));
+    }
     for (kernel, variant) in kernels {
         ctx.pipeline(kernel, variant)?;
     }
@@ -260,7 +265,7 @@ impl Runtime {
             Version::V7 => f.shape("blocks.0.att.r_k").and_then(|s| s.get(1).copied()).unwrap_or(0),
             _ => 64,
         };
-        compile_kernels(ctx, version, d.dtype, head_size)?;
+        compile_kernels(ctx, version, &d, head_size)?;
 
         // The embedding stays in the file (see `Runtime::file`); its pages
         // are dropped now and read back row by row as tokens use them.
