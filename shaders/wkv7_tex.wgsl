@@ -45,18 +45,12 @@ struct Params {
 @group(0) @binding(5) var state_in: texture_storage_2d_array<rgba32float, read>; // [n_seq, n_head * 64, 16]: this layer's state
 
 var<private> head_texel: u32; // first texel of this head in a row of att
-var<private> head_row: u32; // this head's first row in state_in (decode)
-var<private> state_row: vec2<u32>; // this invocation's state row in state_in (main)
+var<private> head_row: u32; // this head's first row in state_in
 var<private> seq: u32;
 
 // Texel m (elements 4m .. 4m + 3 of this head) of plane `pl` for token n.
 fn ld(pl: u32, m: u32, n: u32) -> vec4<f32> {
     return textureLoad(att, vec2<u32>(head_texel + m, n), pl);
-}
-
-// Texel m (elements 4m .. 4m + 3) of this invocation's state row (main).
-fn st(m: u32) -> vec4<f32> {
-    return textureLoad(state_in, state_row + vec2<u32>(m, 0u), seq);
 }
 
 // A state row: sixteen named vec4 registers (texels 0 .. 15).
@@ -143,13 +137,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.x;
     let b = wid.y;
     head_texel = h * 16u;
-    state_row = vec2<u32>(0u, h * 64u + i);
+    head_row = h * 64u;
     seq = b;
-    let sb = (b * p.state_stride + p.state_offset + h * 4096u + i * 64u) / 4u;
-    var s0 = st(0u); var s1 = st(1u); var s2 = st(2u); var s3 = st(3u);
-    var s4 = st(4u); var s5 = st(5u); var s6 = st(6u); var s7 = st(7u);
-    var s8 = st(8u); var s9 = st(9u); var s10 = st(10u); var s11 = st(11u);
-    var s12 = st(12u); var s13 = st(13u); var s14 = st(14u); var s15 = st(15u);
+    var s0 = st_row(i, 0u); var s1 = st_row(i, 1u); var s2 = st_row(i, 2u); var s3 = st_row(i, 3u);
+    var s4 = st_row(i, 4u); var s5 = st_row(i, 5u); var s6 = st_row(i, 6u); var s7 = st_row(i, 7u);
+    var s8 = st_row(i, 8u); var s9 = st_row(i, 9u); var s10 = st_row(i, 10u); var s11 = st_row(i, 11u);
+    var s12 = st_row(i, 12u); var s13 = st_row(i, 13u); var s14 = st_row(i, 14u); var s15 = st_row(i, 15u);
     let end = seq_start[b + 1u];
     let first = min(seq_start[b] + p.t_first, end);
     let last = min(first + p.t_count, end);
@@ -199,10 +192,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         s15 = s15 * subgroupBroadcast(wB, 7u) - sa * subgroupBroadcast(kaB, 7u) + v * subgroupBroadcast(kB, 7u); acc += dot(s15, subgroupBroadcast(rB, 7u));
         y[n * p.dim + h * 64u + i] = acc;
     }
-    state[sb + 0u] = s0; state[sb + 1u] = s1; state[sb + 2u] = s2; state[sb + 3u] = s3;
-    state[sb + 4u] = s4; state[sb + 5u] = s5; state[sb + 6u] = s6; state[sb + 7u] = s7;
-    state[sb + 8u] = s8; state[sb + 9u] = s9; state[sb + 10u] = s10; state[sb + 11u] = s11;
-    state[sb + 12u] = s12; state[sb + 13u] = s13; state[sb + 14u] = s14; state[sb + 15u] = s15;
+    row_store(b, h, i, Row(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15));
 }
 
 @compute @workgroup_size(8)

@@ -215,11 +215,16 @@ pub struct V7PrepParams {
 }
 
 impl V7PrepParams {
-    /// Workgroups for these params: one per head and run of
-    /// [`GpuContext::elementwise_tokens`] tokens.
+    /// Workgroups for these params: see [`head_runs`].
     pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        [self.dim / self.head_size, self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+        head_runs(ctx, self.dim, self.head_size, self.n_tok)
     }
+}
+
+/// Workgroups of the per-head element-wise kernels (group norm, v7_prep):
+/// one per head and run of [`GpuContext::elementwise_tokens`] tokens.
+fn head_runs(ctx: &GpuContext, dim: u32, head_size: u32, n_tok: u32) -> [u32; 3] {
+    [dim / head_size, n_tok.div_ceil(ctx.elementwise_tokens()), 1]
 }
 
 /// `wkv7.wgsl`: the RWKV-7 state recurrence, one workgroup per (head, sequence).
@@ -437,10 +442,9 @@ pub struct GroupNormParams {
 }
 
 impl GroupNormParams {
-    /// Workgroups for these params: one per head and run of
-    /// [`GpuContext::elementwise_tokens`] tokens.
+    /// Workgroups for these params: see [`head_runs`].
     pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        [self.dim / self.head_size, self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+        head_runs(ctx, self.dim, self.head_size, self.n_tok)
     }
 }
 
