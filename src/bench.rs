@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::gpu::GpuContext;
+use crate::engine::{Engine, EngineOptions};
 use crate::model::{LoadOptions, LogitsMode, Model};
 
 #[derive(Debug, Clone)]
@@ -223,7 +224,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decode of `n` steps for every sequence of `state`; returns
 /// (seconds, cpu seconds).
-fn decode_run(model: &mut Model, state: &mut crate::State, n: usize, seed: u64) -> Result<(f64, f64)> {
+fn decode_run(model: &mut Engine, state: &mut crate::State, n: usize, seed: u64) -> Result<(f64, f64)> {
     let b = state.batch();
     let vocab = model.info().vocab;
     let mut next: Vec<u32> = tokens(b, vocab, seed);
@@ -247,7 +248,7 @@ pub fn run(
     // Default options, as users get them: prompts run in chunks of 128 tokens.
     let opts = LoadOptions::default();
     let t0 = Instant::now();
-    let mut model = load(&opts)?;
+    let mut model = Engine::new(std::sync::Arc::new(load(&opts)?), &EngineOptions::default())?;
     let load_s = t0.elapsed().as_secs_f64();
     let info = model.info().clone();
     let vocab = info.vocab;

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use rwkv_wgpu::model::DEFAULT_CHUNK_TOKENS;
+use rwkv_wgpu::gpu::WeightStore;
 use rwkv_wgpu::state::StateData;
 use rwkv_wgpu::tokenizer::HfTokenizer;
 use rwkv_wgpu::{
-    GenerateOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile, Sampler, SamplerConfig,
-    Session, StopReason, Tokenizer,
+    Engine, EngineOptions, GenerateOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile,
+    Sampler, SamplerConfig, Session, StopReason, Tokenizer, DEFAULT_CHUNK_TOKENS,
 };
 
 /// The built-in demo model: a 4.1M-parameter RWKV-7 trained on Jane Austen
@@ -233,8 +233,28 @@ fn main() {
     }
 }
 
+/// The GPU options: `--adapter`, and the environment variables, which only
+/// the binary reads (the library takes everything as options):
+/// `RWKV_ADAPTER` (as `--adapter`), `RWKV_WEIGHTS=buffer|texture`,
+/// `RWKV_NO_SUBGROUPS` and `RWKV_PROFILE` (time every kernel, for `bench`).
+fn gpu_options(cli: &Cli) -> Result<GpuOptions> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let weight_store = match env("RWKV_WEIGHTS").as_deref() {
+        None => None,
+        Some("buffer") => Some(WeightStore::Buffer),
+        Some("texture") => Some(WeightStore::Texture),
+        Some(other) => bail!("RWKV_WEIGHTS={other}: expected `buffer` or `texture`"),
+    };
+    Ok(GpuOptions {
+        adapter: cli.adapter.clone().or_else(|| env("RWKV_ADAPTER")),
+        weight_store,
+        no_subgroups: std::env::var_os("RWKV_NO_SUBGROUPS").is_some(),
+        profile: std::env::var_os("RWKV_PROFILE").is_some(),
+    })
+}
+
 fn gpu(cli: &Cli) -> Result<GpuContext> {
-    let ctx = GpuContext::new(&GpuOptions { adapter: cli.adapter.clone(), ..Default::default() })?;
+    let ctx = GpuContext::new(&gpu_options(cli)?)?;
     match ctx.subgroup_size() {
         Some(n) => eprintln!("adapter: {} [subgroups of {n}]", ctx.adapter()),
         None => eprintln!("adapter: {}", ctx.adapter()),
@@ -242,12 +262,26 @@ fn gpu(cli: &Cli) -> Result<GpuContext> {
     Ok(ctx)
 }
 
-/// Loads the model (with a progress bar on a terminal) and its tokenizer.
-fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Model, Option<Tokenizer>)> {
+/// A loaded model with an engine to run it, and its tokenizer if asked for.
+struct Loaded {
+    model: Arc<Model>,
+    engine: Engine,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl Loaded {
+    fn tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone().expect("loaded with its tokenizer")
+    }
+}
+
+/// Loads the model (with a progress bar on a terminal), an engine for it,
+/// and its tokenizer.
+fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<Loaded> {
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
-    let mut opts = LoadOptions { chunk_tokens: args.chunk, ..Default::default() };
+    let mut opts = LoadOptions::default();
     let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -271,8 +305,10 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Mod
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let model = Arc::new(model);
+    let engine = Engine::new(model.clone(), &EngineOptions { chunk_tokens: args.chunk })?;
     if !need_tokenizer {
-        return Ok((model, None));
+        return Ok(Loaded { model, engine, tokenizer: None });
     }
     let vocab = model.info().vocab;
     let tok = match (&args.model, &args.tokenizer) {
@@ -283,7 +319,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<(Mod
         }
         (path, spec) => Tokenizer::for_model(spec.as_deref(), path.as_deref(), vocab)?,
     };
-    Ok((model, Some(tok)))
+    Ok(Loaded { model, engine, tokenizer: Some(Arc::new(tok)) })
 }
 
 fn sampler_config(s: &SamplingArgs, chat: bool) -> Result<SamplerConfig> {
@@ -333,188 +369,225 @@ fn read_stdin() -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Generate { prompt, model, state, sampling } => {
-            let prompt = match prompt.as_deref() {
-                Some("-") | None => read_stdin()?,
-                Some(p) => p.as_bytes().to_vec(),
-            };
-            if prompt.is_empty() {
-                bail!("empty prompt: give the text to continue as an argument or on stdin");
-            }
-            let cfg = sampler_config(sampling, false)?;
-            let mut sampler = Sampler::new(cfg)?;
-            let ctx = gpu(&cli)?;
-            let (mut m, tok) = load(&ctx, model, true)?;
-            let tok = tok.unwrap();
-            let initial = initial_state(&m, state)?;
-            let mut session = Session::new(&mut m, &tok)?;
-            if let Some(s) = initial {
-                session.set_initial_state(s)?;
-            }
-            let t0 = Instant::now();
-            let n_prompt = session.feed_text(&prompt)?;
-            let t1 = Instant::now();
-            let mut out = std::io::stdout().lock();
-            let mut write_err = None;
-            let g = session.generate(&mut sampler, &generate_options(sampling, &[]), |text| {
-                if write_err.is_none() {
-                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                        write_err = Some(e);
-                    }
-                }
-            })?;
-            if let Some(e) = write_err {
-                return Err(e).context("writing to stdout");
-            }
-            if out.is_terminal() {
-                writeln!(out)?;
-            }
-            let dt = t1.elapsed().as_secs_f64();
-            eprintln!(
-                "\n[prompt: {n_prompt} tokens in {:.2} s; generated {} tokens in {dt:.2} s, {:.2} tokens/s; stop: {}; seed {}]",
-                (t1 - t0).as_secs_f64(),
-                g.tokens.len(),
-                g.tokens.len() as f64 / dt.max(1e-9),
-                stop_name(&g.stop),
-                sampler.config().seed
-            );
-        }
-        Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling)?,
-        Command::Convert { input, output } => {
-            if input == output {
-                bail!("convert: the output would overwrite the input {}", input.display());
-            }
-            let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
-            let version = rwkv_wgpu::detect_version(&src).map(|v| format!("RWKV-{v}"));
-            let (n, skipped) = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
-            if !skipped.is_empty() {
-                eprintln!("skipped {} tensors that are not f32/f16/bf16: {}", skipped.len(), skipped.join(", "));
-            }
-            eprintln!(
-                "wrote {n} tensors ({}) to {}",
-                version.unwrap_or_else(|e| format!("not recognised as RWKV: {e}")),
-                output.display()
-            );
-        }
-        Command::Tokenize { tokenizer } => {
-            let tok = Tokenizer::from_spec(tokenizer)?;
-            let ids = tok.encode(&read_stdin()?)?;
-            let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-            println!("[{}]", list.join(", "));
-        }
-        Command::Detokenize { tokenizer } => {
-            let tok = Tokenizer::from_spec(tokenizer)?;
-            let text = String::from_utf8(read_stdin()?).map_err(|_| anyhow!("stdin is not a JSON array of ids"))?;
-            let ids = parse_id_array(&text)?;
-            let bytes = tok.decode(&ids)?;
-            std::io::stdout().write_all(&bytes).context("writing to stdout")?;
-        }
-        Command::Perplexity { file, model } => {
-            let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            let ctx = gpu(&cli)?;
-            let (mut m, tok) = load(&ctx, model, true)?;
-            let tok = tok.unwrap();
-            let ids = tok.encode(&text)?;
-            if ids.len() < 2 {
-                bail!("{} has {} tokens; perplexity needs at least 2", file.display(), ids.len());
-            }
-            let t0 = Instant::now();
-            let r = perplexity(&mut m, &tok, &ids)?;
-            println!(
-                "tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}",
-                ids.len(),
-                r.0,
-                r.0.exp(),
-                r.1
-            );
-            eprintln!("[{:.1} tokens/s]", ids.len() as f64 / t0.elapsed().as_secs_f64());
-        }
-        Command::Logits { model, tokens, all, out } => {
-            let ctx = gpu(&cli)?;
-            let (mut m, _) = load(&ctx, model, false)?;
-            let vocab = m.info().vocab;
-            let mut state = m.new_state(1)?;
-            let mode = if *all { LogitsMode::All } else { LogitsMode::Last };
-            let logits = m.forward(&mut state, &[tokens], mode)?.remove(0);
-            let rows = logits.len() / vocab;
-            let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
-            std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
-        }
-        Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json } => {
-            if *pp == 0 || *tg == 0 || batch.contains(&0) {
-                bail!("--pp, --tg and --batch must be at least 1");
-            }
-            let cfg = rwkv_wgpu::bench::BenchConfig {
-                prefill: *pp,
-                decode: *tg,
-                batches: batch.clone(),
-                repeat: *repeat,
-                deep_context: *deep,
-            };
-            let ctx = gpu(&cli)?;
-            let report = match model {
-                Some(path) => {
-                    let name = path.display().to_string();
-                    rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::load(&ctx, path, o))?
-                }
-                None => {
-                    let version: rwkv_wgpu::Version = rwkv_version.parse()?;
-                    let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
-                    let dt = match dtype.to_ascii_lowercase().as_str() {
-                        "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
-                        "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
-                        "bf16" => rwkv_wgpu::Dtype::BF16,
-                        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
-                    };
-                    let file =
-                        std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
-                    rwkv_wgpu::synthetic::write(&file, version, shape, dt, 1).context("writing the synthetic model")?;
-                    let name = format!("synthetic v{version} {shape} {}", dt.name());
-                    let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
-                        let m = Model::load(&ctx, &file, o);
-                        let _ = std::fs::remove_file(&file);
-                        m
-                    });
-                    let _ = std::fs::remove_file(&file);
-                    r?
-                }
-            };
-            if *json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{}", report.to_table());
-            }
-            for (k, n, t) in ctx.kernel_profile() {
-                eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
-            }
-        }
-        Command::Inspect { model } => {
-            let ctx = gpu(&cli)?;
-            let (m, _) = load(&ctx, model, false)?;
-            let i = m.info();
-            let name = model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(DEMO_NAME.into());
-            println!("file            {name}");
-            println!("version         RWKV-{}", i.version);
-            println!("layers          {}", i.n_layer);
-            println!("width           {}", i.n_embd);
-            match i.n_head {
-                0 => println!("heads           none (RWKV-4 mixes per channel)"),
-                h => println!("heads           {h} x {}", i.head_size),
-            }
-            println!("vocab           {}", i.vocab);
-            println!("ffn             {}", i.ffn);
-            let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
-            println!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
-            println!("parameters      {}", i.parameters);
-            println!("dtype           {}", i.dtype.name());
-            println!("weight bytes    {}", i.weight_bytes);
-            println!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
-            println!("state bytes     {} per sequence", i.state_bytes_per_sequence);
-            println!("gpu bytes       {}", ctx.allocated_bytes());
-            println!("adapter         {}", ctx.adapter());
-        }
+        Command::Generate { prompt, model, state, sampling } => generate(&cli, prompt.as_deref(), model, state, sampling),
+        Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling),
+        Command::Convert { input, output } => convert(input, output),
+        Command::Tokenize { tokenizer } => tokenize(tokenizer),
+        Command::Detokenize { tokenizer } => detokenize(tokenizer),
+        Command::Perplexity { file, model } => perplexity_cmd(&cli, file, model),
+        Command::Logits { model, tokens, all, out } => logits(&cli, model, tokens, *all, out),
+        Command::Bench { .. } => bench(&cli),
+        Command::Inspect { model } => inspect(&cli, model),
     }
+}
+
+/// `rwkv generate`: continue a prompt, streaming the text.
+fn generate(
+    cli: &Cli,
+    prompt: Option<&str>,
+    model: &ModelArgs,
+    state: &StateArgs,
+    sampling: &SamplingArgs,
+) -> Result<()> {
+    let prompt = match prompt {
+        Some("-") | None => read_stdin()?,
+        Some(p) => p.as_bytes().to_vec(),
+    };
+    if prompt.is_empty() {
+        bail!("empty prompt: give the text to continue as an argument or on stdin");
+    }
+    let cfg = sampler_config(sampling, false)?;
+    let mut sampler = Sampler::new(cfg)?;
+    let ctx = gpu(cli)?;
+    let mut m = load(&ctx, model, true)?;
+    let mut session = Session::new(m.model.clone(), m.tokenizer())?;
+    if let Some(s) = initial_state(&m.model, state)? {
+        session.set_initial_state(s)?;
+    }
+    let t0 = Instant::now();
+    let n_prompt = session.feed_text(&mut m.engine, &prompt)?;
+    let t1 = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let g = session.generate(&mut m.engine, &mut sampler, &generate_options(sampling, &[]), |text| {
+        if write_err.is_none() {
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    if out.is_terminal() {
+        writeln!(out)?;
+    }
+    let dt = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "\n[prompt: {n_prompt} tokens in {:.2} s; generated {} tokens in {dt:.2} s, {:.2} tokens/s; stop: {}; seed {}]",
+        (t1 - t0).as_secs_f64(),
+        g.tokens.len(),
+        g.tokens.len() as f64 / dt.max(1e-9),
+        stop_name(&g.stop),
+        sampler.config().seed
+    );
+    Ok(())
+}
+
+/// `rwkv convert`: a checkpoint rewritten as safetensors.
+fn convert(input: &Path, output: &Path) -> Result<()> {
+    if input == output {
+        bail!("convert: the output would overwrite the input {}", input.display());
+    }
+    let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
+    let version = rwkv_wgpu::detect_version(&src).map(|v| format!("RWKV-{v}"));
+    let (n, skipped) = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
+    if !skipped.is_empty() {
+        eprintln!("skipped {} tensors that are not f32/f16/bf16: {}", skipped.len(), skipped.join(", "));
+    }
+    eprintln!(
+        "wrote {n} tensors ({}) to {}",
+        version.unwrap_or_else(|e| format!("not recognised as RWKV: {e}")),
+        output.display()
+    );
+    Ok(())
+}
+
+/// `rwkv tokenize`: bytes on stdin to a JSON array of ids.
+fn tokenize(tokenizer: &str) -> Result<()> {
+    let tok = Tokenizer::from_spec(tokenizer)?;
+    let ids = tok.encode(&read_stdin()?)?;
+    let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    println!("[{}]", list.join(", "));
+    Ok(())
+}
+
+/// `rwkv detokenize`: a JSON array of ids on stdin to raw bytes.
+fn detokenize(tokenizer: &str) -> Result<()> {
+    let tok = Tokenizer::from_spec(tokenizer)?;
+    let text = String::from_utf8(read_stdin()?).map_err(|_| anyhow!("stdin is not a JSON array of ids"))?;
+    let ids = parse_id_array(&text)?;
+    let bytes = tok.decode(&ids)?;
+    std::io::stdout().write_all(&bytes).context("writing to stdout")
+}
+
+/// `rwkv perplexity`: loss, perplexity and bits per byte of a text file.
+fn perplexity_cmd(cli: &Cli, file: &Path, model: &ModelArgs) -> Result<()> {
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let ctx = gpu(cli)?;
+    let mut m = load(&ctx, model, true)?;
+    let tok = m.tokenizer();
+    let ids = tok.encode(&text)?;
+    if ids.len() < 2 {
+        bail!("{} has {} tokens; perplexity needs at least 2", file.display(), ids.len());
+    }
+    let t0 = Instant::now();
+    let r = perplexity(&mut m.engine, &tok, &ids)?;
+    println!(
+        "tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}",
+        ids.len(),
+        r.0,
+        r.0.exp(),
+        r.1
+    );
+    eprintln!("[{:.1} tokens/s]", ids.len() as f64 / t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `rwkv logits`: token ids through the model, logits to a .npy file.
+fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path) -> Result<()> {
+    let ctx = gpu(cli)?;
+    let mut m = load(&ctx, model, false)?;
+    let vocab = m.model.info().vocab;
+    let mut state = m.model.new_state(1)?;
+    let mode = if all { LogitsMode::All } else { LogitsMode::Last };
+    let logits = m.engine.forward(&mut state, &[tokens], mode)?.remove(0);
+    let rows = logits.len() / vocab;
+    let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
+    Ok(())
+}
+
+/// `rwkv bench`: speed and memory on a model file or a synthetic model.
+fn bench(cli: &Cli) -> Result<()> {
+    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json } = &cli.command else {
+        unreachable!("called for the bench command")
+    };
+    if *pp == 0 || *tg == 0 || batch.contains(&0) {
+        bail!("--pp, --tg and --batch must be at least 1");
+    }
+    let cfg = rwkv_wgpu::bench::BenchConfig {
+        prefill: *pp,
+        decode: *tg,
+        batches: batch.clone(),
+        repeat: *repeat,
+        deep_context: *deep,
+    };
+    let ctx = gpu(cli)?;
+    let report = match model {
+        Some(path) => {
+            let name = path.display().to_string();
+            rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::load(&ctx, path, o))?
+        }
+        None => {
+            let version: rwkv_wgpu::Version = rwkv_version.parse()?;
+            let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
+            let dt = match dtype.to_ascii_lowercase().as_str() {
+                "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
+                "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
+                "bf16" => rwkv_wgpu::Dtype::BF16,
+                other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+            };
+            let file = std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
+            rwkv_wgpu::synthetic::write(&file, version, shape, dt, 1).context("writing the synthetic model")?;
+            let name = format!("synthetic v{version} {shape} {}", dt.name());
+            let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
+                let m = Model::load(&ctx, &file, o);
+                let _ = std::fs::remove_file(&file);
+                m
+            });
+            let _ = std::fs::remove_file(&file);
+            r?
+        }
+    };
+    if *json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    for (k, n, t) in ctx.kernel_profile() {
+        eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
+    }
+    Ok(())
+}
+
+/// `rwkv inspect`: version, dimensions, memory and the kernel plan.
+fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
+    let ctx = gpu(cli)?;
+    let m = load(&ctx, model, false)?;
+    let i = m.model.info();
+    let name = model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(DEMO_NAME.into());
+    println!("file            {name}");
+    println!("version         RWKV-{}", i.version);
+    println!("layers          {}", i.n_layer);
+    println!("width           {}", i.n_embd);
+    match i.n_head {
+        0 => println!("heads           none (RWKV-4 mixes per channel)"),
+        h => println!("heads           {h} x {}", i.head_size),
+    }
+    println!("vocab           {}", i.vocab);
+    println!("ffn             {}", i.ffn);
+    let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
+    println!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
+    println!("parameters      {}", i.parameters);
+    println!("dtype           {}", i.dtype.name());
+    println!("weight bytes    {}", i.weight_bytes);
+    println!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
+    println!("state bytes     {} per sequence", i.state_bytes_per_sequence);
+    println!("gpu bytes       {}", ctx.allocated_bytes());
+    println!("adapter         {}", ctx.adapter());
+    println!("kernels         {}", ctx.plan());
     Ok(())
 }
 
@@ -528,7 +601,7 @@ fn stop_name(s: &StopReason) -> String {
 
 /// Mean negative log-likelihood (nats/token) of ids[1..] given their prefix,
 /// and bits per byte of those tokens. Logits are taken chunk by chunk.
-fn perplexity(m: &mut Model, tok: &Tokenizer, ids: &[u32]) -> Result<(f64, f64)> {
+fn perplexity(m: &mut Engine, tok: &Tokenizer, ids: &[u32]) -> Result<(f64, f64)> {
     let vocab = m.info().vocab;
     let mut state = m.new_state(1)?;
     let step = m.chunk_tokens().max(1);
@@ -564,13 +637,12 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
     let cfg = sampler_config(sampling, true)?;
     let mut sampler = Sampler::new(cfg)?;
     let ctx = gpu(cli)?;
-    let (mut m, tok) = load(&ctx, model, true)?;
-    let tok = tok.unwrap();
-    let initial = initial_state(&m, state)?;
-    let mut session = Session::new(&mut m, &tok)?;
-    if let Some(s) = initial {
+    let mut m = load(&ctx, model, true)?;
+    let mut session = Session::new(m.model.clone(), m.tokenizer())?;
+    if let Some(s) = initial_state(&m.model, state)? {
         session.set_initial_state(s)?;
     }
+    let engine = &mut m.engine;
     let opts = generate_options(sampling, &["\n\n"]);
     let interactive = std::io::stdin().is_terminal();
     let mut out = std::io::stdout().lock();
@@ -598,16 +670,13 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
                     eprintln!("[state reset]");
                 }
                 ("save", f) if !f.is_empty() => {
-                    save_state(&session.state().read(0)?, Path::new(f))?;
+                    session.save_state(Path::new(f))?;
                     eprintln!("[state saved to {f}]");
                 }
-                ("load", f) if !f.is_empty() => {
-                    let loaded = read_state_file(session.model, Path::new(f));
-                    match loaded.and_then(|s| Ok(session.state_mut().write(0, &s)?)) {
-                        Ok(()) => eprintln!("[state loaded from {f}]"),
-                        Err(e) => eprintln!("error: {e:#}"),
-                    }
-                }
+                ("load", f) if !f.is_empty() => match session.load_state(Path::new(f)) {
+                    Ok(()) => eprintln!("[state loaded from {f}]"),
+                    Err(e) => eprintln!("error: state {f}: {e:#}"),
+                },
                 _ => eprintln!("error: unknown command `/{cmd}` (try /reset, /save FILE, /load FILE, /quit)"),
             }
             continue;
@@ -615,18 +684,18 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
         turn += 1;
         // The state holds everything said so far: only this turn is read.
         let prompt = format!("User: {msg}\n\nAssistant:");
-        let n_prompt = session.feed_text(prompt.as_bytes())?;
+        let n_prompt = session.feed_text(engine, prompt.as_bytes())?;
         write!(out, "Assistant:")?;
         out.flush()?;
         let t0 = Instant::now();
-        let g = session.generate(&mut sampler, &opts, |text| {
+        let g = session.generate(engine, &mut sampler, &opts, |text| {
             let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
         })?;
         writeln!(out)?;
         out.flush()?;
         if g.stop != StopReason::StopSequence("\n\n".into()) {
             // Keep the format for the next turn when the reply ended otherwise.
-            session.feed_text(b"\n\n")?;
+            session.feed_text(engine, b"\n\n")?;
         }
         eprintln!(
             "[turn {turn}: read {n_prompt} prompt tokens, generated {} tokens, {:.2} tokens/s]",
@@ -637,49 +706,14 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
     Ok(())
 }
 
-/// Writes one sequence's state as safetensors (f32, one tensor per field).
-fn save_state(state: &StateData, path: &Path) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = state
-        .fields
-        .iter()
-        .map(|(name, shape, values)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                bytemuck::cast_slice(values),
-            )?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "rwkv-wgpu state".to_string())]);
-    let bytes = safetensors::serialize(views, Some(meta))?;
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
 /// `--state FILE`: an official state-tuning file (`blocks.0.att.time_state`)
 /// or a state saved with /save.
 fn initial_state(m: &Model, args: &StateArgs) -> Result<Option<StateData>> {
-    args.state.as_deref().map(|path| read_state_file(m, path)).transpose()
-}
-
-/// One sequence's state from a state-tuning file or a /save file.
-fn read_state_file(m: &Model, path: &Path) -> Result<StateData> {
-    let f = SafeTensorsFile::open(path).with_context(|| format!("reading the state {}", path.display()))?;
-    if f.contains("blocks.0.att.time_state") {
-        m.tuned_state(&f).with_context(|| format!("state-tuning file {}", path.display()))
-    } else {
-        load_state(path)
-    }
-}
-
-fn load_state(path: &Path) -> Result<StateData> {
-    let f = SafeTensorsFile::open(path)?;
-    let mut names: Vec<String> = f.names().map(String::from).collect();
-    names.sort();
-    let mut fields = Vec::new();
-    for n in names {
-        let t = f.get(&n)?;
-        fields.push((n.clone(), t.shape.to_vec(), t.to_f32()));
-    }
-    Ok(StateData { fields })
+    args.state
+        .as_deref()
+        .map(|path| {
+            rwkv_wgpu::state::load_any(path, m.state_layout())
+                .with_context(|| format!("reading the state {}", path.display()))
+        })
+        .transpose()
 }

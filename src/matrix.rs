@@ -14,21 +14,12 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{
-    self, Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_DECODE_LANE_ROWS,
-    LINEAR_TEX_PREFILL_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
-};
+use crate::gpu::kernels::{Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG};
 use crate::gpu::{
-    Binding, GpuBuffer, GpuContext, GpuTexture, Kernel, Recorder, Release, WeightStore, STORAGE, UPLOAD_SLICE,
-    WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
+    Binding, GpuBuffer, GpuContext, GpuTexture, KernelPlan, Pipeline, Recorder, Release, WeightStore, XSource,
+    STORAGE, UPLOAD_SLICE, WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
-use crate::loader::{Dtype, SafeTensorsFile, Tensor};
-
-/// Rows of one `linear_tex` prefill workgroup (a multiple of a decode one):
-/// texture layers hold whole tiles.
-pub fn texture_tile_rows(ctx: &GpuContext) -> usize {
-    LINEAR_TEX_PREFILL_LANE_ROWS as usize * ctx.subgroup_size().unwrap_or(1) as usize
-}
+use crate::tensor::{Dtype, Tensor};
 
 /// How the elements of a matrix are stored on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +121,7 @@ impl Matrix {
         }
         // Layers of at most max_part_bytes, but whole tiles of both kernels
         // (a tile never straddles two layers).
-        let tile = texture_tile_rows(ctx);
+        let tile = ctx.plan().texture_tile_rows();
         let fit = (max_part_bytes as usize / row_bytes).min(max_dim);
         let layer_rows = if rows <= fit { rows } else { (fit / tile * tile).max(tile) };
         if layer_rows > max_dim || rows.div_ceil(layer_rows) > max_layers {
@@ -182,13 +173,13 @@ impl Matrix {
         }))
     }
 
-    /// A checkpoint tensor `[out, in]` used as `x @ W.T`.
-    /// The file's pages are released slice by slice as they are uploaded.
-    pub fn from_tensor(ctx: &GpuContext, f: &SafeTensorsFile, t: &Tensor, max_part_bytes: u64) -> Result<Self> {
-        let release = |b: &[u8]| f.release_bytes(b);
+    /// A checkpoint tensor `[out, in]` used as `x @ W.T`; `release` is
+    /// called with each slice of its bytes once uploaded (the loader lets
+    /// the OS drop those pages of the file mapping).
+    pub fn from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64, release: Release) -> Result<Self> {
         let store = ctx.weight_store();
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        Self::upload_to(ctx, store, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, Some(&release))
+        Self::upload_to(ctx, store, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, release)
     }
 
     /// A checkpoint LoRA tensor `[in, out]` used as `x @ W`: stored transposed
@@ -230,57 +221,9 @@ impl Matrix {
         }
     }
 
-    /// The (kernel, variant) pipelines `linear` may use for `dtype` weights
-    /// on this adapter, for compiling ahead of time (the 8-row tile of
-    /// small matrices: see [`Matrix::small_tile_kernel`]).
-    pub fn kernels(ctx: &GpuContext, dtype: Dtype) -> Vec<(Kernel, u32)> {
-        let wd = kernels::wdtype(dtype);
-        let mut v = Vec::new();
-        if ctx.subgroup_size().is_some() {
-            v.extend([(Kernel::LinearSg, wd | 1 << 8), (Kernel::LinearSg, wd | LINEAR_TN << 8)]);
-            if ctx.weight_store() == WeightStore::Texture {
-                for xu in [0, 1 << 12] {
-                    v.extend([
-                        (Kernel::LinearTex, wd | 1 << 8 | xu),
-                        (Kernel::LinearTex, wd | LINEAR_TEX_TOKENS << 8 | xu),
-                    ]);
-                }
-            }
-        } else {
-            v.push((Kernel::Linear, wd));
-        }
-        v
-    }
-
-    /// The pipeline a batch of several tokens through a matrix of at most
-    /// 8 rows per lane (LoRA down-projections) uses on this adapter, for
-    /// `d_in`-wide inputs: x through a uniform window when 8 tokens of it fit
-    /// one, else through the x texture. Only the model knows whether it has
-    /// such matrices, and each compiled variant keeps MiBs of JIT memory on
-    /// llvmpipe, so it is not among [`Matrix::kernels`].
-    pub fn small_tile_kernel(ctx: &GpuContext, dtype: Dtype, d_in: usize) -> Option<(Kernel, u32)> {
-        if ctx.weight_store() != WeightStore::Texture {
-            return None;
-        }
-        let windowed = (d_in * 4 * LINEAR_TEX_TOKENS as usize) as u64 <= X_WINDOW_BYTES;
-        let xu = if windowed { 1 << 12 } else { 0 };
-        Some((Kernel::LinearTex, kernels::wdtype(dtype) | LINEAR_TEX_TOKENS << 8 | xu | 1 << 13))
-    }
-
-    /// Whether `linear` can use the subgroup kernel: the adapter has
-    /// fixed-size subgroups, and rows are whole vec4 words (8 weights of
-    /// 16 bits or 4 of f32).
-    fn use_subgroups(&self, ctx: &GpuContext) -> bool {
-        ctx.subgroup_size().is_some()
-            && match self.encoding {
-                Encoding::Float(Dtype::F32) => self.cols.is_multiple_of(4),
-                Encoding::Float(_) => self.cols.is_multiple_of(8),
-            }
-    }
-
-    fn wdtype(&self) -> u32 {
+    fn dtype(&self) -> Dtype {
         match self.encoding {
-            Encoding::Float(d) => kernels::wdtype(d),
+            Encoding::Float(d) => d,
         }
     }
 
@@ -317,18 +260,16 @@ impl Matrix {
                 accumulate: accumulate as u32,
                 _pad: [0; 3],
             };
-            let token_groups = (n_rows as u32).div_ceil(LINEAR_TN);
-            if self.use_subgroups(rec.ctx()) && x_offset.is_multiple_of(4) {
+            let key = rec.ctx().plan().buffer_linear(self.dtype(), self.cols, n_rows, x_offset);
+            let groups = match key {
                 // One subgroup-sized workgroup per LINEAR_SG_ROWS output rows
-                // and 4 tokens (1 for a single token: decode).
-                let tn = if n_rows == 1 { 1 } else { LINEAR_TN };
-                let groups = [(part.rows as u32).div_ceil(LINEAR_SG_ROWS), (n_rows as u32).div_ceil(tn), 1];
-                let variant = self.wdtype() | (tn << 8);
-                rec.dispatch(Kernel::LinearSg, variant, &params, &[&part.buffer, x, y], groups)?;
-            } else {
-                let groups = [(part.rows as u32).div_ceil(WG), token_groups, 1];
-                rec.dispatch(Kernel::Linear, self.wdtype(), &params, &[&part.buffer, x, y], groups)?;
-            }
+                // and `tokens` tokens.
+                Pipeline::LinearSg { tokens, .. } => {
+                    [(part.rows as u32).div_ceil(LINEAR_SG_ROWS), (n_rows as u32).div_ceil(tokens), 1]
+                }
+                _ => [(part.rows as u32).div_ceil(WG), (n_rows as u32).div_ceil(LINEAR_TN), 1],
+            };
+            rec.dispatch(key, &params, &[&part.buffer, x, y], groups)?;
         }
         Ok(())
     }
@@ -357,7 +298,8 @@ impl Matrix {
                 "texture matrix: x offset {x_offset} is not a multiple of 4 elements"
             )));
         }
-        let ctx = rec.ctx();
+        let (ctx, ws) = (rec.ctx(), rec.workspace());
+        let plan = ctx.plan();
         let row_bytes = (self.cols * 4) as u64;
         let align = ctx.limits().min_uniform_buffer_offset_alignment as u64;
         // Tokens per uniform window: 1 alone, else whole prefill tiles.
@@ -370,9 +312,9 @@ impl Matrix {
             let uniform = per_window > 0 && start.is_multiple_of(align) && start + X_WINDOW_BYTES <= x.size();
             let nb = if uniform { per_window } else { max_tex }.min(n_rows - n0);
             let (xt, xu) = if uniform {
-                (ctx.x_texture(1, 1)?, Binding::Range(x, start, X_WINDOW_BYTES))
+                (ws.x_texture(ctx, 1, 1)?, Binding::Range(x, start, X_WINDOW_BYTES))
             } else {
-                let xt = ctx.x_texture((self.cols / 4) as u32, nb as u32)?;
+                let xt = ws.x_texture(ctx, (self.cols / 4) as u32, nb as u32)?;
                 rec.copy_to_texture(
                     x,
                     start,
@@ -381,7 +323,7 @@ impl Matrix {
                     xt.clone(),
                     [(self.cols / 4) as u32, nb as u32, 1],
                 );
-                (xt, Binding::Shared(ctx.dummy_uniform()?))
+                (xt, Binding::Shared(ws.dummy_uniform(ctx)?))
             };
             let params = LinearTexParams {
                 n_rows: nb as u32,
@@ -394,20 +336,13 @@ impl Matrix {
                 _pad: 0,
             };
             let lanes = ctx.subgroup_size().unwrap_or(1);
-            // Matrices of at most 8 rows per lane (LoRA ranks) take the
-            // 8-row tile, which the 16-row one would leave half idle.
-            let small = self.rows as u32 <= LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * lanes;
-            let (tn, groups) = if nb == 1 {
-                (1, [(self.rows as u32).div_ceil(LINEAR_TEX_DECODE_LANE_ROWS * lanes), 1, 1])
-            } else {
-                let lane_rows = if small { LINEAR_TEX_PREFILL_LANE_ROWS_SMALL } else { LINEAR_TEX_PREFILL_LANE_ROWS };
-                let row_tiles = (self.rows as u32).div_ceil(lane_rows * lanes);
-                (LINEAR_TEX_TOKENS, [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1])
-            };
-            let small = (small && nb > 1) as u32;
-            let variant = self.wdtype() | (tn << 8) | ((uniform as u32) << 12) | (small << 13);
+            let source = if uniform { XSource::Window } else { XSource::Texture };
+            let key = plan.texture_linear(self.dtype(), self.rows, nb, source);
+            let Pipeline::LinearTex { tile, .. } = key else { unreachable!() };
+            let row_tiles = (self.rows as u32).div_ceil(KernelPlan::lane_rows(tile) * lanes);
+            let groups = if nb == 1 { [row_tiles, 1, 1] } else { [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1] };
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
-            rec.dispatch_with(Kernel::LinearTex, variant, &params, bindings, groups)?;
+            rec.dispatch_with(key, &params, bindings, groups)?;
             n0 += nb;
         }
         Ok(())

@@ -1,7 +1,15 @@
-//! A session: one sequence's state on the GPU, the logits of the last token
-//! read, and text generation (sample → read the token → stream its text)
-//! with stop sequences.
+//! A session: one sequence of a shared model. It owns its state on the GPU,
+//! the logits of the last token read, tokens waiting for a batched step,
+//! and text generation (sample → read the token → stream its text) with
+//! stop sequences. It borrows nothing: sessions live side by side on one
+//! `Arc<Model>` and move between threads. Running it takes an
+//! [`Engine`] (alone: `feed`, `generate`) or a [`crate::batcher::Batcher`]
+//! (with other sessions in shared steps: `push`, then `Batcher::step`).
 
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{LogitsMode, Model};
 use crate::sampler::Sampler;
@@ -42,19 +50,45 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
-pub struct Session<'m> {
-    pub model: &'m mut Model,
-    pub tokenizer: &'m Tokenizer,
+pub struct Session {
+    model: Arc<Model>,
+    tokenizer: Arc<Tokenizer>,
     state: State,
     logits: Option<Vec<f32>>,
     /// What `reset` returns to: a tuned initial state, or the zero state.
     initial: Option<StateData>,
+    /// Tokens pushed for a batcher, not read yet.
+    pending: Vec<u32>,
 }
 
-impl<'m> Session<'m> {
-    pub fn new(model: &'m mut Model, tokenizer: &'m Tokenizer) -> Result<Self> {
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("version", &self.model.info().version)
+            .field("pending", &self.pending.len())
+            .field("has_logits", &self.logits.is_some())
+            .finish()
+    }
+}
+
+// Sessions are handed between threads (a server's tasks, the batch thread).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Session>();
+};
+
+impl Session {
+    pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let state = model.new_state(1)?;
-        Ok(Self { model, tokenizer, state, logits: None, initial: None })
+        Ok(Self { model, tokenizer, state, logits: None, initial: None, pending: Vec::new() })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// Starts from `initial` (e.g. `Model::tuned_state`) now and after every
@@ -75,9 +109,23 @@ impl<'m> Session<'m> {
         &mut self.state
     }
 
-    /// Back to the initial state (the zero state unless one was set).
+    /// Saves this session's state as safetensors (see [`crate::state::save`]).
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        crate::state::save(&self.state.read(0)?, path)
+    }
+
+    /// Replaces this session's state with one saved by `save_state` or an
+    /// official state-tuning file (see [`crate::state::load_any`]).
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let data = crate::state::load_any(path, self.model.state_layout())?;
+        self.state_mut().write(0, &data)
+    }
+
+    /// Back to the initial state (the zero state unless one was set); pending
+    /// tokens are dropped.
     pub fn reset(&mut self) -> Result<()> {
         self.logits = None;
+        self.pending.clear();
         match &self.initial {
             Some(s) => self.state.write(0, s),
             None => self.state.reset(None),
@@ -89,27 +137,82 @@ impl<'m> Session<'m> {
         self.logits.as_deref()
     }
 
-    /// Reads tokens into the state.
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+    fn check_engine(&self, engine: &Engine) -> Result<()> {
+        if !Arc::ptr_eq(engine.model(), &self.model) {
+            return Err(Error::InvalidArgument("the engine runs a different model than the session".into()));
+        }
+        if !self.pending.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{} tokens pushed for a batcher are not read yet",
+                self.pending.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads tokens into the state, alone, with `engine` (which must run
+    /// this session's model).
+    pub fn feed(&mut self, engine: &mut Engine, tokens: &[u32]) -> Result<()> {
+        self.check_engine(engine)?;
         if tokens.is_empty() {
             return Ok(());
         }
-        let mut out = self.model.forward(&mut self.state, &[tokens], LogitsMode::Last)?;
+        let mut out = engine.forward(&mut self.state, &[tokens], LogitsMode::Last)?;
         self.logits = Some(out.remove(0));
         Ok(())
     }
 
     /// Tokenizes and reads text; returns the number of tokens read.
-    pub fn feed_text(&mut self, text: &[u8]) -> Result<usize> {
+    pub fn feed_text(&mut self, engine: &mut Engine, text: &[u8]) -> Result<usize> {
         let tokens = self.tokenizer.encode(text)?;
-        self.feed(&tokens)?;
+        self.feed(engine, &tokens)?;
         Ok(tokens.len())
+    }
+
+    /// Queues tokens for the next steps of a batcher; once they are all read,
+    /// `logits` holds the last one's. Checked against the vocabulary now.
+    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.info().vocab;
+        if let Some((p, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(Error::BadToken { sequence: 0, position: self.pending.len() + p, token: t, vocab });
+        }
+        self.pending.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// Tokenizes text and queues it (see `push`); returns the token count.
+    pub fn push_text(&mut self, text: &[u8]) -> Result<usize> {
+        let tokens = self.tokenizer.encode(text)?;
+        self.push(&tokens)?;
+        Ok(tokens.len())
+    }
+
+    /// Tokens pushed and not read yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// For the batcher: this session's state, its pending tokens, and where
+    /// the logits go.
+    pub(crate) fn parts(&mut self) -> (&mut State, &[u32], &mut Option<Vec<f32>>) {
+        (&mut self.state, &self.pending, &mut self.logits)
+    }
+
+    /// Drops the tokens pushed and not read.
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// For the batcher: the first `n` pending tokens were read.
+    pub(crate) fn consumed(&mut self, n: usize) {
+        self.pending.drain(..n);
     }
 
     /// Samples up to `opts.max_tokens` tokens, reading each into the state and
     /// passing its text to `on_text` as soon as it is printable.
     pub fn generate(
         &mut self,
+        engine: &mut Engine,
         sampler: &mut Sampler,
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
@@ -137,7 +240,7 @@ impl<'m> Session<'m> {
             }
             sampler.accept(token);
             tokens.push(token);
-            self.feed(&[token])?;
+            self.feed(engine, &[token])?;
             let bytes = self.tokenizer.token_bytes(token).unwrap_or_default();
             held.push_str(&stream.push(bytes));
             if let Some((at, s)) = opts

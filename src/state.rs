@@ -3,8 +3,12 @@
 //! named fields (v7: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`). Its size
 //! is fixed by the model and the batch: it never grows with the tokens read.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, READBACK, STORAGE};
+use crate::loader::SafeTensorsFile;
 
 /// One field of a layer's state.
 #[derive(Debug, Clone)]
@@ -155,6 +159,11 @@ impl State {
         &self.layout
     }
 
+    /// One `[batch, stride]` f32 buffer per layer.
+    pub(crate) fn buffers(&self) -> &[GpuBuffer] {
+        &self.layers
+    }
+
     /// Total GPU bytes of this state.
     pub fn bytes(&self) -> u64 {
         self.layers.iter().map(|b| b.size()).sum()
@@ -275,5 +284,125 @@ impl State {
         self.ctx.queue().submit([enc.finish()]);
         self.ctx.check()?;
         Ok(State { ctx: self.ctx.clone(), layout: self.layout.clone(), batch: self.batch, layers })
+    }
+}
+
+/// The `format` metadata of a saved state.
+const STATE_FORMAT: &str = "rwkv-wgpu state";
+
+/// Writes one sequence's state as safetensors: one f32 tensor per field with
+/// its layer axis first (`att_x [L, C]`, `ffn_x [L, C]`, `att_kv [L, H, N, N]`
+/// in the official [head, key, value] order of each generation; v4's
+/// `att_x`, `ffn_x`, `aa`, `bb`, `pp`), the names and layout of the
+/// reference fixtures' states. Written to a temporary file in the same
+/// folder and renamed into place, so a failed save leaves no partial file.
+pub fn save(state: &StateData, path: &Path) -> Result<()> {
+    let bad = |detail: String| Error::InvalidArgument(format!("saving the state to {}: {detail}", path.display()));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = state
+        .fields
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(values),
+            )
+            .map_err(|e| bad(format!("field {name}: {e}")))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), STATE_FORMAT.to_string())]);
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| bad("not a file name".into()))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Reads a state written by [`save`]: every tensor as a field, values
+/// checked finite.
+pub fn load(path: &Path) -> Result<StateData> {
+    let f = SafeTensorsFile::open(path)?;
+    let mut names: Vec<String> = f.names().map(String::from).collect();
+    names.sort();
+    let mut fields = Vec::new();
+    for n in names {
+        let t = f.get(&n)?;
+        let values = t.to_f32();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: state field `{n}` holds {} at element {i}",
+                path.display(),
+                values[i]
+            )));
+        }
+        fields.push((n.clone(), t.shape.to_vec(), values));
+    }
+    Ok(StateData { fields })
+}
+
+/// Reads an official state-tuning file (`blocks.N.att.time_state [H, N, N]`
+/// for every layer, RWKV-5 to 7) as one sequence's state for `layout`: the
+/// token-shift parts are zero and att_kv is the tuned matrix. The tuning
+/// code stores it as [head, value i, key j], the layout the GPU keeps
+/// (RWKV-7's own; v5/v6's transposed one, whose official [key, value]
+/// order is restored here as ChatRWKV does).
+pub fn load_tuned(path: &Path, layout: &StateLayout) -> Result<StateData> {
+    let f = SafeTensorsFile::open(path)?;
+    let kv = layout
+        .field("att_kv")
+        .ok_or_else(|| Error::InvalidArgument("RWKV-4 has no state tuning (no att_kv matrix state)".into()))?;
+    let [h, n, _] = kv.shape[..] else {
+        return Err(Error::InvalidArgument(format!("att_kv of shape {:?} is not [H, N, N]", kv.shape)));
+    };
+    let l = layout.n_layer;
+    let mut values = Vec::with_capacity(l * h * n * n);
+    for layer in 0..l {
+        let t = f.expect(&format!("blocks.{layer}.att.time_state"), &[h, n, n])?;
+        let v = t.to_f32();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: blocks.{layer}.att.time_state holds {} at element {i}",
+                path.display(),
+                v[i]
+            )));
+        }
+        if kv.transposed {
+            for head in 0..h {
+                let m = &v[head * n * n..(head + 1) * n * n];
+                values.extend((0..n * n).map(|e| m[(e % n) * n + e / n]));
+            }
+        } else {
+            values.extend_from_slice(&v);
+        }
+    }
+    let fields = layout
+        .fields
+        .iter()
+        .map(|field| {
+            let mut shape = vec![l];
+            shape.extend_from_slice(&field.shape);
+            let data = if field.name == "att_kv" { values.clone() } else { vec![field.init; l * field.len()] };
+            (field.name.to_string(), shape, data)
+        })
+        .collect();
+    Ok(StateData { fields })
+}
+
+/// A state-tuning file (it has `blocks.0.att.time_state`) or a saved state,
+/// whichever `path` holds.
+pub fn load_any(path: &Path, layout: &StateLayout) -> Result<StateData> {
+    if SafeTensorsFile::open(path)?.contains("blocks.0.att.time_state") {
+        load_tuned(path, layout)
+    } else {
+        load(path)
     }
 }

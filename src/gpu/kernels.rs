@@ -3,11 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use std::sync::Arc;
-
-use super::{Binding, GpuBuffer, GpuContext, GpuTexture, Recorder, WeightStore, X_TEXTURE_FORMAT};
+use super::GpuContext;
 use crate::error::{Error, Result};
-use crate::loader::Dtype;
+use crate::tensor::Dtype;
 
 /// Shared WGSL helpers prepended to every kernel (WGSL has no includes).
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -51,6 +49,123 @@ impl Kernel {
             Kernel::GroupNorm => include_str!("../../shaders/group_norm.wgsl"),
             Kernel::MulAdd => include_str!("../../shaders/mul_add.wgsl"),
         }
+    }
+}
+
+/// Tokens of one `linear_tex.wgsl` workgroup, and rows per lane (its entry
+/// point and `PR` override).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TexTile {
+    /// One token, LINEAR_TEX_DECODE_LANE_ROWS rows per lane (entry `decode`).
+    Decode,
+    /// LINEAR_TEX_TOKENS tokens, LINEAR_TEX_PREFILL_LANE_ROWS rows per lane (entry `prefill`).
+    Prefill,
+    /// LINEAR_TEX_TOKENS tokens, LINEAR_TEX_PREFILL_LANE_ROWS_SMALL rows per
+    /// lane, for matrices of at most that many rows per lane (LoRA ranks).
+    PrefillSmall,
+}
+
+/// Where `linear_tex.wgsl` reads x from (its `XU` override).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum XSource {
+    /// The engine's x texture, filled by a copy before the dispatch.
+    Texture,
+    /// A uniform window of the activation buffer, bound in place.
+    Window,
+}
+
+/// Entry point of `wkv7_tex.wgsl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WkvEntry {
+    /// Any number of tokens per sequence.
+    Main,
+    /// At most one token per sequence: one subgroup per (head, sequence).
+    Decode,
+}
+
+/// One compiled variant of a kernel: everything that picks its entry point
+/// or sets its override constants. Made by [`super::KernelPlan`], which
+/// both precompiling and recording ask, so the two cannot differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pipeline {
+    /// `tpw`: rows per invocation (`TPW`).
+    LayerNorm { tpw: u32 },
+    /// `tpw`: tokens per invocation (`TPW`).
+    TokenShift { tpw: u32 },
+    GatherRows,
+    /// `tpw`: tokens per workgroup (`TPW`).
+    GroupNorm { tpw: u32 },
+    /// `tpw`: tokens per workgroup (`TPW`).
+    V7Prep { tpw: u32 },
+    MulAdd,
+    Wkv7,
+    Wkv7Tex(WkvEntry),
+    Wkv5,
+    Wkv5Tex,
+    Wkv4,
+    /// `linear.wgsl` with weights of this dtype (`WDTYPE`).
+    Linear(Dtype),
+    /// `linear_sg.wgsl`: `tokens` per workgroup (`TN`: 1 or LINEAR_TN).
+    LinearSg { weights: Dtype, tokens: u32 },
+    /// `linear_tex.wgsl`.
+    LinearTex { weights: Dtype, tile: TexTile, x: XSource },
+}
+
+impl Pipeline {
+    pub fn kernel(self) -> Kernel {
+        match self {
+            Pipeline::LayerNorm { .. } => Kernel::LayerNorm,
+            Pipeline::TokenShift { .. } => Kernel::TokenShift,
+            Pipeline::GatherRows => Kernel::GatherRows,
+            Pipeline::GroupNorm { .. } => Kernel::GroupNorm,
+            Pipeline::V7Prep { .. } => Kernel::V7Prep,
+            Pipeline::MulAdd => Kernel::MulAdd,
+            Pipeline::Wkv7 => Kernel::Wkv7,
+            Pipeline::Wkv7Tex(_) => Kernel::Wkv7Tex,
+            Pipeline::Wkv5 => Kernel::Wkv5,
+            Pipeline::Wkv5Tex => Kernel::Wkv5Tex,
+            Pipeline::Wkv4 => Kernel::Wkv4,
+            Pipeline::Linear(_) => Kernel::Linear,
+            Pipeline::LinearSg { .. } => Kernel::LinearSg,
+            Pipeline::LinearTex { .. } => Kernel::LinearTex,
+        }
+    }
+
+    /// The WGSL entry point.
+    fn entry(self) -> &'static str {
+        match self {
+            Pipeline::LinearTex { tile: TexTile::Decode, .. } | Pipeline::Wkv7Tex(WkvEntry::Decode) => "decode",
+            Pipeline::LinearTex { .. } => "prefill",
+            _ => "main",
+        }
+    }
+
+    /// Override constants beyond `GS`, the adapter's reduction width.
+    fn constants(self, subgroup: Option<u32>) -> Result<Vec<(&'static str, f64)>> {
+        let need_sg = || subgroup.ok_or_else(|| Error::Gpu(format!("{self:?} needs a fixed subgroup size")));
+        Ok(match self {
+            Pipeline::LayerNorm { tpw }
+            | Pipeline::TokenShift { tpw }
+            | Pipeline::GroupNorm { tpw }
+            | Pipeline::V7Prep { tpw } => vec![("TPW", tpw as f64)],
+            Pipeline::Linear(w) => vec![("WDTYPE", wdtype(w) as f64)],
+            Pipeline::LinearSg { weights, tokens } => {
+                vec![("WDTYPE", wdtype(weights) as f64), ("WG", need_sg()? as f64), ("TN", tokens as f64)]
+            }
+            Pipeline::LinearTex { weights, tile, x } => {
+                let pr = match tile {
+                    TexTile::PrefillSmall => LINEAR_TEX_PREFILL_LANE_ROWS_SMALL,
+                    _ => LINEAR_TEX_PREFILL_LANE_ROWS,
+                };
+                vec![
+                    ("WDTYPE", wdtype(weights) as f64),
+                    ("WG", need_sg()? as f64),
+                    ("XU", (x == XSource::Window) as u32 as f64),
+                    ("PR", pr as f64),
+                ]
+            }
+            _ => Vec::new(),
+        })
     }
 }
 
@@ -141,10 +256,9 @@ pub struct LayerNormParams {
 }
 
 impl LayerNormParams {
-    /// Workgroups for these params: one per run of
-    /// [`GpuContext::elementwise_tokens`] rows.
-    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        [self.n_rows.div_ceil(ctx.elementwise_tokens()), 1, 1]
+    /// Workgroups for these params: one per run of `tpw` rows.
+    pub fn groups(&self, tpw: u32) -> [u32; 3] {
+        [self.n_rows.div_ceil(tpw), 1, 1]
     }
 }
 
@@ -171,9 +285,9 @@ impl TokenShiftParams {
     pub const MAX_MIX: u32 = 8;
 
     /// Workgroups for these params: 64 channel groups of 4 by runs of
-    /// [`GpuContext::elementwise_tokens`] tokens.
-    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        [(self.dim / 4).div_ceil(WG), self.n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+    /// `tpw` tokens.
+    pub fn groups(&self, tpw: u32) -> [u32; 3] {
+        [(self.dim / 4).div_ceil(WG), self.n_tok.div_ceil(tpw), 1]
     }
 }
 
@@ -216,15 +330,15 @@ pub struct V7PrepParams {
 
 impl V7PrepParams {
     /// Workgroups for these params: see [`head_runs`].
-    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        head_runs(ctx, self.dim, self.head_size, self.n_tok)
+    pub fn groups(&self, tpw: u32) -> [u32; 3] {
+        head_runs(self.dim, self.head_size, self.n_tok, tpw)
     }
 }
 
 /// Workgroups of the per-head element-wise kernels (group norm, v7_prep):
-/// one per head and run of [`GpuContext::elementwise_tokens`] tokens.
-fn head_runs(ctx: &GpuContext, dim: u32, head_size: u32, n_tok: u32) -> [u32; 3] {
-    [dim / head_size, n_tok.div_ceil(ctx.elementwise_tokens()), 1]
+/// one per head and run of `tpw` tokens.
+fn head_runs(dim: u32, head_size: u32, n_tok: u32, tpw: u32) -> [u32; 3] {
+    [dim / head_size, n_tok.div_ceil(tpw), 1]
 }
 
 /// `wkv7.wgsl`: the RWKV-7 state recurrence, one workgroup per (head, sequence).
@@ -254,176 +368,6 @@ pub const WKV_TOKENS_PER_DISPATCH: u32 = 256;
 /// reads (r, w, k, v, a, kk).
 pub const WKV_PLANES: u32 = plane::KK + 1;
 
-/// What `wkv7_tex.wgsl` and `wkv5_tex.wgsl` read instead of storage buffers:
-/// the WKV planes of `att` and one layer's state, copied into textures
-/// before each run.
-pub struct WkvTextures {
-    att: Arc<GpuTexture>,   // [WKV_PLANES, capacity, dim / 4] texels
-    state: Arc<GpuTexture>, // [n_seq, n_head * 64, 16] texels
-}
-
-impl WkvTextures {
-    /// Whether the texture WKV kernels can run this shape here: head size 64,
-    /// subgroups of 8, float storage textures, `capacity` tokens and `n_seq` sequences within the
-    /// texture limits, and a state layout a buffer-to-texture copy can read
-    /// (rows of 256 bytes, sequences a whole number of rows apart, layers at
-    /// 16-byte offsets).
-    pub fn fit(
-        ctx: &GpuContext,
-        head_size: usize,
-        dim: usize,
-        state_stride: usize,
-        capacity: usize,
-        n_seq: usize,
-    ) -> bool {
-        let (max_dim, max_layers) = ctx.max_texture_dims();
-        ctx.subgroup_size() == Some(8)
-            && ctx.float_storage_textures()
-            && head_size == 64
-            && dim.is_multiple_of(64)
-            && (state_stride * 4).is_multiple_of(256)
-            && capacity.max(dim) <= max_dim as usize
-            && n_seq <= max_layers as usize
-    }
-
-    pub fn new(ctx: &GpuContext, dim: usize, capacity: usize, n_seq: usize) -> Result<Self> {
-        let att = ctx.texture("att texture", (dim / 4) as u32, capacity as u32, WKV_PLANES, X_TEXTURE_FORMAT, true)?;
-        let state = ctx.texture("state texture", 16, dim as u32, n_seq as u32, X_TEXTURE_FORMAT, true)?;
-        Ok(Self { att: Arc::new(att), state: Arc::new(state) })
-    }
-
-    /// att's planes 0 .. WKV_PLANES for `n_tok` tokens into the att texture.
-    fn copy_att<'a>(&self, rec: &mut Recorder<'a>, att: &'a GpuBuffer, dim: u32, plane: u32, n_tok: u32) {
-        rec.copy_to_texture(att, 0, dim * 4, plane / dim, self.att.clone(), [dim / 4, n_tok, WKV_PLANES]);
-    }
-
-    /// One layer's state of every sequence (one texture row per state row of
-    /// 64 floats = 256 bytes) into the state texture.
-    fn copy_state<'a>(
-        &self,
-        rec: &mut Recorder<'a>,
-        state: &'a GpuBuffer,
-        offset: u32,
-        stride: u32,
-        rows: u32,
-        n_seq: u32,
-    ) {
-        rec.copy_to_texture(state, offset as u64 * 4, 256, stride / 64, self.state.clone(), [16, rows, n_seq]);
-    }
-}
-
-/// The fields every WKV kernel's params share, for `record_runs`.
-trait WkvRun: Pod {
-    /// (n_seq, n_head, head_size, dim, plane, state_stride, state_offset)
-    fn geometry(&self) -> [u32; 7];
-    /// These params for the run of tokens `t_first .. t_first + t_count`.
-    fn run(self, t_first: u32, t_count: u32) -> Self;
-}
-
-impl WkvRun for Wkv7Params {
-    fn geometry(&self) -> [u32; 7] {
-        [self.n_seq, self.n_head, self.head_size, self.dim, self.plane, self.state_stride, self.state_offset]
-    }
-    fn run(self, t_first: u32, t_count: u32) -> Self {
-        Self { t_first, t_count, ..self }
-    }
-}
-
-impl WkvRun for Wkv5Params {
-    fn geometry(&self) -> [u32; 7] {
-        [self.n_seq, self.n_head, self.head_size, self.dim, self.plane, self.state_stride, self.state_offset]
-    }
-    fn run(self, t_first: u32, t_count: u32) -> Self {
-        Self { t_first, t_count, ..self }
-    }
-}
-
-/// Records a WKV kernel over tokens `0 .. longest` of each of the params'
-/// sequences (`n_tok` tokens in all), in runs of WKV_TOKENS_PER_DISPATCH
-/// tokens: with `tex`, the texture kernel (att's planes copied once, the
-/// layer's state before each run, since each run writes it; with
-/// `texture_decode`, its `decode` entry when no sequence has more than one
-/// token), else the buffer kernel. Bindings: att, seq_start, state, y, then (texture kernels) the
-/// state texture, then `extra`.
-#[allow(clippy::too_many_arguments)]
-fn record_runs<'a, P: WkvRun>(
-    rec: &mut Recorder<'a>,
-    (buffer_kernel, texture_kernel, texture_decode): (Kernel, Kernel, bool),
-    p: P,
-    n_tok: u32,
-    longest: u32,
-    [att, seq_start, state, y]: [&'a GpuBuffer; 4],
-    extra: &[&'a GpuBuffer],
-    tex: Option<&WkvTextures>,
-) -> Result<()> {
-    let [n_seq, n_head, head_size, dim, plane, state_stride, state_offset] = p.geometry();
-    let groups = [n_head, n_seq, 1];
-    if let Some(t) = tex {
-        t.copy_att(rec, att, dim, plane, n_tok);
-    }
-    for t_first in (0..longest).step_by(WKV_TOKENS_PER_DISPATCH as usize) {
-        let run = p.run(t_first, WKV_TOKENS_PER_DISPATCH);
-        match tex {
-            Some(t) => {
-                t.copy_state(rec, state, state_offset, state_stride, n_head * head_size, n_seq);
-                let mut bindings = vec![
-                    Binding::Texture(t.att.clone()),
-                    Binding::Buffer(seq_start),
-                    Binding::Buffer(state),
-                    Binding::Buffer(y),
-                    Binding::Texture(t.state.clone()),
-                ];
-                bindings.extend(extra.iter().map(|b| Binding::Buffer(b)));
-                // One token per sequence: the `decode` entry (variant 1).
-                let variant = (texture_decode && longest == 1) as u32;
-                rec.dispatch_with(texture_kernel, variant, &run, bindings, groups)?
-            }
-            None => {
-                let mut buffers = vec![att, seq_start, state, y];
-                buffers.extend_from_slice(extra);
-                rec.dispatch(buffer_kernel, 0, &run, &buffers, groups)?
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The RWKV-7 WKV (`wkv7_tex.wgsl` with `tex`, else `wkv7.wgsl`), see `record_runs`.
-#[allow(clippy::too_many_arguments)]
-pub fn record_wkv7<'a>(
-    rec: &mut Recorder<'a>,
-    p: Wkv7Params,
-    n_tok: u32,
-    longest: u32,
-    att: &'a GpuBuffer,       // [plane::COUNT, p.plane / p.dim, dim]
-    seq_start: &'a GpuBuffer, // [n_seq + 1]
-    state: &'a GpuBuffer,     // [n_seq, state_stride]
-    y: &'a GpuBuffer,         // [n_tok, dim]
-    tex: Option<&WkvTextures>,
-) -> Result<()> {
-    let kernels = (Kernel::Wkv7, Kernel::Wkv7Tex, true);
-    record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[], tex)
-}
-
-/// The RWKV-5/6 WKV (`wkv5_tex.wgsl` with `tex`, else `wkv5.wgsl`), see
-/// `record_runs`; `vecs` holds the bonus and the decay.
-#[allow(clippy::too_many_arguments)]
-pub fn record_wkv5<'a>(
-    rec: &mut Recorder<'a>,
-    p: Wkv5Params,
-    n_tok: u32,
-    longest: u32,
-    att: &'a GpuBuffer,       // [plane::COUNT, p.plane / p.dim, dim]
-    seq_start: &'a GpuBuffer, // [n_seq + 1]
-    state: &'a GpuBuffer,     // [n_seq, state_stride]
-    y: &'a GpuBuffer,         // [n_tok, dim]
-    vecs: &'a GpuBuffer,      // per-layer vectors
-    tex: Option<&WkvTextures>,
-) -> Result<()> {
-    let kernels = (Kernel::Wkv5, Kernel::Wkv5Tex, false);
-    record_runs(rec, kernels, p, n_tok, longest, [att, seq_start, state, y], &[vecs], tex)
-}
-
 /// `group_norm.wgsl`: per-head group norm, then v7's r·k·r_k bonus and the gate.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -443,8 +387,8 @@ pub struct GroupNormParams {
 
 impl GroupNormParams {
     /// Workgroups for these params: see [`head_runs`].
-    pub fn groups(&self, ctx: &GpuContext) -> [u32; 3] {
-        head_runs(ctx, self.dim, self.head_size, self.n_tok)
+    pub fn groups(&self, tpw: u32) -> [u32; 3] {
+        head_runs(self.dim, self.head_size, self.n_tok, tpw)
     }
 }
 
@@ -495,71 +439,32 @@ pub mod plane {
 }
 
 impl GpuContext {
-    /// Tokens per invocation of the element-wise kernels that read per-layer
-    /// vectors (`token_shift.wgsl`, `group_norm.wgsl`, `v7_prep.wgsl`,
-    /// `layer_norm.wgsl`: their `TPW`): 8 on CPU adapters (the texture store), where each storage-buffer
-    /// load is a per-lane loop and the vectors are then loaded once per 8
-    /// tokens (a batch-8 decode step); 1 elsewhere, for parallelism.
-    pub fn elementwise_tokens(&self) -> u32 {
-        match self.weight_store() {
-            WeightStore::Texture => 8,
-            WeightStore::Buffer => 1,
-        }
-    }
-
-    /// Invocations per workgroup of the row-reducing kernels (`GS`): the
-    /// subgroup size where it is fixed, else 64.
-    pub fn group_size(&self) -> u32 {
-        self.subgroup_size().unwrap_or(64)
-    }
-
-    /// The compiled pipeline for `kernel` (with weights of `wdtype`, and for
-    /// LinearSg its token tile in bits 8..), built on first use and cached.
-    pub fn pipeline(&self, kernel: Kernel, wdtype: u32) -> Result<wgpu::ComputePipeline> {
-        let key = (kernel, wdtype);
+    /// The compiled pipeline for `key`, built on first use and cached.
+    pub fn pipeline(&self, key: Pipeline) -> Result<wgpu::ComputePipeline> {
         if let Some(p) = self.shared.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
+        let plan = self.plan();
         let device = self.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let reduce = if self.subgroup_size().is_some() { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP };
+        let reduce = if plan.subgroup_size.is_some() { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP };
+        let kernel = key.kernel();
         let source = format!("{COMMON}\n{reduce}\n{}", kernel.source());
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&format!("{kernel:?}")),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        // `variant` is the WDTYPE, plus for LinearSg and LinearTex its tokens
-        // per workgroup << 8, and for LinearTex x from a uniform window << 12
-        // and the 8-row prefill tile << 13.
-        let mut constants = vec![("WDTYPE", (wdtype & 0xff) as f64), ("GS", self.group_size() as f64)];
-        // linear_tex has two entry points: `decode` (1 token) and `prefill`.
-        let entry = match kernel {
-            Kernel::LinearTex if (wdtype >> 8) & 0xf == 1 => "decode",
-            Kernel::LinearTex => "prefill",
-            Kernel::Wkv7Tex if wdtype == 1 => "decode",
-            _ => "main",
-        };
-        if kernel == Kernel::LinearTex {
-            let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearTex needs a fixed subgroup size".into()))?;
-            constants.push(("WG", sg as f64));
-            constants.push(("XU", ((wdtype >> 12) & 1) as f64)); // x from a uniform window
-            let pr =
-                if (wdtype >> 13) & 1 == 1 { LINEAR_TEX_PREFILL_LANE_ROWS_SMALL } else { LINEAR_TEX_PREFILL_LANE_ROWS };
-            constants.push(("PR", pr as f64));
-        }
-        if matches!(kernel, Kernel::TokenShift | Kernel::GroupNorm | Kernel::V7Prep | Kernel::LayerNorm) {
-            constants.push(("TPW", self.elementwise_tokens() as f64));
-        }
-        if kernel == Kernel::LinearSg {
-            let sg = self.subgroup_size().ok_or_else(|| Error::Gpu("LinearSg needs a fixed subgroup size".into()))?;
-            constants.push(("WG", sg as f64));
-            constants.push(("TN", (wdtype >> 8).max(1) as f64));
+        let mut constants = vec![("GS", plan.group_size() as f64)];
+        constants.extend(key.constants(plan.subgroup_size)?);
+        // Kernels without weights declare WDTYPE too (unused): f32.
+        if !constants.iter().any(|(n, _)| *n == "WDTYPE") {
+            constants.push(("WDTYPE", 0.0));
         }
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&format!("{kernel:?}")),
+            label: Some(&format!("{key:?}")),
             layout: None,
             module: &module,
-            entry_point: Some(entry),
+            entry_point: Some(key.entry()),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 zero_initialize_workgroup_memory: false,
@@ -567,7 +472,7 @@ impl GpuContext {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("compiling kernel {kernel:?}: {e}")));
+            return Err(Error::Gpu(format!("compiling kernel {key:?}: {e}")));
         }
         self.shared.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)

@@ -2,20 +2,18 @@
 //! buffers, and errors turned into values instead of panics.
 
 pub mod kernels;
+mod plan;
 mod recorder;
 
-pub use kernels::{Act, Kernel};
-pub use recorder::{Binding, ParamArena, Recorder};
+pub use kernels::{Act, Kernel, Pipeline, TexTile, WkvEntry, XSource};
+pub use plan::KernelPlan;
+pub use recorder::{Binding, ParamArena, Recorder, Workspace};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-
-/// Environment variable that chooses where matrix weights live:
-/// `texture` or `buffer` (default: textures on CPU adapters, see [`WeightStore`]).
-pub const WEIGHTS_ENV: &str = "RWKV_WEIGHTS";
 
 /// Where matrix weights are stored, chosen per adapter.
 ///
@@ -33,22 +31,24 @@ pub enum WeightStore {
     Texture,
 }
 
-/// Environment variable that selects an adapter: a substring of the adapter
-/// name (`llvmpipe`, `NVIDIA`, ...) or a backend (`vulkan`, `metal`, `dx12`, `gl`).
-pub const ADAPTER_ENV: &str = "RWKV_ADAPTER";
-
+/// How to choose the adapter and the kernels. The library reads no
+/// environment variables: the `rwkv` binary maps `RWKV_ADAPTER`,
+/// `RWKV_WEIGHTS`, `RWKV_NO_SUBGROUPS` and `RWKV_PROFILE` onto these fields.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
-    /// Adapter name substring or backend name; `None` reads [`ADAPTER_ENV`],
-    /// and if that is unset too, the best adapter is chosen (discrete, then
-    /// integrated, then virtual, then CPU).
+    /// Adapter name substring (`llvmpipe`, `NVIDIA`, ...) or backend name
+    /// (`vulkan`, `metal`, `dx12`, `gl`); `None` chooses the best adapter
+    /// found (discrete, then integrated, then virtual, then CPU).
     pub adapter: Option<String>,
-    /// Where matrix weights live; `None` reads [`WEIGHTS_ENV`], then picks
-    /// per adapter (textures on CPU adapters).
+    /// Where matrix weights live; `None` picks per adapter (textures on CPU
+    /// adapters, see [`WeightStore`]).
     pub weight_store: Option<WeightStore>,
-    /// Do not use subgroup operations even where the adapter has them (as
-    /// `RWKV_NO_SUBGROUPS`): runs the kernels adapters without them get.
+    /// Do not use subgroup operations even where the adapter has them: runs
+    /// the kernels adapters without them get.
     pub no_subgroups: bool,
+    /// Time every dispatch alone (slow; for finding hot kernels), reported by
+    /// [`GpuContext::kernel_profile`].
+    pub profile: bool,
 }
 
 /// What was chosen, for printing.
@@ -79,19 +79,11 @@ struct Shared {
     allocated: AtomicU64,
     /// First uncaptured error or device loss, reported at the next sync point.
     fault: Mutex<Option<Error>>,
-    pipelines: Mutex<HashMap<(Kernel, u32), wgpu::ComputePipeline>>,
-    /// The subgroup size when the adapter has subgroups of one fixed size.
-    subgroup_size: Option<u32>,
-    /// Whether kernels can read rgba32float textures as read-only storage
-    /// textures (`linear_tex`'s x, the texture WKV kernels' inputs).
-    float_storage_textures: bool,
+    pipelines: Mutex<HashMap<Pipeline, wgpu::ComputePipeline>>,
+    /// Which kernels run here, chosen once from the adapter and the options.
+    plan: KernelPlan,
     dispatches: AtomicU64,
-    weight_store: WeightStore,
-    /// The `[tokens, d_in / 4]` rgba32float texture that `linear_tex` reads x
-    /// from: one per context, grown to the largest use and then reused.
-    x_texture: Mutex<Option<Arc<GpuTexture>>>,
-    dummy_uniform: Mutex<Option<Arc<GpuBuffer>>>,
-    /// With RWKV_PROFILE set: every dispatch is timed alone (slow; for finding hot kernels).
+    /// With `GpuOptions::profile`: every dispatch is timed alone.
     profile: Option<Mutex<HashMap<Kernel, (u64, f64)>>>,
 }
 
@@ -103,7 +95,7 @@ pub struct GpuContext {
 
 impl GpuContext {
     pub fn new(opts: &GpuOptions) -> Result<Self> {
-        let wanted = opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let wanted = opts.adapter.clone().filter(|s| !s.is_empty());
         let backends = match wanted.as_deref().map(str::to_ascii_lowercase).as_deref() {
             Some("gl") | Some("gles") | Some("opengl") => wgpu::Backends::GL,
             _ => wgpu::Backends::PRIMARY,
@@ -172,8 +164,7 @@ impl GpuContext {
         let subgroup_size = (adapter.features().contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size == info.subgroup_max_size
             && (4..=128).contains(&info.subgroup_min_size)
-            && !opts.no_subgroups
-            && std::env::var_os("RWKV_NO_SUBGROUPS").is_none())
+            && !opts.no_subgroups)
         .then_some(info.subgroup_min_size);
         let features = if subgroup_size.is_some() { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -195,12 +186,7 @@ impl GpuContext {
             && readable(WEIGHT_TEXTURE_FORMAT)
             && readable(X_TEXTURE_FORMAT);
         let float_storage_textures = readable(X_TEXTURE_FORMAT);
-        let wanted_store = opts.weight_store.or(match std::env::var(WEIGHTS_ENV).ok().as_deref() {
-            Some("buffer") => Some(WeightStore::Buffer),
-            Some("texture") => Some(WeightStore::Texture),
-            _ => None,
-        });
-        let weight_store = match wanted_store {
+        let weight_store = match opts.weight_store {
             Some(WeightStore::Buffer) => WeightStore::Buffer,
             Some(WeightStore::Texture) if textures_fit => WeightStore::Texture,
             _ if textures_fit && info.device_type == wgpu::DeviceType::Cpu => WeightStore::Texture,
@@ -214,13 +200,9 @@ impl GpuContext {
             allocated: AtomicU64::new(0),
             fault: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
-            subgroup_size,
-            float_storage_textures,
+            plan: KernelPlan::new(weight_store, subgroup_size, float_storage_textures),
             dispatches: AtomicU64::new(0),
-            weight_store,
-            x_texture: Mutex::new(None),
-            dummy_uniform: Mutex::new(None),
-            profile: std::env::var_os("RWKV_PROFILE").map(|_| Mutex::new(HashMap::new())),
+            profile: opts.profile.then(|| Mutex::new(HashMap::new())),
         });
         // Validation errors and device loss become values reported by the next
         // `check`/sync point instead of wgpu's default panic.
@@ -261,21 +243,21 @@ impl GpuContext {
         &self.shared.adapter
     }
 
-    /// The subgroup size the subgroup kernels are built for, if the adapter
-    /// has subgroups of one fixed size (and `RWKV_NO_SUBGROUPS` is unset).
-    pub fn subgroup_size(&self) -> Option<u32> {
-        self.shared.subgroup_size
+    /// The kernels chosen for this adapter and these options: used both to
+    /// compile pipelines ahead of time and to record every dispatch.
+    pub fn plan(&self) -> &KernelPlan {
+        &self.shared.plan
     }
 
-    /// Whether kernels can read activation (rgba32float) textures as
-    /// read-only storage textures, as the texture WKV kernels do.
-    pub fn float_storage_textures(&self) -> bool {
-        self.shared.float_storage_textures
+    /// The subgroup size the subgroup kernels are built for, if the adapter
+    /// has subgroups of one fixed size (and they were not turned off).
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.shared.plan.subgroup_size
     }
 
     /// Where matrices built for `linear` keep their weights on this adapter.
     pub fn weight_store(&self) -> WeightStore {
-        self.shared.weight_store
+        self.shared.plan.weights
     }
 
     /// Largest width, height and layer count of a 2D texture array.
@@ -328,39 +310,6 @@ impl GpuContext {
         Ok(GpuTexture { texture, view, bytes, ctx: self.shared.clone() })
     }
 
-    /// A 64 KiB uniform buffer bound where a kernel declares a uniform window
-    /// it does not read (`linear_tex` reading x from its texture).
-    pub fn dummy_uniform(&self) -> Result<Arc<GpuBuffer>> {
-        let mut slot = self.shared.dummy_uniform.lock().unwrap();
-        if let Some(b) = slot.as_ref() {
-            return Ok(b.clone());
-        }
-        let b = Arc::new(self.buffer("unused uniform window", X_WINDOW_BYTES, STORAGE)?);
-        *slot = Some(b.clone());
-        Ok(b)
-    }
-
-    /// The shared x texture of `linear_tex`, at least `width` x `height`
-    /// texels (grown, never shrunk; a model reserves its size up front).
-    pub fn x_texture(&self, width: u32, height: u32) -> Result<Arc<GpuTexture>> {
-        let mut slot = self.shared.x_texture.lock().unwrap();
-        if let Some(t) = slot.as_ref() {
-            let size = t.texture.size();
-            if size.width >= width && size.height >= height {
-                return Ok(t.clone());
-            }
-        }
-        let (w, h) = match slot.as_ref() {
-            Some(t) => (t.texture.size().width.max(width), t.texture.size().height.max(height)),
-            None => (width, height),
-        };
-        // Dropping the old one here is safe: recorded work holds its own Arc.
-        *slot = None;
-        let t = Arc::new(self.texture("x texture", w, h, 1, X_TEXTURE_FORMAT, false)?);
-        *slot = Some(t.clone());
-        Ok(t)
-    }
-
     /// Largest buffer that one storage binding may cover.
     pub fn max_binding_bytes(&self) -> u64 {
         self.shared.limits.max_storage_buffer_binding_size.min(self.shared.limits.max_buffer_size)
@@ -393,7 +342,7 @@ impl GpuContext {
         }
     }
 
-    /// Per kernel: (dispatches, seconds), when RWKV_PROFILE is set; slowest first.
+    /// Per kernel: (dispatches, seconds), with `GpuOptions::profile`; slowest first.
     pub fn kernel_profile(&self) -> Vec<(Kernel, u64, f64)> {
         let Some(p) = &self.shared.profile else {
             return Vec::new();

@@ -4,11 +4,11 @@
 //! written once per submission. The model reserves the arena for its largest
 //! step, so no step allocates.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
 
-use super::{GpuBuffer, GpuContext, GpuTexture, Kernel};
+use super::{GpuBuffer, GpuContext, GpuTexture, Kernel, Pipeline, STORAGE, X_TEXTURE_FORMAT, X_WINDOW_BYTES};
 use crate::error::{Error, Result};
 
 /// One resource bound to a dispatch (bindings 1.., after the params).
@@ -50,7 +50,58 @@ enum Op<'a> {
 
 pub struct Recorder<'a> {
     ctx: &'a GpuContext,
+    ws: &'a Workspace,
     ops: Vec<Op<'a>>,
+}
+
+/// Textures and buffers that recorded ops share within one execution
+/// object (an engine): the x texture `linear_tex` copies x into when it does
+/// not fit a uniform window, and the uniform bound where a kernel declares a
+/// window it does not read. Each is made on first use and grown, never
+/// shrunk; an engine reserves the x texture's full size up front.
+#[derive(Default)]
+pub struct Workspace {
+    /// `[tokens, d_in / 4]` rgba32float texels.
+    x_texture: Mutex<Option<Arc<GpuTexture>>>,
+    dummy_uniform: Mutex<Option<Arc<GpuBuffer>>>,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A 64 KiB buffer bound as the uniform window of a kernel reading x
+    /// from its texture instead.
+    pub fn dummy_uniform(&self, ctx: &GpuContext) -> Result<Arc<GpuBuffer>> {
+        let mut slot = self.dummy_uniform.lock().unwrap();
+        if let Some(b) = slot.as_ref() {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(ctx.buffer("unused uniform window", X_WINDOW_BYTES, STORAGE)?);
+        *slot = Some(b.clone());
+        Ok(b)
+    }
+
+    /// The x texture, at least `width` x `height` texels.
+    pub fn x_texture(&self, ctx: &GpuContext, width: u32, height: u32) -> Result<Arc<GpuTexture>> {
+        let mut slot = self.x_texture.lock().unwrap();
+        if let Some(t) = slot.as_ref() {
+            let size = t.raw().size();
+            if size.width >= width && size.height >= height {
+                return Ok(t.clone());
+            }
+        }
+        let (w, h) = match slot.as_ref() {
+            Some(t) => (t.raw().size().width.max(width), t.raw().size().height.max(height)),
+            None => (width, height),
+        };
+        // Dropping the old one here is safe: recorded work holds its own Arc.
+        *slot = None;
+        let t = Arc::new(ctx.texture("x texture", w, h, 1, X_TEXTURE_FORMAT, false)?);
+        *slot = Some(t.clone());
+        Ok(t)
+    }
 }
 
 /// The uniform buffer that holds every dispatch's parameters.
@@ -85,33 +136,32 @@ fn slot_bytes(ctx: &GpuContext) -> usize {
 }
 
 impl<'a> Recorder<'a> {
-    pub fn new(ctx: &'a GpuContext) -> Self {
-        Self { ctx, ops: Vec::new() }
+    pub fn new(ctx: &'a GpuContext, ws: &'a Workspace) -> Self {
+        Self { ctx, ws, ops: Vec::new() }
     }
 
-    /// Records one dispatch of `kernel`: binding 0 is `params`, bindings
+    /// Records one dispatch of `pipeline`: binding 0 is `params`, bindings
     /// 1.. are `buffers` in order, bound whole.
     pub fn dispatch<P: Pod>(
         &mut self,
-        kernel: Kernel,
-        wdtype: u32,
+        pipeline: Pipeline,
         params: &P,
         buffers: &[&'a GpuBuffer],
         groups: [u32; 3],
     ) -> Result<()> {
         let bindings = buffers.iter().map(|b| Binding::Buffer(b)).collect();
-        self.dispatch_with(kernel, wdtype, params, bindings, groups)
+        self.dispatch_with(pipeline, params, bindings, groups)
     }
 
     /// As [`Recorder::dispatch`], with textures among the bindings.
     pub fn dispatch_with<P: Pod>(
         &mut self,
-        kernel: Kernel,
-        wdtype: u32,
+        key: Pipeline,
         params: &P,
         bindings: Vec<Binding<'a>>,
         groups: [u32; 3],
     ) -> Result<()> {
+        let kernel = key.kernel();
         let max = self.ctx.limits().max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(Error::InvalidArgument(format!(
@@ -121,7 +171,7 @@ impl<'a> Recorder<'a> {
         if groups.contains(&0) {
             return Ok(());
         }
-        let pipeline = self.ctx.pipeline(kernel, wdtype)?;
+        let pipeline = self.ctx.pipeline(key)?;
         self.ops.push(Op::Dispatch { kernel, pipeline, params: bytemuck::bytes_of(params).to_vec(), bindings, groups });
         Ok(())
     }
@@ -153,6 +203,11 @@ impl<'a> Recorder<'a> {
 
     pub fn ctx(&self) -> &'a GpuContext {
         self.ctx
+    }
+
+    /// The shared textures of the execution object recording.
+    pub fn workspace(&self) -> &'a Workspace {
+        self.ws
     }
 
     /// Operations (dispatches and copies) recorded so far.

@@ -1,21 +1,32 @@
-//! Loading a checkpoint, detecting its RWKV generation, and running it over
-//! batches of token sequences in bounded chunks.
+//! A loaded model: the immutable weights of one RWKV checkpoint and their
+//! info. It is `Send + Sync` and shared as `Arc<Model>` by every engine and
+//! session that runs it; running it (per-step buffers, the parameter arena)
+//! is the job of [`crate::engine::Engine`].
+//!
+//! The generations live one per file (`v4.rs` .. `v7.rs`) on top of the
+//! shared step (`step.rs`) and loading (`load.rs`) code; this file holds the
+//! one match over the generations, for loading, compiling and recording.
 
-mod runtime;
+pub mod load;
+pub mod step;
 pub mod v4;
 pub mod v5;
 pub mod v6;
 pub mod v7;
 
-pub use runtime::{GN_EPS, LN_EPS};
+pub use step::{Chunk, GN_EPS, LN_EPS};
 
 use std::fmt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
-use crate::loader::{Dtype, SafeTensorsFile};
-use crate::state::{State, StateData};
+use crate::gpu::{GpuBuffer, GpuContext, Pipeline, Recorder};
+use crate::loader::SafeTensorsFile;
+use crate::matrix::Matrix;
+use crate::state::{State, StateLayout};
+use crate::tensor::{Dtype, Tensor};
+use load::{BlockLoader, Dims};
+use step::{Scratch, Step};
 
 /// RWKV generations, as ChatRWKV tells them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,25 +136,14 @@ pub enum LogitsMode {
 /// Called as weights are uploaded with (bytes done, bytes in all).
 pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// Split weight matrices into parts of at most this many bytes (default:
     /// the adapter's storage-binding limit). Smaller values exist for tests.
     pub max_part_bytes: Option<u64>,
-    /// Most tokens (summed over the batch) processed in one GPU step;
-    /// per-step buffers are sized by it.
-    pub chunk_tokens: usize,
     /// Upload progress callback (the CLI draws a progress bar with it).
     pub progress: Option<Progress>,
 }
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self { max_part_bytes: None, chunk_tokens: DEFAULT_CHUNK_TOKENS, progress: None }
-    }
-}
-
-pub const DEFAULT_CHUNK_TOKENS: usize = 128;
 
 /// Dimensions and sizes, derived from the tensor shapes.
 #[derive(Debug, Clone)]
@@ -167,225 +167,220 @@ pub struct ModelInfo {
     pub state_bytes_per_sequence: u64,
 }
 
-/// What a model's loader uploads with: the context, the part size and the
-/// progress report.
-pub(crate) struct Uploader<'a> {
-    pub ctx: &'a GpuContext,
-    pub max_part: u64,
-    total: u64,
-    done: std::cell::Cell<u64>,
-    progress: Option<Progress>,
+
+/// The layers of each generation.
+pub(crate) enum Layers {
+    V4(Vec<v4::Block>),
+    V5(Vec<v5::Block>),
+    V6(Vec<v6::Block>),
+    V7(Vec<v7::Block>),
 }
 
-/// Upload bytes between two flushes of wgpu's upload staging.
-const FLUSH_BYTES: u64 = 32 << 20;
+// Slots of the model-wide vector buffer `globals [4, C]`.
+const LN0_W: usize = 0;
+const LN0_B: usize = 1;
+const LNOUT_W: usize = 2;
+const LNOUT_B: usize = 3;
 
-impl Uploader<'_> {
-    /// Called once a tensor has been uploaded: reports progress, lets the OS
-    /// drop the tensor's pages of the file mapping, and every FLUSH_BYTES
-    /// submits the pending copies so wgpu frees its staging buffers. Peak
-    /// memory while loading stays near the GPU copy of the weights instead of
-    /// the file plus the staging plus the GPU copy.
-    pub fn uploaded(&self, file: &SafeTensorsFile, t: &crate::loader::Tensor) -> Result<()> {
-        let before = self.done.get();
-        self.done.set(before + t.bytes.len() as u64);
-        file.release(t);
-        if self.done.get() / FLUSH_BYTES != before / FLUSH_BYTES {
-            self.ctx.queue().submit([]);
-            self.ctx.sync()?;
-        }
-        if let Some(p) = &self.progress {
-            p(self.done.get().min(self.total), self.total);
-        }
-        Ok(())
-    }
-}
-
-/// One GPU step: the tokens of every sequence laid end to end.
-#[derive(Debug, Default, Clone)]
-pub struct Chunk {
-    /// [n_tok] token ids.
-    pub tokens: Vec<u32>,
-    /// [n_tok] sequence of each token.
-    pub tok_seq: Vec<u32>,
-    /// [batch + 1] first token row of each sequence; sequence b owns rows
-    /// `seq_start[b] .. seq_start[b+1]` (possibly none).
-    pub seq_start: Vec<u32>,
-    /// Token rows whose logits are wanted, in output order.
-    pub head_rows: Vec<u32>,
-}
-
-/// A loaded model, ready to run.
+/// A loaded model: its weights on the GPU and their info. Immutable once
+/// loaded, so it is shared (`Arc<Model>`) by any number of engines and
+/// sessions on any threads.
 pub struct Model {
-    rt: runtime::Runtime,
-    chunk_tokens: usize,
+    ctx: GpuContext,
+    info: ModelInfo,
+    layout: StateLayout,
+    /// Widest LoRA, padded as stored (columns of the `lora` planes).
+    d_lora_max: usize,
+    /// The checkpoint, kept mapped for `emb.weight` [V, C]: the embedding is
+    /// read one row per token on the CPU (as llama.cpp does), so its V x C
+    /// table never takes GPU memory and only the rows used become resident.
+    file: SafeTensorsFile,
+    globals: GpuBuffer, // [4, C]: ln0 w/b, ln_out w/b
+    layers: Layers,
+    head: Matrix, // [V, C]
 }
+
+// A model is shared across threads (sessions, the batcher, a C handle).
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Model>();
+};
 
 impl Model {
-    /// Loads a safetensors checkpoint with the official tensor names.
+    /// Loads a checkpoint (`.safetensors` or `.pth`) with the official tensor names.
     pub fn load(ctx: &GpuContext, path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         Self::from_file(ctx, SafeTensorsFile::open(path.as_ref())?, opts)
     }
 
-    /// Loads from an opened checkpoint (a mapped file or built-in bytes).
+    /// Loads from an opened checkpoint (a mapped file or built-in bytes):
+    /// the generation and the head shape from the tensors, the pipelines it
+    /// will use compiled, then ln0, the layers, ln_out and the head uploaded.
     pub fn from_file(ctx: &GpuContext, file: SafeTensorsFile, opts: &LoadOptions) -> Result<Self> {
         let version = detect_version(&file)?;
-        let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
-        let uploader = Uploader {
-            ctx,
-            max_part,
-            total: file.data_bytes(),
-            done: std::cell::Cell::new(0),
-            progress: opts.progress.clone(),
+        let f = &file;
+        let d = Dims::read(f)?;
+        let (n_head, head_size) = match version {
+            Version::V4 => (0, 0),
+            Version::V5_0 | Version::V5_1 | Version::V5_2 => v5::heads(f, d.c, version)?,
+            Version::V6 => v6::heads(f, d.c)?,
+            Version::V7 => v7::heads(f, d.c)?,
         };
-        let rt = runtime::Runtime::load(&uploader, file, version)?;
-        // Weights live on the GPU; the model keeps the file mapping for the
-        // embedding rows only (their pages were dropped during the upload).
-        let mut model = Self { rt, chunk_tokens: 1 };
-        model.set_chunk_tokens(opts.chunk_tokens)?;
-        Ok(model)
+        compile_pipelines(ctx, version, &d, head_size)?;
+
+        let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
+        let mut ld = BlockLoader::new(ctx, f, d.c, max_part, opts.progress.clone());
+        // The embedding stays in the file (see `Model::file`); its pages are
+        // dropped now and read back row by row as tokens use them.
+        ld.skip("emb.weight")?;
+        let mut g = vec![0f32; 4 * d.c];
+        ld.vec_into(&mut g, LN0_W, "blocks.0.ln0.weight", &[d.c])?;
+        ld.vec_into(&mut g, LN0_B, "blocks.0.ln0.bias", &[d.c])?;
+        ld.vec_into(&mut g, LNOUT_W, "ln_out.weight", &[d.c])?;
+        ld.vec_into(&mut g, LNOUT_B, "ln_out.bias", &[d.c])?;
+        let globals = ld.vectors("ln0/ln_out", &g)?;
+
+        let (layers, ffn, lora, layout) = match version {
+            Version::V4 => {
+                let l = v4::load(&mut ld, &d)?;
+                (Layers::V4(l.blocks), l.ffn, l.lora, l.layout)
+            }
+            Version::V5_0 | Version::V5_1 | Version::V5_2 => {
+                let l = v5::load(&mut ld, &d, version, n_head, head_size)?;
+                (Layers::V5(l.blocks), l.ffn, l.lora, l.layout)
+            }
+            Version::V6 => {
+                let l = v6::load(&mut ld, &d, n_head, head_size)?;
+                (Layers::V6(l.blocks), l.ffn, l.lora, l.layout)
+            }
+            Version::V7 => {
+                let l = v7::load(&mut ld, &d, n_head, head_size)?;
+                (Layers::V7(l.blocks), l.ffn, l.lora, l.layout)
+            }
+        };
+        let head = ld.mat("head.weight", d.vocab, d.c)?;
+        let d_lora_max = lora.iter().map(|&(_, w)| ctx.plan().lora_rank(w)).max().unwrap_or(0);
+        let info = ModelInfo {
+            version,
+            n_layer: d.n_layer,
+            n_embd: d.c,
+            n_head,
+            head_size,
+            vocab: d.vocab,
+            ffn,
+            lora,
+            dtype: d.dtype,
+            parameters: ld.parameters,
+            weight_bytes: f.data_bytes(),
+            gpu_weight_bytes: ld.gpu_bytes,
+            state_bytes_per_sequence: layout.bytes_per_sequence(),
+        };
+        Ok(Self { ctx: ctx.clone(), info, layout, d_lora_max, file, globals, layers, head })
     }
 
     pub fn info(&self) -> &ModelInfo {
-        &self.rt.info
+        &self.info
     }
 
-    /// The initial state of an official state-tuning run (`blocks.N.att.time_state
-    /// [H, N, N]` for every layer, RWKV-5 to 7), as one sequence's state: the
-    /// token-shift parts are zero and att_kv is the tuned matrix. The tuning
-    /// code stores it as [head, value i, key j]: RWKV-7's own layout, and the
-    /// transpose of v5/v6's [head, key j, value i] (ChatRWKV transposes it
-    /// on load for those too).
-    pub fn tuned_state(&self, f: &SafeTensorsFile) -> Result<StateData> {
-        let i = self.info();
-        if i.version == Version::V4 {
-            return Err(Error::InvalidArgument("RWKV-4 has no state tuning (no att_kv matrix state)".into()));
-        }
-        let (l, h, n, c) = (i.n_layer, i.n_head, i.head_size, i.n_embd);
-        let mut kv = Vec::with_capacity(l * h * n * n);
-        for layer in 0..l {
-            let t = f.expect(&format!("blocks.{layer}.att.time_state"), &[h, n, n])?;
-            let v = t.to_f32();
-            if i.version == Version::V7 {
-                kv.extend_from_slice(&v);
-            } else {
-                for head in 0..h {
-                    let m = &v[head * n * n..(head + 1) * n * n];
-                    kv.extend((0..n * n).map(|e| m[(e % n) * n + e / n]));
-                }
-            }
-        }
-        Ok(StateData {
-            fields: vec![
-                ("att_x".into(), vec![l, c], vec![0.0; l * c]),
-                ("ffn_x".into(), vec![l, c], vec![0.0; l * c]),
-                ("att_kv".into(), vec![l, h, n, n], kv),
-            ],
-        })
+    /// The GPU context the weights live on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Where each field of a sequence's state lives.
+    pub fn state_layout(&self) -> &StateLayout {
+        &self.layout
     }
 
     /// A fresh (zero) state for `batch` sequences.
     pub fn new_state(&self, batch: usize) -> Result<State> {
-        self.rt.new_state(batch)
+        State::new(&self.ctx, self.layout.clone(), batch)
     }
 
-    pub fn chunk_tokens(&self) -> usize {
-        self.chunk_tokens
+    /// Largest chunk whose per-step buffers each fit one storage binding.
+    pub fn max_chunk_tokens(&self) -> usize {
+        let max = self.ctx.max_binding_bytes() as usize;
+        let c = self.info.n_embd;
+        let widest = [crate::gpu::kernels::plane::COUNT as usize * c, self.info.ffn, step::LORA_PLANES * self.d_lora_max.max(1)];
+        (max / (widest.into_iter().max().unwrap() * 4)).clamp(1, 4096)
     }
 
-    /// Caps the tokens of one GPU step. The per-step buffers are sized by
-    /// this cap; it is clamped so that every per-step buffer fits one binding.
-    pub fn set_chunk_tokens(&mut self, n: usize) -> Result<()> {
-        if n == 0 {
-            return Err(Error::InvalidArgument("the chunk size must be at least 1 token".into()));
-        }
-        let max = self.rt.max_chunk_tokens();
-        self.chunk_tokens = n.min(max);
-        Ok(())
+    /// Columns of the `lora` planes: the widest LoRA, padded as stored.
+    pub(crate) fn d_lora_max(&self) -> usize {
+        self.d_lora_max
     }
 
-    /// Reads `tokens[b]` into sequence `b` of `state` (one slice per sequence
-    /// of the batch; slices may differ in length or be empty) and returns the
-    /// logits `mode` asks for, one `Vec` per sequence.
-    pub fn forward(&mut self, state: &mut State, tokens: &[&[u32]], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
-        let (vocab, n_layer) = (self.info().vocab, self.info().n_layer);
-        if tokens.len() != state.batch() {
-            return Err(Error::InvalidArgument(format!(
-                "{} token sequences for a state of batch {}",
-                tokens.len(),
-                state.batch()
-            )));
-        }
-        let expected = self.rt.layout.stride;
-        if state.layout().n_layer != n_layer || state.layout().stride != expected {
-            return Err(Error::InvalidArgument("the state was made for a different model".into()));
-        }
-        for (s, seq) in tokens.iter().enumerate() {
-            if let Some((p, &t)) = seq.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-                return Err(Error::BadToken { sequence: s, position: p, token: t, vocab });
-            }
-        }
-        let batch = tokens.len();
-        let cap = self.chunk_tokens.max(batch);
-        let mut pos = vec![0usize; batch];
-        let mut out: Vec<Vec<f32>> = tokens
-            .iter()
-            .map(|t| match mode {
-                LogitsMode::All => Vec::with_capacity(t.len() * vocab),
-                LogitsMode::Last => Vec::new(),
-            })
-            .collect();
-        loop {
-            let active: Vec<usize> = (0..batch).filter(|&b| pos[b] < tokens[b].len()).collect();
-            if active.is_empty() {
-                break;
-            }
-            // A fair share of the step for every unfinished sequence, then
-            // whatever is left to the first ones that can use it.
-            let mut take = vec![0usize; batch];
-            let mut budget = cap;
-            let share = (cap / active.len()).max(1);
-            for &b in &active {
-                take[b] = share.min(tokens[b].len() - pos[b]).min(budget);
-                budget -= take[b];
-            }
-            for &b in &active {
-                let extra = (tokens[b].len() - pos[b] - take[b]).min(budget);
-                take[b] += extra;
-                budget -= extra;
-            }
-            let mut chunk = Chunk::default();
-            let mut owners = Vec::new();
-            for b in 0..batch {
-                chunk.seq_start.push(chunk.tokens.len() as u32);
-                let seq = &tokens[b][pos[b]..pos[b] + take[b]];
-                for _ in seq {
-                    chunk.tok_seq.push(b as u32);
-                }
-                let first_row = chunk.tokens.len() as u32;
-                chunk.tokens.extend_from_slice(seq);
-                match mode {
-                    LogitsMode::All => {
-                        for r in 0..seq.len() as u32 {
-                            chunk.head_rows.push(first_row + r);
-                            owners.push(b);
-                        }
-                    }
-                    LogitsMode::Last => {
-                        if !seq.is_empty() && pos[b] + take[b] == tokens[b].len() {
-                            chunk.head_rows.push(first_row + seq.len() as u32 - 1);
-                            owners.push(b);
-                        }
-                    }
-                }
-                pos[b] += take[b];
-            }
-            chunk.seq_start.push(chunk.tokens.len() as u32);
-            let logits = self.rt.step(state, &chunk, cap)?;
-            for (row, &b) in owners.iter().enumerate() {
-                out[b].extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
-            }
-        }
-        Ok(out)
+    /// Per-step buffers for steps of up to `capacity` tokens of `batch` sequences.
+    pub(crate) fn scratch(&self, ws: &crate::gpu::Workspace, capacity: usize, batch: usize) -> Result<Scratch> {
+        Scratch::new(&self.ctx, ws, &self.info, self.layout.stride, self.d_lora_max, capacity, batch)
     }
+
+    /// `emb[tokens]` [n, C], read from the file and widened exactly to f32.
+    pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let emb = self.file.get("emb.weight")?;
+        let c = self.info.n_embd;
+        let row_bytes = c * emb.dtype.size();
+        let mut raw = vec![0u8; tokens.len() * row_bytes];
+        for (&t, out) in tokens.iter().zip(raw.chunks_exact_mut(row_bytes)) {
+            self.file.read_into(&emb, t as usize * row_bytes, out)?;
+        }
+        let row = Tensor { bytes: &raw, ..emb };
+        Ok((0..tokens.len() * c).map(|i| row.at(i)).collect())
+    }
+
+    /// Records one step's layers: `x = LayerNorm(emb rows in s.xx, ln0)`,
+    /// then every layer of the model's generation.
+    pub(crate) fn record_layers<'a>(&'a self, rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
+        let (s, c) = (step.s, self.info.n_embd);
+        crate::ops::layer_norm(rec, &s.xx, &s.x, &self.globals, LN0_W * c, LN0_B * c, step.n(), c, LN_EPS)?;
+        match &self.layers {
+            Layers::V4(blocks) => v4::record(blocks, rec, step),
+            Layers::V5(blocks) => v5::record(blocks, rec, step),
+            Layers::V6(blocks) => v6::record(blocks, rec, step),
+            Layers::V7(blocks) => v7::record(blocks, rec, step),
+        }
+    }
+
+    /// logits[0..rows] = LayerNorm(x[head_rows[first..first+rows]], ln_out) @ head.T
+    pub(crate) fn record_head<'a>(&'a self, rec: &mut Recorder<'a>, s: &'a Scratch, first: usize, rows: usize) -> Result<()> {
+        let c = self.info.n_embd;
+        crate::ops::gather_rows(rec, &s.head_rows, first, &s.x, &s.head_x, rows, c)?;
+        let (w, b) = (LNOUT_W * c, LNOUT_B * c);
+        crate::ops::layer_norm(rec, &s.head_x, &s.head_xn, &self.globals, w, b, rows, c, LN_EPS)?;
+        self.head.linear(rec, &s.head_xn, 0, &s.logits, 0, rows, crate::gpu::Act::None, false)
+    }
+}
+
+/// The pipelines a model of `version` uses on this adapter, asked of the
+/// kernel plan as recording asks it.
+fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> Vec<Pipeline> {
+    let plan = ctx.plan();
+    let mut v = vec![plan.layer_norm(), plan.token_shift(), Pipeline::GatherRows];
+    let tex = plan.wkv_textures(head_size);
+    match version {
+        // Both WKV entries: decode (one token per sequence) and main.
+        Version::V7 => v.extend([plan.v7_prep(), plan.wkv7(tex, 1), plan.wkv7(tex, 2), plan.group_norm()]),
+        Version::V4 => v.extend([Pipeline::Wkv4, Pipeline::MulAdd]),
+        _ => v.extend([plan.wkv5(tex), plan.group_norm(), Pipeline::MulAdd]),
+    }
+    v.extend(plan.linear_pipelines(d.dtype));
+    // v6 and v7 have LoRAs (down-projections of rank <= 64 from C wide inputs).
+    if matches!(version, Version::V6 | Version::V7) {
+        v.extend(plan.small_tile(d.dtype, d.c));
+    }
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|p| seen.insert(*p));
+    v
+}
+
+/// Compiles the pipelines a model uses before any weight is uploaded:
+/// shader compilation (LLVM, on CPU adapters) needs tens of MiB of scratch
+/// memory, which then overlaps a small process instead of the loaded model,
+/// and is handed back to the OS afterwards. Anything missed compiles on
+/// first use.
+fn compile_pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> Result<()> {
+    for p in pipelines(ctx, version, d, head_size) {
+        ctx.pipeline(p)?;
+    }
+    crate::gpu::trim_heap();
+    Ok(())
 }

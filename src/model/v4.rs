@@ -13,15 +13,17 @@
 //!  6. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
 //!  7. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
 //!
-//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+//! Embedding, ln0, the head and the step around these layers are in
+//! `model/mod.rs` and `engine.rs`.
 
 use crate::error::Result;
-use crate::gpu::kernels::{plane, Act, Wkv4Params, WG};
-use crate::gpu::{GpuBuffer, Kernel, Recorder};
+use crate::gpu::kernels::{plane, Act, Wkv4Params};
+use crate::gpu::{GpuBuffer, Recorder};
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, ChannelMix, Dims, Layers, Runtime, Scratch};
-use crate::model::{Chunk, ModelInfo, Version};
-use crate::state::{State, StateLayout};
+use crate::model::load::{BlockLoader, Dims, Loaded};
+use crate::model::step::{ChannelMix, Step};
+use crate::ops::record_wkv4;
+use crate::state::StateLayout;
 
 // Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`. The token-shift
 // mixes come in the order of the mixed planes (r, k, v), stored as
@@ -33,14 +35,14 @@ const LN1_W: usize = 5;
 const LN1_B: usize = 6;
 const LN2_W: usize = 7;
 const LN2_B: usize = 8;
-const _: () = assert!(LN2_B == LN2_W + 1, "Runtime::channel_mix reads ln2's bias from the slot after its weight");
+const _: () = assert!(LN2_B == LN2_W + 1, "Step::channel_mix reads ln2's bias from the slot after its weight");
 const FFN_MIX_K: usize = 9; // k, r at 9, 10
 const VEC_COUNT: usize = 11;
 
 /// The zero state's pp (the exponent of empty sums), as in the official code.
 const PP_INIT: f32 = -1e30;
 
-pub(crate) struct Block {
+pub struct Block {
     vecs: GpuBuffer, // [VEC_COUNT, C] f32
     receptance: Matrix,
     key: Matrix,
@@ -64,12 +66,11 @@ fn state_layout(n_layer: usize, c: usize) -> StateLayout {
 }
 
 /// The blocks of an RWKV-4 checkpoint, one line per official tensor name.
-pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo, StateLayout)> {
+pub fn load(ld: &mut BlockLoader, d: &Dims) -> Result<Loaded<Block>> {
     let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
     let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(0);
     let mix = [1, 1, c];
     let mut blocks = Vec::with_capacity(n_layer);
-    let mut gpu_bytes = 0;
     for l in 0..n_layer {
         let p = format!("blocks.{l}.");
         let mut v = vec![0f32; VEC_COUNT * c];
@@ -91,55 +92,30 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
         put(LN2_W, ld.vector(&format!("{p}ln2.weight"), &[c])?);
         put(LN2_B, ld.vector(&format!("{p}ln2.bias"), &[c])?);
         let b = Block {
-            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            vecs: ld.vectors("layer vectors", &v)?,
             receptance: ld.mat(&format!("{p}att.receptance.weight"), c, c)?,
             key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
             value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
             output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
             ffn: ChannelMix::load(ld, &p, ffn)?,
         };
-        gpu_bytes += b.vecs.size()
-            + [&b.receptance, &b.key, &b.value, &b.output].iter().map(|m| m.bytes()).sum::<u64>()
-            + b.ffn.gpu_bytes();
         blocks.push(b);
     }
-    let info = ModelInfo {
-        version: Version::V4,
-        n_layer,
-        n_embd: c,
-        n_head: 0,
-        head_size: 0,
-        vocab: d.vocab,
-        ffn,
-        lora: Vec::new(),
-        dtype: d.dtype,
-        parameters: 0,
-        weight_bytes: 0,
-        gpu_weight_bytes: gpu_bytes,
-        state_bytes_per_sequence: 0,
-    };
-    Ok((Layers::V4(blocks), info, state_layout(n_layer, c)))
+    Ok(Loaded { blocks, ffn, lora: Vec::new(), layout: state_layout(n_layer, c) })
 }
 
 /// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
-pub(crate) fn record<'a>(
-    rt: &'a Runtime,
-    blocks: &'a [Block],
-    rec: &mut Recorder<'a>,
-    s: &'a Scratch,
-    state: &'a State,
-    chunk: &Chunk,
-) -> Result<()> {
-    let n = chunk.tokens.len();
-    let c = rt.info.n_embd;
+pub fn record<'a>(blocks: &'a [Block], rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
+    let (s, n) = (step.s, step.n());
+    let c = step.info.n_embd;
     let at = |p: u32| p as usize * s.plane_len(c); // plane p of mixed or att
     let (att_x, aa) = (0, 2 * c); // offsets within a layer's state (ffn_x is at c)
     for (l, b) in blocks.iter().enumerate() {
-        let st = &state.layers[l];
+        let st = &step.state[l];
         // 1-2. xx = ln1(x); the mixes into mixed planes 0.. (r, k, v), and
         // xx's last row of each sequence into the state, for the next call.
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 3, MIX_R, att_x, true, false)?;
+        step.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        step.token_shift(rec, st, &b.vecs, 3, MIX_R, att_x, true, false)?;
 
         // 3. r, k, v projections into the planes of att.
         b.receptance.linear(rec, &s.mixed, at(0), &s.att, at(plane::R), n, Act::Sigmoid, false)?;
@@ -148,23 +124,22 @@ pub(crate) fn record<'a>(
 
         // 4. the WKV, one invocation per (channel, sequence).
         let p = Wkv4Params {
-            n_seq: state.batch() as u32,
+            n_seq: step.batch as u32,
             dim: c as u32,
             plane: s.plane_len(c) as u32,
-            state_stride: rt.layout.stride as u32,
+            state_stride: step.stride as u32,
             state_offset: aa as u32,
             u_offset: (FIRST * c) as u32,
             w_offset: (DECAY * c) as u32,
             _pad: 0,
         };
-        let groups = [(c as u32).div_ceil(WG), state.batch() as u32, 1];
-        rec.dispatch(Kernel::Wkv4, 0, &p, &[&s.att, &s.seq_start, st, &s.y, &b.vecs], groups)?;
+        record_wkv4(rec, &p, &s.att, &s.seq_start, st, &s.y, &b.vecs)?;
 
         // 5. x += y Wo.
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 6-7. channel mix.
-        rt.channel_mix(rec, s, st, &b.vecs, n, LN2_W, FFN_MIX_K, &b.ffn)?;
+        step.channel_mix(rec, st, &b.vecs, LN2_W, FFN_MIX_K, &b.ffn)?;
     }
     Ok(())
 }

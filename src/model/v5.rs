@@ -13,18 +13,19 @@
 //!  7. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
 //!  8. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
 //!
-//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+//! Embedding, ln0, the head and the step around these layers are in
+//! `model/mod.rs` and `engine.rs`.
 
-use crate::error::{Error, Result};
-use crate::gpu::kernels::{plane, record_wkv5, Act, Wkv5Params};
+use crate::error::Result;
+use crate::gpu::kernels::{plane, Act, Wkv5Params};
 use crate::gpu::{GpuBuffer, Recorder};
+use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, ChannelMix, Dims, Layers, Runtime, Scratch};
-use crate::model::{Chunk, ModelInfo, Version};
-use crate::state::{State, StateLayout};
-
-/// Head size of every RWKV-5 and RWKV-6 checkpoint.
-pub const HEAD_SIZE: usize = 64;
+use crate::model::load::{check_heads, BlockLoader, Dims, Loaded};
+use crate::model::step::{ChannelMix, Step};
+use crate::model::Version;
+use crate::ops::record_wkv5;
+use crate::state::StateLayout;
 
 // Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`. The token-shift
 // mixes come in the order of the mixed planes (r, k, v, g), stored as
@@ -38,11 +39,11 @@ const LN1_W: usize = 8;
 const LN1_B: usize = 9;
 const LN2_W: usize = 10;
 const LN2_B: usize = 11;
-const _: () = assert!(LN2_B == LN2_W + 1, "Runtime::channel_mix reads ln2's bias from the slot after its weight");
+const _: () = assert!(LN2_B == LN2_W + 1, "Step::channel_mix reads ln2's bias from the slot after its weight");
 const FFN_MIX_K: usize = 12; // k, r at 12, 13
 const VEC_COUNT: usize = 14;
 
-pub(crate) struct Block {
+pub struct Block {
     vecs: GpuBuffer, // [VEC_COUNT, C] f32
     receptance: Matrix,
     key: Matrix,
@@ -56,49 +57,58 @@ pub(crate) struct Block {
 /// officially indexed [head, key j, value i] (v5 and v6), kept on the GPU as
 /// [head, value i, key j] so that each WKV invocation owns one contiguous row
 /// (as in v7); `State::read`/`write` give and take the official layout.
-pub(crate) fn state_layout(n_layer: usize, c: usize, n_head: usize) -> StateLayout {
+pub fn state_layout(n_layer: usize, c: usize, n_head: usize, head_size: usize) -> StateLayout {
     StateLayout::new(
         n_layer,
-        &[("att_x", vec![c], 0.0), ("ffn_x", vec![c], 0.0), ("att_kv", vec![n_head, HEAD_SIZE, HEAD_SIZE], 0.0)],
+        &[("att_x", vec![c], 0.0), ("ffn_x", vec![c], 0.0), ("att_kv", vec![n_head, head_size, head_size], 0.0)],
     )
     .transposed("att_kv")
 }
 
-/// The heads of a v5/v6 checkpoint: C / 64, checked against `time_faaaa` or
-/// `time_decay` (whose per-head shapes are [H], or [1] for one head).
-pub(crate) fn heads(f: &crate::loader::SafeTensorsFile, c: usize, per_head: &str) -> Result<usize> {
-    let shape = f.shape(per_head).ok_or_else(|| Error::MissingTensor { name: per_head.into() })?;
-    let h = shape.first().copied().unwrap_or(0);
-    if !c.is_multiple_of(HEAD_SIZE) || h * HEAD_SIZE != c {
-        return Err(Error::ShapeMismatch {
-            name: per_head.into(),
-            expected: vec![c / HEAD_SIZE],
-            found: shape.to_vec(),
-        });
+/// Heads and head size from the tensors: 5.2's `att.time_faaaa [H, N]`;
+/// 5.0 and 5.1 have per-head `att.time_decay [H]`, so N = C / H.
+pub fn heads(f: &SafeTensorsFile, c: usize, version: Version) -> Result<(usize, usize)> {
+    if version == Version::V5_2 {
+        return faaaa_heads(f, c);
     }
-    Ok(h)
+    let name = "blocks.0.att.time_decay";
+    let shape = f.get(name)?.shape;
+    let h = if shape.len() == 1 { shape[0] } else { 0 };
+    check_heads(name, shape, c, h, if h > 0 && c.is_multiple_of(h) { c / h } else { 0 })
+}
+
+/// Heads and head size from `att.time_faaaa [H, N]` (5.2 and 6).
+pub fn faaaa_heads(f: &SafeTensorsFile, c: usize) -> Result<(usize, usize)> {
+    let name = "blocks.0.att.time_faaaa";
+    let shape = f.get(name)?.shape;
+    let (h, n) = if shape.len() == 2 { (shape[0], shape[1]) } else { (0, 0) };
+    check_heads(name, shape, c, h, n)
 }
 
 /// A per-head or per-channel vector (`[H]` or `[H, N]`) as one value per channel.
-fn per_channel(ld: &mut BlockLoader, name: &str, n_head: usize, per_head: bool) -> Result<Vec<f32>> {
+fn per_channel(ld: &mut BlockLoader, name: &str, n_head: usize, head_size: usize, per_head: bool) -> Result<Vec<f32>> {
     if per_head {
         let v = ld.vector(name, &[n_head])?;
-        Ok(v.iter().flat_map(|&x| std::iter::repeat_n(x, HEAD_SIZE)).collect())
+        Ok(v.iter().flat_map(|&x| std::iter::repeat_n(x, head_size)).collect())
     } else {
-        ld.vector(name, &[n_head, HEAD_SIZE])
+        ld.vector(name, &[n_head, head_size])
     }
 }
 
 /// The blocks of an RWKV-5 checkpoint, one line per official tensor name.
-pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(Layers, ModelInfo, StateLayout)> {
+pub fn load(
+    ld: &mut BlockLoader,
+    d: &Dims,
+    version: Version,
+    n_head: usize,
+    head_size: usize,
+) -> Result<Loaded<Block>> {
     let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
-    let n_head = heads(f, c, "blocks.0.att.time_decay")?;
     let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(0);
     let per_head = version != Version::V5_2;
     let gated = version != Version::V5_0;
     let mix = [1, 1, c];
     let mut blocks = Vec::with_capacity(n_layer);
-    let mut gpu_bytes = 0;
     for l in 0..n_layer {
         let p = format!("blocks.{l}.");
         let mut v = vec![0f32; VEC_COUNT * c];
@@ -114,15 +124,15 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(
         one_minus(ld, FFN_MIX_K, &format!("{p}ffn.time_mix_k"))?;
         one_minus(ld, FFN_MIX_K + 1, &format!("{p}ffn.time_mix_r"))?;
         // w = exp(-exp(time_decay)), in f64 and rounded once.
-        let decay = per_channel(ld, &format!("{p}att.time_decay"), n_head, per_head)?;
+        let decay = per_channel(ld, &format!("{p}att.time_decay"), n_head, head_size, per_head)?;
         let w: Vec<f32> = decay.iter().map(|&t| (-(t as f64).exp()).exp() as f32).collect();
         v[DECAY * c..(DECAY + 1) * c].copy_from_slice(&w);
         let u = if per_head {
             // time_first stores log(u).
-            let first = per_channel(ld, &format!("{p}att.time_first"), n_head, true)?;
+            let first = per_channel(ld, &format!("{p}att.time_first"), n_head, head_size, true)?;
             first.iter().map(|&t| (t as f64).exp() as f32).collect()
         } else {
-            ld.vector(&format!("{p}att.time_faaaa"), &[n_head, HEAD_SIZE])?
+            ld.vector(&format!("{p}att.time_faaaa"), &[n_head, head_size])?
         };
         v[BONUS * c..(BONUS + 1) * c].copy_from_slice(&u);
         ld.vec_into(&mut v, LNX_W, &format!("{p}att.ln_x.weight"), &[c])?;
@@ -132,7 +142,7 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(
         ld.vec_into(&mut v, LN2_W, &format!("{p}ln2.weight"), &[c])?;
         ld.vec_into(&mut v, LN2_B, &format!("{p}ln2.bias"), &[c])?;
         let b = Block {
-            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            vecs: ld.vectors("layer vectors", &v)?,
             receptance: ld.mat(&format!("{p}att.receptance.weight"), c, c)?,
             key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
             value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
@@ -140,54 +150,31 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims, version: Version) -> Result<(
             output: ld.mat(&format!("{p}att.output.weight"), c, c)?,
             ffn: ChannelMix::load(ld, &p, ffn)?,
         };
-        gpu_bytes += b.vecs.size()
-            + [&b.receptance, &b.key, &b.value, &b.output].iter().map(|m| m.bytes()).sum::<u64>()
-            + b.gate.as_ref().map_or(0, Matrix::bytes)
-            + b.ffn.gpu_bytes();
         blocks.push(b);
     }
-    let info = ModelInfo {
-        version,
-        n_layer,
-        n_embd: c,
-        n_head,
-        head_size: HEAD_SIZE,
-        vocab: d.vocab,
-        ffn,
-        lora: Vec::new(),
-        dtype: d.dtype,
-        parameters: 0,
-        weight_bytes: 0,
-        gpu_weight_bytes: gpu_bytes,
-        state_bytes_per_sequence: 0,
-    };
-    Ok((Layers::V5(blocks), info, state_layout(n_layer, c, n_head)))
+    Ok(Loaded { blocks, ffn, lora: Vec::new(), layout: state_layout(n_layer, c, n_head, head_size) })
 }
 
 /// The v5/v6 WKV over the chunk: y from planes R, K, V (and W for a dynamic
 /// decay) and the layer's state (`gpu::kernels::record_wkv5`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn wkv<'a>(
-    rt: &'a Runtime,
+pub fn wkv<'a>(
+    step: &Step<'a>,
     rec: &mut Recorder<'a>,
-    s: &'a Scratch,
     st: &'a GpuBuffer,
     vecs: &'a GpuBuffer,
-    chunk: &Chunk,
-    n_seq: usize,
     bonus_slot: usize,
     decay_slot: usize,
     dynamic: bool,
 ) -> Result<()> {
-    let (c, nh) = (rt.info.n_embd, rt.info.n_head);
-    let longest = chunk.seq_start.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let (s, c, nh) = (step.s, step.info.n_embd, step.info.n_head);
+    let longest = step.chunk.longest();
     let p = Wkv5Params {
-        n_seq: n_seq as u32,
+        n_seq: step.batch as u32,
         n_head: nh as u32,
-        head_size: HEAD_SIZE as u32,
+        head_size: step.info.head_size as u32,
         dim: c as u32,
         plane: s.plane_len(c) as u32,
-        state_stride: rt.layout.stride as u32,
+        state_stride: step.stride as u32,
         state_offset: (2 * c) as u32, // att_kv, after att_x and ffn_x
         t_first: 0,
         t_count: 0,
@@ -195,30 +182,23 @@ pub(crate) fn wkv<'a>(
         w_offset: (decay_slot * c) as u32,
         w_dynamic: dynamic as u32,
     };
-    let n = chunk.tokens.len() as u32;
+    let n = step.n() as u32;
     record_wkv5(rec, p, n, longest, &s.att, &s.seq_start, st, &s.y, vecs, s.wkv_tex.as_ref())
 }
 
 /// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
-pub(crate) fn record<'a>(
-    rt: &'a Runtime,
-    blocks: &'a [Block],
-    rec: &mut Recorder<'a>,
-    s: &'a Scratch,
-    state: &'a State,
-    chunk: &Chunk,
-) -> Result<()> {
-    let n = chunk.tokens.len();
-    let c = rt.info.n_embd;
+pub fn record<'a>(blocks: &'a [Block], rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
+    let (s, n) = (step.s, step.n());
+    let c = step.info.n_embd;
     let at = |p: u32| p as usize * s.plane_len(c); // plane p of mixed or att
     let att_x = 0; // offset within a layer's state (ffn_x is at c)
     for (l, b) in blocks.iter().enumerate() {
-        let st = &state.layers[l];
+        let st = &step.state[l];
         // 1-2. xx = ln1(x); the mixes into mixed planes 0.. (r, k, v, g), and
         // xx's last row of each sequence into the state, for the next call.
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        step.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
         let n_mix = if b.gate.is_some() { 4 } else { 3 };
-        rt.token_shift(rec, s, st, &b.vecs, n, n_mix, MIX_R, att_x, true, false)?;
+        step.token_shift(rec, st, &b.vecs, n_mix, MIX_R, att_x, true, false)?;
 
         // 3. r, k, v, g projections into the planes of att.
         b.receptance.linear(rec, &s.mixed, at(0), &s.att, at(plane::R), n, Act::None, false)?;
@@ -229,14 +209,14 @@ pub(crate) fn record<'a>(
         }
 
         // 4. the WKV recurrence with the fixed decay.
-        wkv(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, false)?;
+        wkv(step, rec, st, &b.vecs, BONUS, DECAY, false)?;
 
         // 5-6. group norm (and gate); x += y Wo.
-        rt.group_norm(rec, s, &b.vecs, n, LNX_W, None, b.gate.is_some())?;
+        step.group_norm(rec, &b.vecs, LNX_W, None, b.gate.is_some())?;
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 7-8. channel mix.
-        rt.channel_mix(rec, s, st, &b.vecs, n, LN2_W, FFN_MIX_K, &b.ffn)?;
+        step.channel_mix(rec, st, &b.vecs, LN2_W, FFN_MIX_K, &b.ffn)?;
     }
     Ok(())
 }

@@ -15,17 +15,18 @@
 //!  9. xx = LayerNorm(x, ln2); xk, xr = xx + sx * time_maa_{k,r}
 //! 10. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
 //!
-//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+//! Embedding, ln0, the head and the step around these layers are in
+//! `model/mod.rs` and `engine.rs`.
 
 use crate::error::Result;
 use crate::gpu::kernels::{plane, Act};
 use crate::gpu::{GpuBuffer, Recorder};
-use crate::loader::Tensor;
+use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, ChannelMix, Dims, Layers, Runtime, Scratch};
-use crate::model::v5::{heads, state_layout, wkv, HEAD_SIZE};
-use crate::model::{Chunk, ModelInfo, Version};
-use crate::state::{State, StateLayout};
+use crate::model::load::{BlockLoader, Dims, Loaded};
+use crate::model::step::{ChannelMix, Step};
+use crate::model::v5::{faaaa_heads, state_layout, wkv};
+use crate::tensor::Tensor;
 
 // Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`.
 const MAA_X: usize = 0;
@@ -37,7 +38,7 @@ const LN1_W: usize = 10;
 const LN1_B: usize = 11;
 const LN2_W: usize = 12;
 const LN2_B: usize = 13;
-const _: () = assert!(LN2_B == LN2_W + 1, "Runtime::channel_mix reads ln2's bias from the slot after its weight");
+const _: () = assert!(LN2_B == LN2_W + 1, "Step::channel_mix reads ln2's bias from the slot after its weight");
 const FFN_MAA_K: usize = 14; // k, r at 14, 15
 const VEC_COUNT: usize = 16;
 
@@ -49,7 +50,7 @@ const MIX_V: usize = 2;
 const MIX_R: usize = 3;
 const MIX_G: usize = 4;
 
-pub(crate) struct Block {
+pub struct Block {
     vecs: GpuBuffer,   // [VEC_COUNT, C] f32
     maa1: Vec<Matrix>, // 5 x stored [D, C]
     maa2: Vec<Matrix>, // 5 x stored [C, D]
@@ -63,19 +64,14 @@ pub(crate) struct Block {
     ffn: ChannelMix,
 }
 
-impl Block {
-    fn gpu_bytes(&self) -> u64 {
-        let mut m = vec![&self.decay1, &self.decay2, &self.receptance, &self.key, &self.value, &self.gate];
-        m.push(&self.output);
-        m.extend(self.maa1.iter().chain(&self.maa2));
-        self.vecs.size() + m.iter().map(|m| m.bytes()).sum::<u64>() + self.ffn.gpu_bytes()
-    }
+/// Heads and head size from `att.time_faaaa [H, N]`.
+pub fn heads(f: &SafeTensorsFile, c: usize) -> Result<(usize, usize)> {
+    faaaa_heads(f, c)
 }
 
 /// The blocks of an RWKV-6 checkpoint, one line per official tensor name.
-pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo, StateLayout)> {
+pub fn load(ld: &mut BlockLoader, d: &Dims, n_head: usize, head_size: usize) -> Result<Loaded<Block>> {
     let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
-    let n_head = heads(f, c, "blocks.0.att.time_faaaa")?;
     let dim0 = |name: &str, axis: usize| f.shape(name).and_then(|s| s.get(axis).copied()).unwrap_or(0);
     let ffn = dim0("blocks.0.ffn.key.weight", 0);
     let d_mix = dim0("blocks.0.att.time_maa_w2", 1);
@@ -89,7 +85,7 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
             ld.vec_into(&mut v, MAA_X + i, &format!("{p}att.time_maa_{n}"), &mix)?;
         }
         ld.vec_into(&mut v, DECAY, &format!("{p}att.time_decay"), &mix)?;
-        ld.vec_into(&mut v, BONUS, &format!("{p}att.time_faaaa"), &[n_head, HEAD_SIZE])?;
+        ld.vec_into(&mut v, BONUS, &format!("{p}att.time_faaaa"), &[n_head, head_size])?;
         ld.vec_into(&mut v, LNX_W, &format!("{p}att.ln_x.weight"), &[c])?;
         ld.vec_into(&mut v, LNX_W + 1, &format!("{p}att.ln_x.bias"), &[c])?;
         ld.vec_into(&mut v, LN1_W, &format!("{p}ln1.weight"), &[c])?;
@@ -126,7 +122,7 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
         ld.done(&w2)?;
 
         blocks.push(Block {
-            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            vecs: ld.vectors("layer vectors", &v)?,
             maa1,
             maa2,
             decay1: ld.lora(&format!("{p}att.time_decay_w1"), d_decay, c)?,
@@ -139,43 +135,26 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
             ffn: ChannelMix::load(ld, &p, ffn)?,
         });
     }
-    let info = ModelInfo {
-        version: Version::V6,
-        n_layer,
-        n_embd: c,
-        n_head,
-        head_size: HEAD_SIZE,
-        vocab: d.vocab,
+    Ok(Loaded {
+        blocks,
         ffn,
         lora: vec![("mix", d_mix), ("decay", d_decay)],
-        dtype: d.dtype,
-        parameters: 0,
-        weight_bytes: 0,
-        gpu_weight_bytes: blocks.iter().map(Block::gpu_bytes).sum(),
-        state_bytes_per_sequence: 0,
-    };
-    Ok((Layers::V6(blocks), info, state_layout(n_layer, c, n_head)))
+        layout: state_layout(n_layer, c, n_head, head_size),
+    })
 }
 
 /// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
-pub(crate) fn record<'a>(
-    rt: &'a Runtime,
-    blocks: &'a [Block],
-    rec: &mut Recorder<'a>,
-    s: &'a Scratch,
-    state: &'a State,
-    chunk: &Chunk,
-) -> Result<()> {
-    let n = chunk.tokens.len();
-    let c = rt.info.n_embd;
+pub fn record<'a>(blocks: &'a [Block], rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
+    let (s, n) = (step.s, step.n());
+    let c = step.info.n_embd;
     let at = |p: usize| p * s.plane_len(c); // plane p of mixed or att
-    let lora_at = |p: usize| p * s.capacity * rt.d_lora_max; // plane p of lora
+    let lora_at = |p: usize| p * s.capacity * step.d_lora_max; // plane p of lora
     let att_x = 0; // offset within a layer's state (ffn_x is at c)
     for (l, b) in blocks.iter().enumerate() {
-        let st = &state.layers[l];
+        let st = &step.state[l];
         // 1-2. xx = ln1(x); xxx into mixed plane 0 (the state is handed over in 4).
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 1, MAA_X, att_x, false, false)?;
+        step.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        step.token_shift(rec, st, &b.vecs, 1, MAA_X, att_x, false, false)?;
 
         // 3. m_i = tanh(xxx W1_i) W2_i into att planes 0..5.
         for (i, (m1, m2)) in b.maa1.iter().zip(&b.maa2).enumerate() {
@@ -184,7 +163,7 @@ pub(crate) fn record<'a>(
         }
         // 4. the five mixes into mixed planes 0..5, and xx's last row of each
         // sequence into the state, for the next call.
-        rt.token_shift(rec, s, st, &b.vecs, n, 5, MAA_W, att_x, true, true)?;
+        step.token_shift(rec, st, &b.vecs, 5, MAA_W, att_x, true, true)?;
 
         // 5. r, k, v, g projections into the planes of att.
         let p = |x: u32| x as usize;
@@ -198,14 +177,14 @@ pub(crate) fn record<'a>(
         b.decay2.linear(rec, &s.lora, 0, &s.att, at(p(plane::W)), n, Act::None, false)?;
 
         // 7. the WKV recurrence with the per-token decay.
-        wkv(rt, rec, s, st, &b.vecs, chunk, state.batch(), BONUS, DECAY, true)?;
+        wkv(step, rec, st, &b.vecs, BONUS, DECAY, true)?;
 
         // 8. group norm and gate; x += y Wo.
-        rt.group_norm(rec, s, &b.vecs, n, LNX_W, None, true)?;
+        step.group_norm(rec, &b.vecs, LNX_W, None, true)?;
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 9-10. channel mix.
-        rt.channel_mix(rec, s, st, &b.vecs, n, LN2_W, FFN_MAA_K, &b.ffn)?;
+        step.channel_mix(rec, st, &b.vecs, LN2_W, FFN_MAA_K, &b.ffn)?;
     }
     Ok(())
 }

@@ -14,15 +14,18 @@
 //! 11. xx = LayerNorm(x, ln2); xk = xx + (shifted - xx) * ffn.x_k
 //! 12. x = x + relu(xk Wkey)^2 Wvalue
 //!
-//! Embedding, ln0, the head and the step around these layers are in `runtime.rs`.
+//! Embedding, ln0, the head and the step around these layers are in
+//! `model/mod.rs` and `engine.rs`.
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{plane, record_wkv7, Act, V7PrepParams, Wkv7Params, MAX_HEAD_SIZE};
-use crate::gpu::{GpuBuffer, Kernel, Recorder};
+use crate::gpu::kernels::{plane, Act, V7PrepParams, Wkv7Params};
+use crate::gpu::{GpuBuffer, Recorder};
+use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
-use crate::model::runtime::{BlockLoader, Dims, Layers, Runtime, Scratch};
-use crate::model::{Chunk, ModelInfo, Version};
-use crate::state::{State, StateLayout};
+use crate::model::load::{check_heads, BlockLoader, Dims, Loaded};
+use crate::model::step::Step;
+use crate::ops::{self, record_wkv7};
+use crate::state::StateLayout;
 
 // Slots of the per-layer vector buffer `vecs [VEC_COUNT, C]`. The six token
 // shift mixes come first, in the order of the activation planes R W K V A G.
@@ -47,7 +50,7 @@ const LORA_A: usize = 1;
 const LORA_V: usize = 2;
 const LORA_G: usize = 3;
 
-pub(crate) struct Block {
+pub struct Block {
     vecs: GpuBuffer, // [VEC_COUNT, C] f32
     receptance: Matrix,
     key: Matrix,
@@ -64,17 +67,6 @@ pub(crate) struct Block {
     ffn_value: Matrix, // [C, F]
 }
 
-impl Block {
-    fn gpu_bytes(&self) -> u64 {
-        let mut m = vec![&self.receptance, &self.key, &self.value, &self.output, &self.w1, &self.w2, &self.a1];
-        m.extend([&self.a2, &self.g1, &self.g2, &self.ffn_key, &self.ffn_value]);
-        if let Some((v1, v2)) = &self.v12 {
-            m.extend([v1, v2]);
-        }
-        self.vecs.size() + m.iter().map(|m| m.bytes()).sum::<u64>()
-    }
-}
-
 /// Per layer and sequence: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`
 /// indexed [head, value i, key j].
 fn state_layout(n_layer: usize, c: usize, n_head: usize, head_size: usize) -> StateLayout {
@@ -84,25 +76,17 @@ fn state_layout(n_layer: usize, c: usize, n_head: usize, head_size: usize) -> St
     )
 }
 
+/// Heads and head size from `att.r_k [H, N]`.
+pub fn heads(f: &SafeTensorsFile, c: usize) -> Result<(usize, usize)> {
+    let name = "blocks.0.att.r_k";
+    let shape = f.get(name)?.shape;
+    let (h, n) = if shape.len() == 2 { (shape[0], shape[1]) } else { (0, 0) };
+    check_heads(name, shape, c, h, n)
+}
+
 /// The blocks of an RWKV-7 checkpoint, one line per official tensor name.
-pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo, StateLayout)> {
+pub fn load(ld: &mut BlockLoader, d: &Dims, n_head: usize, head_size: usize) -> Result<Loaded<Block>> {
     let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
-    let rk = f.get("blocks.0.att.r_k")?;
-    if rk.shape.len() != 2 || rk.shape[0] * rk.shape[1] != c {
-        return Err(Error::ShapeMismatch {
-            name: "blocks.0.att.r_k".into(),
-            expected: vec![c / 64, 64],
-            found: rk.shape.to_vec(),
-        });
-    }
-    let (n_head, head_size) = (rk.shape[0], rk.shape[1]);
-    // The element-wise kernels read four channels at a time.
-    if head_size > MAX_HEAD_SIZE || !head_size.is_multiple_of(4) {
-        return Err(Error::UnsupportedShape(format!(
-            "head size {head_size} (from blocks.0.att.r_k {:?}); a multiple of 4 up to {MAX_HEAD_SIZE} is supported",
-            rk.shape
-        )));
-    }
     let width = |name: &str, axis: usize| -> Result<usize> {
         let t = f.get(name)?;
         t.shape.get(axis).copied().ok_or_else(|| Error::ShapeMismatch {
@@ -141,7 +125,7 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
         ld.vec_into(&mut v, LN2_B, &format!("{p}ln2.bias"), &[c])?;
         ld.vec_into(&mut v, FFN_X_K, &format!("{p}ffn.x_k"), &mix)?;
         blocks.push(Block {
-            vecs: ld.up.ctx.storage_f32("layer vectors", &v)?,
+            vecs: ld.vectors("layer vectors", &v)?,
             receptance: ld.mat(&format!("{p}att.receptance.weight"), c, c)?,
             key: ld.mat(&format!("{p}att.key.weight"), c, c)?,
             value: ld.mat(&format!("{p}att.value.weight"), c, c)?,
@@ -162,51 +146,33 @@ pub(crate) fn load(ld: &mut BlockLoader, d: &Dims) -> Result<(Layers, ModelInfo,
             ffn_value: ld.mat(&format!("{p}ffn.value.weight"), c, ffn)?,
         });
     }
-    let info = ModelInfo {
-        version: Version::V7,
-        n_layer,
-        n_embd: c,
-        n_head,
-        head_size,
-        vocab: d.vocab,
+    Ok(Loaded {
+        blocks,
         ffn,
         lora: vec![("decay", d_w), ("aaa", d_a), ("mv", d_v), ("gate", d_g)],
-        dtype: d.dtype,
-        parameters: 0,
-        weight_bytes: 0,
-        gpu_weight_bytes: blocks.iter().map(Block::gpu_bytes).sum(),
-        state_bytes_per_sequence: 0,
-    };
-    Ok((Layers::V7(blocks), info, state_layout(n_layer, c, n_head, head_size)))
+        layout: state_layout(n_layer, c, n_head, head_size),
+    })
 }
 
 /// Records every layer for the tokens of `chunk` (x in `s.x`, after ln0).
-pub(crate) fn record<'a>(
-    rt: &'a Runtime,
-    blocks: &'a [Block],
-    rec: &mut Recorder<'a>,
-    s: &'a Scratch,
-    state: &'a State,
-    chunk: &Chunk,
-) -> Result<()> {
-    let n = chunk.tokens.len();
-    let batch = state.batch();
-    let longest = chunk.seq_start.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    let c = rt.info.n_embd;
-    let (nh, hs) = (rt.info.n_head, rt.info.head_size);
+pub fn record<'a>(blocks: &'a [Block], rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
+    let (s, n, batch) = (step.s, step.n(), step.batch);
+    let longest = step.chunk.longest();
+    let c = step.info.n_embd;
+    let (nh, hs) = (step.info.n_head, step.info.head_size);
     let plane_len = s.plane_len(c); // elements per plane of mixed and att
-    let lora_plane = s.capacity * rt.d_lora_max;
-    let stride = rt.layout.stride;
+    let lora_plane = s.capacity * step.d_lora_max;
+    let stride = step.stride;
     let (att_x, ffn_x, att_kv) = (0, c, 2 * c); // offsets within a layer's state
     let at = |p: u32| p as usize * plane_len;
     let vi = |slot: usize| (slot * c) as u32;
 
     for (l, b) in blocks.iter().enumerate() {
-        let st = &state.layers[l];
+        let st = &step.state[l];
         // 1-2. xx = ln1(x); the six token-shift mixes into `mixed` (and xx's
         // last row of each sequence into the state, for the next call).
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 6, X_R, att_x, true, false)?;
+        step.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN1_W, LN1_B, n)?;
+        step.token_shift(rec, st, &b.vecs, 6, X_R, att_x, true, false)?;
 
         // 3. r, k, v projections.
         let mixed = |p: u32| at(p);
@@ -240,7 +206,7 @@ pub(crate) fn record<'a>(
             k_a: vi(K_A),
             _pad: [0; 2],
         };
-        rec.dispatch(Kernel::V7Prep, 0, &prep, &[&s.att, &b.vecs], prep.groups(rec.ctx()))?;
+        ops::v7_prep(rec, &prep, &s.att, &b.vecs)?;
 
         // 8. the WKV recurrence, one workgroup per (head, sequence),
         // in runs of WKV_TOKENS_PER_DISPATCH tokens.
@@ -259,15 +225,15 @@ pub(crate) fn record<'a>(
         record_wkv7(rec, wkv, n as u32, longest, &s.att, &s.seq_start, st, &s.y, s.wkv_tex.as_ref())?;
 
         // 9. group norm, bonus, gate.
-        rt.group_norm(rec, s, &b.vecs, n, LNX_W, Some(R_K), true)?;
+        step.group_norm(rec, &b.vecs, LNX_W, Some(R_K), true)?;
 
         // 10. x += y Wo.
         b.output.linear(rec, &s.y, 0, &s.x, 0, n, Act::None, true)?;
 
         // 11. channel mix: xx = ln2(x), one token-shift mix into mixed plane 0
         // (and the state hand-over, as in 1-2).
-        rt.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
-        rt.token_shift(rec, s, st, &b.vecs, n, 1, FFN_X_K, ffn_x, true, false)?;
+        step.layer_norm(rec, &s.x, &s.xx, &b.vecs, LN2_W, LN2_B, n)?;
+        step.token_shift(rec, st, &b.vecs, 1, FFN_X_K, ffn_x, true, false)?;
 
         // 12. x += relu(xk Wkey)^2 Wvalue.
         b.ffn_key.linear(rec, &s.mixed, 0, &s.ffn, 0, n, Act::ReluSq, false)?;

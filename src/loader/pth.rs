@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 
-use crate::loader::Dtype;
+use crate::tensor::Dtype;
 
 /// One tensor found in a `.pth`: its dtype (or the name of an unsupported
 /// one), shape and byte range within the file.

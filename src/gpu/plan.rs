@@ -1,0 +1,254 @@
+//! The kernel plan: which variant of each kernel runs on this adapter,
+//! decided once when the context is made. Recording asks the plan for the
+//! [`Pipeline`] of every dispatch, and precompiling asks the same functions
+//! for the pipelines a model will use, so what is compiled ahead of time is
+//! exactly what is recorded later.
+
+use std::fmt;
+
+use super::kernels::{
+    Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
+    LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, MAX_HEAD_SIZE,
+};
+use super::{WeightStore, X_WINDOW_BYTES};
+use crate::tensor::Dtype;
+
+/// The per-adapter choices (see `docs/performance.md`, *Shapes per adapter*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPlan {
+    /// Where matrix weights live: textures on CPU adapters, else buffers.
+    pub weights: WeightStore,
+    /// The subgroup size the subgroup kernels are built for, where the
+    /// adapter has subgroups of one fixed size.
+    pub subgroup_size: Option<u32>,
+    /// Whether kernels can read activation (rgba32float) textures as
+    /// read-only storage textures, as the texture WKV kernels do.
+    pub float_storage_textures: bool,
+}
+
+/// Which matrix kernel `linear` records (for printing and for callers that
+/// need to know, such as the x texture's size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixKernel {
+    /// `linear_tex.wgsl`: weights in textures, x through a uniform window or the x texture.
+    Texture,
+    /// `linear_sg.wgsl`: one subgroup per 16-row tile.
+    Subgroup,
+    /// `linear.wgsl`: 64 invocations, no subgroup operations.
+    Plain,
+}
+
+impl KernelPlan {
+    pub fn new(weights: WeightStore, subgroup_size: Option<u32>, float_storage_textures: bool) -> Self {
+        Self { weights, subgroup_size, float_storage_textures }
+    }
+
+    /// Invocations per workgroup of the row-reducing kernels (`GS`): the
+    /// subgroup size where it is fixed, else 64.
+    pub fn group_size(&self) -> u32 {
+        self.subgroup_size.unwrap_or(64)
+    }
+
+    /// Tokens per invocation of the element-wise kernels that read per-layer
+    /// vectors (`token_shift`, `group_norm`, `v7_prep`, `layer_norm`: their
+    /// `TPW`): 8 on CPU adapters (the texture store), where each
+    /// storage-buffer load is a per-lane loop and the vectors are then loaded
+    /// once per 8 tokens (a batch-8 decode step); 1 elsewhere, for parallelism.
+    pub fn elementwise_tokens(&self) -> u32 {
+        match self.weights {
+            WeightStore::Texture => 8,
+            WeightStore::Buffer => 1,
+        }
+    }
+
+    pub fn matrix_kernel(&self) -> MatrixKernel {
+        match (self.weights, self.subgroup_size) {
+            (WeightStore::Texture, Some(_)) => MatrixKernel::Texture,
+            (_, Some(_)) => MatrixKernel::Subgroup,
+            (_, None) => MatrixKernel::Plain,
+        }
+    }
+
+    pub fn layer_norm(&self) -> Pipeline {
+        Pipeline::LayerNorm { tpw: self.elementwise_tokens() }
+    }
+
+    pub fn token_shift(&self) -> Pipeline {
+        Pipeline::TokenShift { tpw: self.elementwise_tokens() }
+    }
+
+    pub fn group_norm(&self) -> Pipeline {
+        Pipeline::GroupNorm { tpw: self.elementwise_tokens() }
+    }
+
+    pub fn v7_prep(&self) -> Pipeline {
+        Pipeline::V7Prep { tpw: self.elementwise_tokens() }
+    }
+
+    /// Rows of one `linear_tex` prefill workgroup (a multiple of a decode
+    /// one): texture layers hold whole tiles.
+    pub fn texture_tile_rows(&self) -> usize {
+        LINEAR_TEX_PREFILL_LANE_ROWS as usize * self.subgroup_size.unwrap_or(1) as usize
+    }
+
+    /// A matrix's rows padded for the texture store: LoRA ranks are padded
+    /// with zero weights to whole 64-column rows there (the texture kernel's
+    /// shape; exact, since zero weights add nothing).
+    pub fn lora_rank(&self, d: usize) -> usize {
+        match self.weights {
+            WeightStore::Texture => d.next_multiple_of(64),
+            WeightStore::Buffer => d,
+        }
+    }
+
+    /// The buffer-store matrix kernel for `n_rows` tokens of a matrix with
+    /// `cols` columns of `weights`, x at element `x_offset`: the subgroup
+    /// kernel where subgroups have a fixed size and rows are whole vec4 words
+    /// (8 weights of 16 bits or 4 of f32), with 4 tokens per workgroup (1 for
+    /// a single token: decode); else `linear.wgsl`.
+    pub fn buffer_linear(&self, weights: Dtype, cols: usize, n_rows: usize, x_offset: usize) -> Pipeline {
+        let words = match weights {
+            Dtype::F32 => cols.is_multiple_of(4),
+            Dtype::F16 | Dtype::BF16 => cols.is_multiple_of(8),
+        };
+        if self.subgroup_size.is_some() && words && x_offset.is_multiple_of(4) {
+            let tokens = if n_rows == 1 { 1 } else { LINEAR_TN };
+            Pipeline::LinearSg { weights, tokens }
+        } else {
+            Pipeline::Linear(weights)
+        }
+    }
+
+    /// The texture-store matrix kernel for a window of `n_tokens` tokens of
+    /// a `rows`-row matrix: `decode` for one token, else the prefill tile,
+    /// whose 8-row variant serves matrices of at most 8 rows per lane (LoRA
+    /// ranks, which the 16-row tile would leave half idle).
+    pub fn texture_linear(&self, weights: Dtype, rows: usize, n_tokens: usize, x: XSource) -> Pipeline {
+        let tile = if n_tokens == 1 {
+            TexTile::Decode
+        } else if rows <= (LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * self.subgroup_size.unwrap_or(1)) as usize {
+            TexTile::PrefillSmall
+        } else {
+            TexTile::Prefill
+        };
+        Pipeline::LinearTex { weights, tile, x }
+    }
+
+    /// Rows per lane of a texture tile.
+    pub fn lane_rows(tile: TexTile) -> u32 {
+        match tile {
+            TexTile::Decode => LINEAR_TEX_DECODE_LANE_ROWS,
+            TexTile::Prefill => LINEAR_TEX_PREFILL_LANE_ROWS,
+            TexTile::PrefillSmall => LINEAR_TEX_PREFILL_LANE_ROWS_SMALL,
+        }
+    }
+
+    /// The matrix pipelines any model with `weights` uses here, for
+    /// compiling ahead of time (the 8-row tile of small matrices is in
+    /// [`KernelPlan::small_tile`]). Derived from the functions recording
+    /// uses, at the token counts that select each variant.
+    pub fn linear_pipelines(&self, weights: Dtype) -> Vec<Pipeline> {
+        match self.matrix_kernel() {
+            MatrixKernel::Plain => vec![self.buffer_linear(weights, 8, 1, 0)],
+            MatrixKernel::Subgroup => {
+                vec![self.buffer_linear(weights, 8, 1, 0), self.buffer_linear(weights, 8, 2, 0)]
+            }
+            MatrixKernel::Texture => {
+                // Matrices that cannot take a texture (columns not a multiple
+                // of 64) fall back to the subgroup buffer kernel.
+                let mut v = vec![self.buffer_linear(weights, 8, 1, 0), self.buffer_linear(weights, 8, 2, 0)];
+                let large = usize::MAX;
+                for x in [XSource::Texture, XSource::Window] {
+                    v.push(self.texture_linear(weights, large, 1, x));
+                    v.push(self.texture_linear(weights, large, LINEAR_TEX_TOKENS as usize, x));
+                }
+                v
+            }
+        }
+    }
+
+    /// Where a window of `n_tokens` x rows of `d_in` floats is read from when
+    /// it fits a uniform window (alignment aside): the window, else the x texture.
+    pub fn x_source(d_in: usize, n_tokens: usize) -> XSource {
+        if (d_in * 4 * n_tokens) as u64 <= X_WINDOW_BYTES {
+            XSource::Window
+        } else {
+            XSource::Texture
+        }
+    }
+
+    /// The pipeline a batch of several tokens through a matrix of at most 8
+    /// rows per lane (LoRA down-projections) uses for `d_in`-wide inputs, on
+    /// the texture store. Only a model knows whether it has such matrices,
+    /// and each compiled variant keeps MiBs of JIT memory on llvmpipe, so it
+    /// is not among [`KernelPlan::linear_pipelines`].
+    pub fn small_tile(&self, weights: Dtype, d_in: usize) -> Option<Pipeline> {
+        (self.matrix_kernel() == MatrixKernel::Texture).then(|| {
+            let tokens = LINEAR_TEX_TOKENS as usize;
+            self.texture_linear(weights, 1, tokens, Self::x_source(d_in, tokens))
+        })
+    }
+
+    /// Whether the texture WKV kernels (`wkv7_tex`, `wkv5_tex`) can run a
+    /// model of this head size here: textures for weights, subgroups of 8,
+    /// float storage textures, head size 64. Whether a step's shape fits the
+    /// texture limits is checked per step (`ops::WkvTextures::fit`).
+    pub fn wkv_textures(&self, head_size: usize) -> bool {
+        self.weights == WeightStore::Texture
+            && self.subgroup_size == Some(8)
+            && self.float_storage_textures
+            && head_size == 64
+    }
+
+    /// The RWKV-7 WKV pipeline: the texture kernel (its `decode` entry when
+    /// no sequence has more than one token) or the buffer kernel.
+    pub fn wkv7(&self, textures: bool, longest: u32) -> Pipeline {
+        match (textures, longest <= 1) {
+            (true, true) => Pipeline::Wkv7Tex(WkvEntry::Decode),
+            (true, false) => Pipeline::Wkv7Tex(WkvEntry::Main),
+            (false, _) => Pipeline::Wkv7,
+        }
+    }
+
+    /// The RWKV-5/6 WKV pipeline.
+    pub fn wkv5(&self, textures: bool) -> Pipeline {
+        if textures {
+            Pipeline::Wkv5Tex
+        } else {
+            Pipeline::Wkv5
+        }
+    }
+
+    /// Largest head size the WKV kernels hold in registers.
+    pub fn max_head_size(&self) -> usize {
+        MAX_HEAD_SIZE
+    }
+}
+
+impl fmt::Display for KernelPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sg = match self.subgroup_size {
+            Some(n) => format!("subgroups of {n}"),
+            None => "no subgroups (64-lane shared-memory reductions)".into(),
+        };
+        let matrix = match self.matrix_kernel() {
+            MatrixKernel::Texture => format!(
+                "linear_tex (weights in textures; {} rows/lane for 1 token, {}x{} tile for more, {}x{} for <= {} rows)",
+                LINEAR_TEX_DECODE_LANE_ROWS,
+                LINEAR_TEX_PREFILL_LANE_ROWS,
+                LINEAR_TEX_TOKENS,
+                LINEAR_TEX_PREFILL_LANE_ROWS_SMALL,
+                LINEAR_TEX_TOKENS,
+                LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * self.subgroup_size.unwrap_or(1)
+            ),
+            MatrixKernel::Subgroup => format!("linear_sg (weights in buffers; 16-row tiles, 1 or {LINEAR_TN} tokens)"),
+            MatrixKernel::Plain => "linear (weights in buffers; 64 lanes)".into(),
+        };
+        let wkv = if self.wkv_textures(64) { "wkv7_tex/wkv5_tex (head size 64), else buffers" } else { "buffers" };
+        write!(
+            f,
+            "{sg}; matrices: {matrix}; WKV: {wkv}; element-wise: {} token(s) per invocation",
+            self.elementwise_tokens()
+        )
+    }
+}

@@ -1,0 +1,199 @@
+//! Loading shared by every generation: the dimensions every checkpoint
+//! has, and the `BlockLoader` each generation's `load` reads its tensors
+//! with. It uploads by official name, counts parameters and GPU bytes once
+//! for all generations, and reports progress.
+
+use std::cell::Cell;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::MAX_HEAD_SIZE;
+use crate::gpu::GpuContext;
+use crate::loader::SafeTensorsFile;
+use crate::matrix::Matrix;
+use crate::model::Progress;
+use crate::state::StateLayout;
+use crate::tensor::{Dtype, Tensor};
+
+/// Upload bytes between two flushes of wgpu's upload staging.
+const FLUSH_BYTES: u64 = 32 << 20;
+
+/// The dimensions every generation shares, from the tensor shapes.
+pub struct Dims {
+    pub vocab: usize,
+    pub c: usize,
+    pub n_layer: usize,
+    pub dtype: Dtype,
+}
+
+impl Dims {
+    pub fn read(f: &SafeTensorsFile) -> Result<Self> {
+        let emb = f.get("emb.weight")?;
+        if emb.shape.len() != 2 {
+            return Err(Error::ShapeMismatch {
+                name: "emb.weight".into(),
+                expected: vec![0, 0],
+                found: emb.shape.to_vec(),
+            });
+        }
+        let (vocab, c) = (emb.shape[0], emb.shape[1]);
+        // The element-wise kernels read four channels at a time.
+        if c == 0 || !c.is_multiple_of(4) {
+            return Err(Error::UnsupportedShape(format!(
+                "n_embd {c} (from emb.weight {:?}); a multiple of 4 is supported",
+                emb.shape
+            )));
+        }
+        let mut n_layer = 0;
+        while f.contains(&format!("blocks.{n_layer}.ln1.weight")) {
+            n_layer += 1;
+        }
+        Ok(Self { vocab, c, n_layer, dtype: emb.dtype })
+    }
+}
+
+/// Uploads a checkpoint's tensors by official name, counting parameters and
+/// GPU bytes and reporting progress; each generation's loader builds its
+/// blocks with it.
+pub struct BlockLoader<'f> {
+    pub ctx: &'f GpuContext,
+    pub f: &'f SafeTensorsFile,
+    pub c: usize,
+    /// Split matrices into parts of at most this many bytes.
+    pub max_part: u64,
+    /// Parameters read so far (every element of every tensor read).
+    pub parameters: u64,
+    /// GPU bytes of everything uploaded so far.
+    pub gpu_bytes: u64,
+    total: u64,
+    done: Cell<u64>,
+    progress: Option<Progress>,
+}
+
+impl<'f> BlockLoader<'f> {
+    pub fn new(ctx: &'f GpuContext, f: &'f SafeTensorsFile, c: usize, max_part: u64, progress: Option<Progress>) -> Self {
+        Self {
+            ctx,
+            f,
+            c,
+            max_part,
+            parameters: 0,
+            gpu_bytes: 0,
+            total: f.data_bytes(),
+            done: Cell::new(0),
+            progress,
+        }
+    }
+
+    /// Called once a tensor has been read: reports progress, lets the OS
+    /// drop the tensor's pages of the file mapping, and every FLUSH_BYTES
+    /// submits the pending copies so wgpu frees its staging buffers. Peak
+    /// memory while loading stays near the GPU copy of the weights instead of
+    /// the file plus the staging plus the GPU copy.
+    pub fn done(&self, t: &Tensor) -> Result<()> {
+        let before = self.done.get();
+        self.done.set(before + t.bytes.len() as u64);
+        self.f.release(t);
+        if self.done.get() / FLUSH_BYTES != before / FLUSH_BYTES {
+            self.ctx.queue().submit([]);
+            self.ctx.sync()?;
+        }
+        if let Some(p) = &self.progress {
+            p(self.done.get().min(self.total), self.total);
+        }
+        Ok(())
+    }
+
+    /// A tensor that stays in the file (the embedding): counted, then its
+    /// pages dropped.
+    pub fn skip(&mut self, name: &str) -> Result<()> {
+        let t = self.f.get(name)?;
+        self.parameters += t.len() as u64;
+        self.done(&t)
+    }
+
+    /// A linear weight `[rows, cols]` used as `x @ W.T`.
+    pub fn mat(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let f = self.f;
+        let t = f.expect(name, &[rows, cols])?;
+        self.parameters += t.len() as u64;
+        let release = |b: &[u8]| f.release_bytes(b);
+        let m = Matrix::from_tensor(self.ctx, &t, self.max_part, Some(&release))?;
+        self.gpu_bytes += m.bytes();
+        self.done(&t)?;
+        Ok(m)
+    }
+
+    /// A LoRA tensor `[cols, rows]` (`[in, out]`, used as `x @ W`), stored
+    /// transposed as `[rows, cols]` with its rank padded (`KernelPlan::lora_rank`).
+    pub fn lora(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let f = self.f;
+        let t = f.expect(name, &[cols, rows])?;
+        let m = self.lora_from(&t, rows, cols)?;
+        self.done(&t)?;
+        Ok(m)
+    }
+
+    /// As `lora` for a tensor already read (or a slice of one).
+    pub fn lora_from(&mut self, t: &Tensor, rows: usize, cols: usize) -> Result<Matrix> {
+        let c = self.c;
+        let plan = self.ctx.plan();
+        let pad = |d: usize| if d == c { d } else { plan.lora_rank(d) };
+        let m = Matrix::from_tensor_transposed(self.ctx, t, pad(rows), pad(cols), self.max_part)?;
+        self.parameters += t.len() as u64;
+        self.gpu_bytes += m.bytes();
+        Ok(m)
+    }
+
+    /// A vector tensor of exactly `shape` (C elements in all), widened to f32.
+    pub fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.f.expect(name, shape)?;
+        self.parameters += t.len() as u64;
+        let v = t.to_f32();
+        self.done(&t)?;
+        Ok(v)
+    }
+
+    /// `vector` written into slot `slot` of a `[slots, C]` buffer.
+    pub fn vec_into(&mut self, dst: &mut [f32], slot: usize, name: &str, shape: &[usize]) -> Result<()> {
+        let v = self.vector(name, shape)?;
+        let c = self.c;
+        dst[slot * c..(slot + 1) * c].copy_from_slice(&v);
+        Ok(())
+    }
+
+    /// Per-layer vectors `[slots, C]` uploaded as one f32 buffer.
+    pub fn vectors(&mut self, what: &str, v: &[f32]) -> Result<crate::gpu::GpuBuffer> {
+        let b = self.ctx.storage_f32(what, v)?;
+        self.gpu_bytes += b.size();
+        Ok(b)
+    }
+}
+
+/// What a generation's `load` returns besides the shared parts.
+pub struct Loaded<B> {
+    pub blocks: Vec<B>,
+    pub ffn: usize,
+    /// Named LoRA widths, as in the checkpoint.
+    pub lora: Vec<(&'static str, usize)>,
+    pub layout: StateLayout,
+}
+
+/// The head count and size read from tensor `name` of `shape`, checked:
+/// heads x size must be the width `c`, and the size a multiple of 4 (the
+/// element-wise kernels read four channels at a time) no larger than the
+/// WKV kernels hold in registers.
+pub fn check_heads(name: &str, shape: &[usize], c: usize, n_head: usize, head_size: usize) -> Result<(usize, usize)> {
+    if n_head == 0 || n_head * head_size != c {
+        return Err(Error::ShapeMismatch {
+            name: name.into(),
+            expected: vec![c / 64, 64],
+            found: shape.to_vec(),
+        });
+    }
+    if head_size > MAX_HEAD_SIZE || !head_size.is_multiple_of(4) {
+        return Err(Error::UnsupportedShape(format!(
+            "head size {head_size} (from {name} {shape:?}); a multiple of 4 up to {MAX_HEAD_SIZE} is supported"
+        )));
+    }
+    Ok((n_head, head_size))
+}

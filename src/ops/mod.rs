@@ -1,0 +1,180 @@
+//! The GPU ops, as functions of buffers and offsets: nothing here knows
+//! which model calls it. Each records one kernel (`shaders/*.wgsl`) into a
+//! [`Recorder`], with the pipeline the context's [`crate::gpu::KernelPlan`]
+//! chooses. The matrix product is [`crate::matrix::Matrix::linear`]; the
+//! WKV recurrences are in [`wkv`].
+//!
+//! Offsets are in f32 elements. Buffers hold rows of `dim` floats; `dim` is
+//! a multiple of 4 (the kernels read vec4s).
+
+pub mod wkv;
+
+pub use wkv::{record_wkv4, record_wkv5, record_wkv7, WkvTextures};
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::{
+    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, TokenShiftParams, V7PrepParams, WG,
+};
+use crate::gpu::{GpuBuffer, Pipeline, Recorder};
+
+/// `y[r] = (x[r] - mean) / sqrt(var + eps) * w + b` for `rows` rows of
+/// `dim` floats; the weight and bias are vectors of one buffer (`vecs`,
+/// at `w_offset` and `b_offset`).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm<'a>(
+    rec: &mut Recorder<'a>,
+    x: &'a GpuBuffer,    // [rows, dim]
+    y: &'a GpuBuffer,    // [rows, dim]
+    vecs: &'a GpuBuffer, // w [dim] at w_offset, b [dim] at b_offset
+    w_offset: usize,
+    b_offset: usize,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let p = LayerNormParams {
+        n_rows: rows as u32,
+        dim: dim as u32,
+        x_offset: 0,
+        y_offset: 0,
+        w_offset: w_offset as u32,
+        b_offset: b_offset as u32,
+        eps,
+        _pad: 0,
+    };
+    let key = rec.ctx().plan().layer_norm();
+    let Pipeline::LayerNorm { tpw } = key else { unreachable!() };
+    rec.dispatch(key, &p, &[x, vecs, y], p.groups(tpw))
+}
+
+/// One token-shift mix (`token_shift.wgsl`), for tokens laid end to end by
+/// sequence:
+///   out[m, t, :] = x[t] + (prev - x[t]) * (mix[m] + extra[m, t])
+/// for `n_mix` mixes, `prev` being the token before in its sequence (for a
+/// sequence's first token, the row `state[seq, state_offset..]`). With
+/// `hand_over`, that state row takes each sequence's last x.
+pub struct TokenShift<'a> {
+    pub x: &'a GpuBuffer,         // [n, dim]
+    pub tok_seq: &'a GpuBuffer,   // [n] sequence of each token
+    pub seq_start: &'a GpuBuffer, // [n_seq + 1] first token of each sequence
+    pub state: &'a GpuBuffer,     // [n_seq, state_stride]
+    pub state_stride: usize,
+    pub state_offset: usize,
+    /// The mixing vectors `[n_mix, dim]`, from element `mix_offset` of `vecs`.
+    pub vecs: &'a GpuBuffer,
+    pub mix_offset: usize,
+    pub n_mix: u32,
+    /// `[n_mix, out_plane]`: mix m goes to element `m * out_plane`.
+    pub out: &'a GpuBuffer,
+    pub out_plane: usize,
+    /// Per-token extra mixes `[n_mix, out_plane]` (v6's data-dependent mix).
+    pub extra: Option<&'a GpuBuffer>,
+    pub hand_over: bool,
+}
+
+pub fn token_shift<'a>(rec: &mut Recorder<'a>, op: &TokenShift<'a>, n: usize, dim: usize) -> Result<()> {
+    if op.n_mix > TokenShiftParams::MAX_MIX {
+        return Err(Error::InvalidArgument(format!(
+            "token shift: {} mixing vectors, at most {}",
+            op.n_mix,
+            TokenShiftParams::MAX_MIX
+        )));
+    }
+    let p = TokenShiftParams {
+        n_tok: n as u32,
+        dim: dim as u32,
+        n_mix: op.n_mix,
+        mix_offset: op.mix_offset as u32,
+        state_stride: op.state_stride as u32,
+        state_offset: op.state_offset as u32,
+        out_plane: op.out_plane as u32,
+        hand_over: op.hand_over as u32,
+        extra_plane: if op.extra.is_some() { op.out_plane as u32 } else { 0 },
+        _pad: [0; 3],
+    };
+    let key = rec.ctx().plan().token_shift();
+    let Pipeline::TokenShift { tpw } = key else { unreachable!() };
+    // Without extra mixes the binding is declared but not read: x stands in.
+    let extra = op.extra.unwrap_or(op.x);
+    let bindings = [op.x, op.tok_seq, op.seq_start, op.state, op.vecs, op.out, extra];
+    rec.dispatch(key, &p, &bindings, p.groups(tpw))
+}
+
+/// Per-head group norm of `y` (`group_norm.wgsl`), in place:
+///   y = GroupNorm(y, w, b, eps) per head of `head_size` channels,
+/// then, with `bonus`, `+ (r * k * r_k).sum per head * v` (RWKV-7), and with
+/// `gate`, `* g`; r, k, v and g are planes of `att` (`plane` elements apart,
+/// at the plane indices of `gpu::kernels::plane`).
+pub struct GroupNorm<'a> {
+    pub y: &'a GpuBuffer,    // [n, dim]
+    pub att: &'a GpuBuffer,  // [PLANES, plane]
+    pub plane: usize,
+    pub vecs: &'a GpuBuffer, // w, b (and r_k) [dim] at their offsets
+    pub w_offset: usize,
+    pub b_offset: usize,
+    pub bonus: Option<usize>, // r_k's offset
+    pub gate: bool,
+    pub head_size: usize,
+    pub eps: f32,
+}
+
+pub fn group_norm<'a>(rec: &mut Recorder<'a>, op: &GroupNorm<'a>, n: usize, dim: usize) -> Result<()> {
+    let p = GroupNormParams {
+        n_tok: n as u32,
+        dim: dim as u32,
+        head_size: op.head_size as u32,
+        plane: op.plane as u32,
+        lnx_w: op.w_offset as u32,
+        lnx_b: op.b_offset as u32,
+        r_k: op.bonus.unwrap_or(0) as u32,
+        eps: op.eps,
+        bonus: op.bonus.is_some() as u32,
+        gate: op.gate as u32,
+        _pad: [0; 2],
+    };
+    let key = rec.ctx().plan().group_norm();
+    let Pipeline::GroupNorm { tpw } = key else { unreachable!() };
+    rec.dispatch(key, &p, &[op.y, op.att, op.vecs], p.groups(tpw))
+}
+
+/// `x[t, :] += a[t, :] * b[t, :]` for `n` rows of `dim` (`mul_add.wgsl`).
+pub fn mul_add<'a>(
+    rec: &mut Recorder<'a>,
+    a: &'a GpuBuffer, // [n, dim]
+    b: &'a GpuBuffer, // [n, dim]
+    x: &'a GpuBuffer, // [n, dim]
+    n: usize,
+    dim: usize,
+) -> Result<()> {
+    let p = MulAddParams { n_tok: n as u32, dim: dim as u32, a_offset: 0, b_offset: 0 };
+    rec.dispatch(Pipeline::MulAdd, &p, &[a, b, x], [(dim as u32 / 4).div_ceil(WG), n as u32, 1])
+}
+
+/// `out[r, :] = x[rows[first + r], :]` for `n_out` rows of `dim` (`gather_rows.wgsl`).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_rows<'a>(
+    rec: &mut Recorder<'a>,
+    rows: &'a GpuBuffer, // [first + n_out] u32
+    first: usize,
+    x: &'a GpuBuffer,   // [*, dim]
+    out: &'a GpuBuffer, // [n_out, dim]
+    n_out: usize,
+    dim: usize,
+) -> Result<()> {
+    let p = GatherParams { n_out: n_out as u32, dim: dim as u32, rows_offset: first as u32, _pad: 0 };
+    rec.dispatch(Pipeline::GatherRows, &p, &[rows, x, out], [(dim as u32).div_ceil(WG), n_out as u32, 1])
+}
+
+/// RWKV-7's per-token preparation before its WKV (`v7_prep.wgsl`), in place
+/// in the planes of `att`: decay, a, the value residual, kk and k; the
+/// vectors w0, a0, v0, k_k, k_a are at the offsets `p` names in `vecs`.
+pub fn v7_prep<'a>(
+    rec: &mut Recorder<'a>,
+    p: &V7PrepParams,
+    att: &'a GpuBuffer,  // [PLANES, p.plane]
+    vecs: &'a GpuBuffer, // per-layer vectors
+) -> Result<()> {
+    let key = rec.ctx().plan().v7_prep();
+    let Pipeline::V7Prep { tpw } = key else { unreachable!() };
+    rec.dispatch(key, p, &[att, vecs], p.groups(tpw))
+}
