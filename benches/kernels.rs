@@ -7,8 +7,9 @@
 use std::time::Instant;
 
 use rwkv_wgpu::bench::cpu_seconds;
-use rwkv_wgpu::gpu::kernels::{record_wkv7, Act, LayerNormParams, Wkv7Params, WkvTextures, WKV_TOKENS_PER_DISPATCH};
-use rwkv_wgpu::gpu::{GpuContext, GpuOptions, Kernel, ParamArena, Recorder, STORAGE, X_WINDOW_BYTES};
+use rwkv_wgpu::gpu::kernels::{Act, LayerNormParams, Wkv7Params, WKV_TOKENS_PER_DISPATCH};
+use rwkv_wgpu::gpu::{GpuContext, GpuOptions, ParamArena, Pipeline, Recorder, Workspace, STORAGE, X_WINDOW_BYTES};
+use rwkv_wgpu::ops::{record_wkv7, WkvTextures};
 use rwkv_wgpu::{Dtype, Matrix};
 
 /// Timed runs per figure (the median is printed): 5, or $RWKV_BENCH_RUNS
@@ -36,8 +37,14 @@ fn time(mut record: impl FnMut() -> f64) -> (f64, f64) {
     (median(wall), median(cpu))
 }
 
+/// The x texture's home: one for the whole run (a bench process is short).
+fn workspace() -> &'static Workspace {
+    static WS: std::sync::OnceLock<Workspace> = std::sync::OnceLock::new();
+    WS.get_or_init(Workspace::new)
+}
+
 fn submit_timed<'a>(ctx: &'a GpuContext, arena: &mut ParamArena, f: impl FnOnce(&mut Recorder<'a>)) -> f64 {
-    let mut rec = Recorder::new(ctx);
+    let mut rec = Recorder::new(ctx, workspace());
     f(&mut rec);
     let t = Instant::now();
     rec.submit(arena).unwrap();
@@ -98,7 +105,7 @@ fn bandwidth(ctx: &GpuContext, arena: &mut ParamArena) {
     let a = ctx.buffer("probe a", n as u64, STORAGE).unwrap();
     let b = ctx.buffer("probe b", n as u64, STORAGE).unwrap();
     let (gpu_copy, _) = time(|| {
-        let mut rec = Recorder::new(ctx);
+        let mut rec = Recorder::new(ctx, workspace());
         rec.copy(&a, 0, &b, 0, n as u64);
         let t = Instant::now();
         rec.submit(arena).unwrap();
@@ -169,7 +176,7 @@ fn wkv(ctx: &GpuContext, arena: &mut ParamArena) {
                         t_count: WKV_TOKENS_PER_DISPATCH,
                         _pad: [0; 3],
                     };
-                    rec.dispatch(Kernel::Wkv7, 0, &p, &[&att, &seq, &state, &y], [nh as u32, 1, 1]).unwrap();
+                    rec.dispatch(Pipeline::Wkv7, &p, &[&att, &seq, &state, &y], [nh as u32, 1, 1]).unwrap();
                 }
             })
         });
@@ -247,7 +254,7 @@ fn layer_norm(ctx: &GpuContext, arena: &mut ParamArena) {
         let (t, cpu) = time(|| {
             submit_timed(ctx, arena, |rec| {
                 for _ in 0..reps {
-                    rec.dispatch(Kernel::LayerNorm, 0, &p, &[&x, &v, &y], p.groups(ctx)).unwrap();
+                    rec.dispatch(ctx.plan().layer_norm(), &p, &[&x, &v, &y], p.groups(ctx.plan().elementwise_tokens())).unwrap();
                 }
             })
         });

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use rwkv_wgpu::gpu::{GpuContext, GpuOptions, WeightStore};
-use rwkv_wgpu::{LoadOptions, LogitsMode, Model};
+use rwkv_wgpu::LogitsMode;
 
 fn check_path(what: &str, opts: GpuOptions) {
     if gpu().is_none() {
@@ -19,8 +19,7 @@ fn check_path(what: &str, opts: GpuOptions) {
     assert_eq!(ctx.subgroup_size().is_none(), opts.no_subgroups, "{what}");
     let names = V7_FIXTURES.iter().chain(&["v6-L2-C128-V512-fp32", "v5.1-L3-C64-V512-fp16", "v4-L2-C128-V512-fp32"]);
     for name in names {
-        let mut model =
-            Model::load(&ctx, model_path(name), &LoadOptions { chunk_tokens: 24, ..Default::default() }).unwrap();
+        let mut model = engine(&ctx, model_path(name), 24);
         let g = Golden::load(name);
         let mut state = model.new_state(1).unwrap();
         let logits = model.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);

@@ -5,18 +5,18 @@ mod common;
 
 use common::*;
 use rwkv_wgpu::reference;
-use rwkv_wgpu::{Error, LoadOptions, LogitsMode, Model, SafeTensorsFile, State, StateData};
+use rwkv_wgpu::{Engine, Error, LoadOptions, LogitsMode, SafeTensorsFile, State, StateData};
 
-fn load_with(name: &str, opts: LoadOptions) -> Option<Model> {
+fn load_with(name: &str, opts: LoadOptions, chunk: usize) -> Option<Engine> {
     let ctx = gpu()?;
-    Some(Model::load(&ctx, model_path(name), &opts).unwrap())
+    Some(engine_with(&ctx, model_path(name), &opts, chunk))
 }
 
-fn load(name: &str, chunk: usize) -> Option<Model> {
-    load_with(name, LoadOptions { chunk_tokens: chunk, ..Default::default() })
+fn load(name: &str, chunk: usize) -> Option<Engine> {
+    load_with(name, LoadOptions::default(), chunk)
 }
 
-fn all_logits(model: &mut Model, state: &mut State, tokens: &[u32]) -> Vec<f32> {
+fn all_logits(model: &mut Engine, state: &mut State, tokens: &[u32]) -> Vec<f32> {
     model.forward(state, &[tokens], LogitsMode::All).unwrap().remove(0)
 }
 
@@ -198,7 +198,7 @@ fn weights_split_across_bindings_give_the_same_logits() {
     let Some(mut whole) = load(name, 64) else { return };
     // 10 KiB parts: emb and head [512, 128] f32 (256 KiB) become 26 parts each.
     let Some(mut split) =
-        load_with(name, LoadOptions { max_part_bytes: Some(10 << 10), chunk_tokens: 64, ..Default::default() })
+        load_with(name, LoadOptions { max_part_bytes: Some(10 << 10), ..Default::default() }, 64)
     else {
         return;
     };

@@ -10,8 +10,9 @@ use common::*;
 use half::{bf16, f16};
 use rwkv_wgpu::gpu::kernels::*;
 
-use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, Kernel, ParamArena, Recorder, WeightStore, STORAGE, X_WINDOW_BYTES};
-use rwkv_wgpu::loader::Dtype;
+use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, ParamArena, Pipeline, Recorder, WeightStore, Workspace, STORAGE, X_WINDOW_BYTES};
+use rwkv_wgpu::ops::{record_wkv5, record_wkv7, WkvTextures};
+use rwkv_wgpu::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Matrix;
 
@@ -47,12 +48,19 @@ fn check_tol(name: &str, gpu: &[f32], cpu: &[f64], tol: f64) {
     assert!(worst <= tol, "{name}: error {worst:.3e} at {at} (gpu {}, cpu {})", gpu[at], cpu[at]);
 }
 
+/// Tokens per invocation of the element-wise kernels on this adapter.
+fn tpw(ctx: &GpuContext) -> u32 {
+    ctx.plan().elementwise_tokens()
+}
+
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|x| *x as f64).collect()
 }
 
-fn run<'a>(ctx: &'a GpuContext, f: impl FnOnce(&mut Recorder<'a>)) {
-    let mut rec = Recorder::new(ctx);
+/// Records what `f` records into one submission and waits for it; `ws`
+/// holds the x texture texture matrices copy x into.
+fn run<'a>(ctx: &'a GpuContext, ws: &'a Workspace, f: impl FnOnce(&mut Recorder<'a>)) {
+    let mut rec = Recorder::new(ctx, ws);
     f(&mut rec);
     rec.submit(&mut ParamArena::new()).unwrap();
     ctx.sync().unwrap();
@@ -91,6 +99,7 @@ fn zeros(ctx: &GpuContext, n: usize) -> GpuBuffer {
 #[test]
 fn linear_all_dtypes_acts_and_parts() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(1);
     // d_out 77 split into parts of 30 rows (3 parts), d_in 101 (odd: f16
     // rows straddle u32 words), 7 tokens (not a multiple of 4).
@@ -109,7 +118,7 @@ fn linear_all_dtypes_acts_and_parts() {
             let y0 = rng.vec(5 + n * d_out, 1.0);
             let xb = ctx.storage_f32("x", &x).unwrap();
             let yb = ctx.storage_f32("y", &y0).unwrap();
-            run(&ctx, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
+            run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
             let got = ctx.read_f32(&yb).unwrap();
             let mut want = f64s(&y0);
             for t in 0..n {
@@ -135,6 +144,7 @@ fn linear_all_dtypes_acts_and_parts() {
 #[test]
 fn linear_subgroup_kernel() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     if ctx.subgroup_size().is_none() {
         if std::env::var_os("CI").is_some() {
             panic!("CI runs on lavapipe, which has fixed-size subgroups: the subgroup kernel must be tested");
@@ -169,8 +179,8 @@ fn linear_subgroup_kernel() {
                     _pad: [0; 3],
                 };
                 let groups = [(d_out as u32).div_ceil(LINEAR_SG_ROWS), (n as u32).div_ceil(tn), 1];
-                let variant = wdtype(dtype) | (tn << 8);
-                run(&ctx, |rec| rec.dispatch(Kernel::LinearSg, variant, &params, &[&wbuf, &xb, &yb], groups).unwrap());
+                let key = Pipeline::LinearSg { weights: dtype, tokens: tn };
+                run(&ctx, &ws, |rec| rec.dispatch(key, &params, &[&wbuf, &xb, &yb], groups).unwrap());
                 let mut want = f64s(&y0);
                 for t in 0..n {
                     for o in 0..d_out {
@@ -195,6 +205,7 @@ fn linear_subgroup_kernel() {
 #[test]
 fn linear_texture_kernel() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     if ctx.subgroup_size().is_none() {
         if std::env::var_os("CI").is_some() {
             panic!("CI runs on lavapipe, which has fixed-size subgroups: the texture kernel must be tested");
@@ -204,7 +215,7 @@ fn linear_texture_kernel() {
     let mut rng = Rng::new(21);
     // Layers hold whole prefill tiles (128 rows on lavapipe): 2 tiles + 1
     // rows in layers of one tile are three layers there.
-    let tile = rwkv_wgpu::matrix::texture_tile_rows(&ctx);
+    let tile = ctx.plan().texture_tile_rows();
     let (d_in, d_out) = (192, 150);
     let max_tex = ctx.max_texture_dims().0 as usize;
     let mut cases = vec![];
@@ -249,7 +260,7 @@ fn linear_texture_kernel() {
         let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
         let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
         let (xb, yb) = (ctx.storage_f32("x", &xs).unwrap(), ctx.storage_f32("y", &y0).unwrap());
-        run(&ctx, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
+        run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
         let mut want = f64s(&y0);
         for t in 0..n {
             for o in 0..d_out {
@@ -278,13 +289,14 @@ fn linear_texture_kernel() {
 #[test]
 fn linear_long_rows() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(11);
     let (n, d_in, d_out) = (5, 16384 + 3, 3);
     let w = rng.vec(d_out * d_in, 0.05);
     let m = Matrix::upload(&ctx, "w", Dtype::F32, d_out, d_in, bytemuck::cast_slice(&w), 1 << 30).unwrap();
     let x = rng.vec(n * d_in, 1.0);
     let (xb, yb) = (ctx.storage_f32("x", &x).unwrap(), zeros(&ctx, n * d_out));
-    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, n, Act::None, false).unwrap());
+    run(&ctx, &ws, |rec| m.linear(rec, &xb, 0, &yb, 0, n, Act::None, false).unwrap());
     let want: Vec<f64> = (0..n)
         .flat_map(|t| {
             let (w, x) = (&w, &x);
@@ -297,13 +309,14 @@ fn linear_long_rows() {
 #[test]
 fn linear_tanh_extremes_stay_finite() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     // Pre-activations from -200 to 200 and tiny ones: tanh must not overflow
     // to NaN and must keep small values accurate.
     let vals: Vec<f32> = vec![-200.0, -20.0, -1.0, -1e-4, 0.0, 3e-4, 0.3, 5.0, 90.0, 200.0];
     let m = Matrix::upload(&ctx, "one", Dtype::F32, 1, 1, bytemuck::cast_slice(&[1f32]), 1 << 20).unwrap();
     let xb = ctx.storage_f32("x", &vals).unwrap();
     let yb = zeros(&ctx, vals.len());
-    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, vals.len(), Act::Tanh, false).unwrap());
+    run(&ctx, &ws, |rec| m.linear(rec, &xb, 0, &yb, 0, vals.len(), Act::Tanh, false).unwrap());
     let got = ctx.read_f32(&yb).unwrap();
     let want: Vec<f64> = vals.iter().map(|v| (*v as f64).tanh()).collect();
     check("tanh", &got, &want);
@@ -312,6 +325,7 @@ fn linear_tanh_extremes_stay_finite() {
 #[test]
 fn layer_norm_rows() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(3);
     // 5 rows (one partial run of 8 on CPU adapters), 11 rows (two runs),
     // 11 rows of 2052 (rows too long to keep per invocation: read per pass).
@@ -331,7 +345,7 @@ fn layer_norm_rows() {
             eps: 1e-5,
             _pad: 0,
         };
-        run(&ctx, |rec| rec.dispatch(Kernel::LayerNorm, 0, &p, &[&xb, &vb, &yb], p.groups(&ctx)).unwrap());
+        run(&ctx, &ws, |rec| rec.dispatch(ctx.plan().layer_norm(), &p, &[&xb, &vb, &yb], p.groups(tpw(&ctx))).unwrap());
         let got = ctx.read_f32(&yb).unwrap();
         let (w, b) = (f64s(&vecs[dim..2 * dim]), f64s(&vecs[2 * dim..]));
         let mut want = vec![0.0; 12];
@@ -363,6 +377,7 @@ fn three_sequences() -> (Vec<u32>, Vec<u32>) {
 #[test]
 fn token_shift_and_state_hand_over() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(4);
     let (dim, n_mix, n_seq) = (68, 3, 3);
     let (seq_start, tok_seq) = three_sequences();
@@ -395,9 +410,9 @@ fn token_shift_and_state_hand_over() {
             extra_plane: if with_extra { out_plane as u32 } else { 0 },
             _pad: [0; 3],
         };
-        let rows = shift.groups(&ctx);
+        let rows = shift.groups(tpw(&ctx));
         let bindings = [&xb, &tsb, &ssb, &sb, &vb, &out, &eb];
-        run(&ctx, |rec| rec.dispatch(Kernel::TokenShift, 0, &shift, &bindings, rows).unwrap());
+        run(&ctx, &ws, |rec| rec.dispatch(ctx.plan().token_shift(), &shift, &bindings, rows).unwrap());
         let got = ctx.read_f32(&out).unwrap();
         let mut want = vec![0.0; n_mix * out_plane];
         for t in 0..n {
@@ -432,6 +447,7 @@ fn token_shift_and_state_hand_over() {
 #[test]
 fn gather_rows() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(5);
     let dim = 70;
     let x = rng.vec(9 * dim, 1.0);
@@ -439,7 +455,7 @@ fn gather_rows() {
     let (xb, rb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_u32("rows", &rows).unwrap());
     let out = zeros(&ctx, 4 * dim);
     let p = GatherParams { n_out: 4, dim: dim as u32, rows_offset: 1, _pad: 0 };
-    run(&ctx, |rec| rec.dispatch(Kernel::GatherRows, 0, &p, &[&rb, &xb, &out], [2, 4, 1]).unwrap());
+    run(&ctx, &ws, |rec| rec.dispatch(Pipeline::GatherRows, &p, &[&rb, &xb, &out], [2, 4, 1]).unwrap());
     let want: Vec<f64> = rows[1..].iter().flat_map(|&r| f64s(&x[r as usize * dim..(r as usize + 1) * dim])).collect();
     check("gather_rows", &ctx.read_f32(&out).unwrap(), &want);
 }
@@ -459,6 +475,7 @@ fn planes(rng: &mut Rng, n: usize, dim: usize, cap: usize) -> Vec<f32> {
 #[test]
 fn v7_prep_both_layer_kinds() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(6);
     // head_size 40 (< 64 invocations), 2 heads, 11 tokens (a full and a
     // partial run of 8 on CPU adapters), planes with spare capacity.
@@ -482,7 +499,7 @@ fn v7_prep_both_layer_kinds() {
             k_a: 4 * dim as u32,
             _pad: [0; 2],
         };
-        run(&ctx, |rec| rec.dispatch(Kernel::V7Prep, 0, &params, &[&ab, &vb], params.groups(&ctx)).unwrap());
+        run(&ctx, &ws, |rec| rec.dispatch(ctx.plan().v7_prep(), &params, &[&ab, &vb], params.groups(tpw(&ctx))).unwrap());
         let got = ctx.read_f32(&ab).unwrap();
         let mut want = f64s(&att);
         let at = |pl: u32, i: usize| pl as usize * p + i;
@@ -516,6 +533,7 @@ fn v7_prep_both_layer_kinds() {
 /// The WKV kernel against the CPU. `tex`: `wkv7_tex.wgsl` (head size 64,
 /// the planes read from a texture copy of att) instead of `wkv7.wgsl`.
 fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: bool) {
+    let ws = Workspace::new();
     let mut rng = Rng::new(seed);
     let nh = 2;
     let dim = nh * hs;
@@ -561,7 +579,7 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
         assert!(WkvTextures::fit(ctx, hs, dim, stride, cap, n_seq), "wkv7_tex.wgsl does not fit this test's shape");
         WkvTextures::new(ctx, dim, cap, n_seq).unwrap()
     });
-    run(ctx, |rec| record_wkv7(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, wkv_tex.as_ref()).unwrap());
+    run(ctx, &ws, |rec| record_wkv7(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, wkv_tex.as_ref()).unwrap());
     let mut s = f64s(&state);
     let mut y = vec![0f64; n * dim];
     let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
@@ -611,6 +629,7 @@ fn wkv7_long_chunk() {
 #[test]
 fn group_norm_bonus_gate() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(8);
     // 11 tokens: a full and a partial run of 8 on CPU adapters.
     let (hs, nh, n, cap) = (40, 3, 11, 13);
@@ -639,8 +658,8 @@ fn group_norm_bonus_gate() {
             gate: gate as u32,
             _pad: [0; 2],
         };
-        let groups = params.groups(&ctx);
-        run(&ctx, |rec| rec.dispatch(Kernel::GroupNorm, 0, &params, &[&yb, &ab, &vb], groups).unwrap());
+        let groups = params.groups(tpw(&ctx));
+        run(&ctx, &ws, |rec| rec.dispatch(ctx.plan().group_norm(), &params, &[&yb, &ab, &vb], groups).unwrap());
         let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
         let mut want = vec![0f64; n * dim];
         for t in 0..n {
@@ -677,6 +696,7 @@ fn group_norm_bonus_gate() {
 #[test]
 fn wkv5_fixed_and_dynamic_decay() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let cases = [(&[4usize, 0, 5][..], false, 20), (&[4, 0, 5], true, 21), (&[600, 3], true, 22)];
     for ((seq_lens, dynamic, seed), tex) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let mut rng = Rng::new(seed);
@@ -725,7 +745,7 @@ fn wkv5_fixed_and_dynamic_decay() {
             continue;
         }
         let wkv_tex = tex.then(|| WkvTextures::new(&ctx, dim, cap, n_seq).unwrap());
-        run(&ctx, |rec| {
+        run(&ctx, &ws, |rec| {
             record_wkv5(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, &vb, wkv_tex.as_ref()).unwrap()
         });
         let mut s = f64s(&state);
@@ -769,6 +789,7 @@ fn wkv5_fixed_and_dynamic_decay() {
 #[test]
 fn wkv4_recurrence_and_long_run() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(23);
     let dim = 12;
     for seq_lens in [vec![4usize, 0, 5], vec![10_000]] {
@@ -818,7 +839,7 @@ fn wkv4_recurrence_and_long_run() {
             _pad: 0,
         };
         let groups = [(dim as u32).div_ceil(64), n_seq as u32, 1];
-        run(&ctx, |rec| rec.dispatch(Kernel::Wkv4, 0, &params, &[&ab, &ssb, &sb, &yb, &vb], groups).unwrap());
+        run(&ctx, &ws, |rec| rec.dispatch(Pipeline::Wkv4, &params, &[&ab, &ssb, &sb, &yb, &vb], groups).unwrap());
         let mut s = f64s(&state);
         let mut y = vec![0f64; n * dim];
         let g = |pl: u32, i: usize| att[pl as usize * p + i] as f64;
@@ -853,13 +874,14 @@ fn wkv4_recurrence_and_long_run() {
 #[test]
 fn mul_add_rows() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let mut rng = Rng::new(24);
     let (n, dim) = (3, 24);
     let (a, b, x) = (rng.vec(n * dim + 8, 1.0), rng.vec(n * dim + 4, 1.0), rng.vec(n * dim, 1.0));
     let (ab, bb, xb) =
         (ctx.storage_f32("a", &a).unwrap(), ctx.storage_f32("b", &b).unwrap(), ctx.storage_f32("x", &x).unwrap());
     let p = MulAddParams { n_tok: n as u32, dim: dim as u32, a_offset: 8, b_offset: 4 };
-    run(&ctx, |rec| rec.dispatch(Kernel::MulAdd, 0, &p, &[&ab, &bb, &xb], [1, n as u32, 1]).unwrap());
+    run(&ctx, &ws, |rec| rec.dispatch(Pipeline::MulAdd, &p, &[&ab, &bb, &xb], [1, n as u32, 1]).unwrap());
     let want: Vec<f64> = (0..n * dim).map(|i| x[i] as f64 + a[8 + i] as f64 * b[4 + i] as f64).collect();
     check("mul_add", &ctx.read_f32(&xb).unwrap(), &want);
 }
@@ -870,6 +892,7 @@ fn mul_add_rows() {
 #[test]
 fn matrix_larger_than_one_binding() {
     let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
     let cols = 2048;
     let row_bytes = (cols * 2) as u64;
     // Use the real limit where it is small (lavapipe); adapters with huge
@@ -895,7 +918,7 @@ fn matrix_larger_than_one_binding() {
         assert_eq!(m.store(), WeightStore::Texture);
         assert!(m.part_count() >= 2);
         let yb = zeros(&ctx, rows);
-        run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
+        run(&ctx, &ws, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
         check("linear over texture layers", &ctx.read_f32(&yb).unwrap(), &want);
     }
     let m = Matrix::upload_to(&ctx, WeightStore::Buffer, "big", Dtype::F16, rows, cols, &bytes, part, None).unwrap();
@@ -903,6 +926,6 @@ fn matrix_larger_than_one_binding() {
     assert_eq!(m.part_count(), 2);
     assert!(m.bytes() > ctx.max_binding_bytes().min(128 << 20));
     let yb = zeros(&ctx, rows);
-    run(&ctx, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
+    run(&ctx, &ws, |rec| m.linear(rec, &xb, 0, &yb, 0, 1, Act::None, false).unwrap());
     check("linear over two parts", &ctx.read_f32(&yb).unwrap(), &want);
 }

@@ -5,13 +5,12 @@
 mod common;
 
 use common::*;
-use rwkv_wgpu::{LoadOptions, LogitsMode, Model};
+use rwkv_wgpu::LogitsMode;
 
 #[test]
 fn ten_thousand_tokens_in_chunks_allocate_nothing_new() {
     let Some(ctx) = gpu() else { return };
-    let opts = LoadOptions { chunk_tokens: 128, ..Default::default() };
-    let mut model = Model::load(&ctx, model_path("v7-L3-C64-V512-fp16-l0v"), &opts).unwrap();
+    let mut model = engine(&ctx, model_path("v7-L3-C64-V512-fp16-l0v"), 128);
     let mut state = model.new_state(1).unwrap();
     let mut rng = Rng::new(10);
     let tokens: Vec<u32> = (0..10_000).map(|_| rng.below(512)).collect();

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use rwkv_wgpu::{Dtype, Error, LoadOptions, LogitsMode, Model, SafeTensorsFile};
+use rwkv_wgpu::{Dtype, Error, LogitsMode, SafeTensorsFile};
 
 fn pth(name: &str) -> std::path::PathBuf {
     fixture(&format!("pth/{name}.pth"))
@@ -49,7 +49,7 @@ fn pth_tensors_equal_the_safetensors_source() {
 fn pth_models_match_golden() {
     let Some(ctx) = gpu() else { return };
     for (file, source, _) in CASES {
-        let mut model = Model::load(&ctx, pth(file), &LoadOptions::default()).unwrap();
+        let mut model = engine(&ctx, pth(file), rwkv_wgpu::DEFAULT_CHUNK_TOKENS);
         let g = Golden::load(source);
         let mut state = model.new_state(1).unwrap();
         let logits = model.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);

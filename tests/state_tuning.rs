@@ -6,9 +6,11 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use common::*;
-use rwkv_wgpu::{Error, LoadOptions, LogitsMode, Model, SafeTensorsFile, Session, Tokenizer};
+use rwkv_wgpu::state::load_tuned;
+use rwkv_wgpu::{Error, LoadOptions, LogitsMode, Model, Session, Tokenizer};
 
 /// A time_state file from the golden state40 att_kv of `name` ([L, H, N, N]
 /// in the model's own layout), written as the tuning code stores it.
@@ -55,7 +57,7 @@ fn time_state_loads_in_each_generation_layout() {
     {
         let model = Model::load(&ctx, model_path(name), &LoadOptions::default()).unwrap();
         let (path, kv) = time_state_file(name, transpose);
-        let s = model.tuned_state(&SafeTensorsFile::open(&path).unwrap()).unwrap();
+        let s = load_tuned(&path, model.state_layout()).unwrap();
         assert_eq!(s.get("att_kv").unwrap(), &kv[..], "{name}: att_kv from time_state");
         assert!(s.get("att_x").unwrap().iter().all(|v| *v == 0.0), "{name}: att_x starts at zero");
         std::fs::remove_file(&path).ok();
@@ -63,10 +65,9 @@ fn time_state_loads_in_each_generation_layout() {
     // RWKV-4 has no matrix state to tune; a file for another shape is an error.
     let v4 = Model::load(&ctx, model_path("v4-L2-C128-V512-fp32"), &LoadOptions::default()).unwrap();
     let (path, _) = time_state_file("v7-L2-C128-V512-fp32", false);
-    let f = SafeTensorsFile::open(&path).unwrap();
-    assert!(matches!(v4.tuned_state(&f), Err(Error::InvalidArgument(_))));
+    assert!(matches!(load_tuned(&path, v4.state_layout()), Err(Error::InvalidArgument(_))));
     let v5 = Model::load(&ctx, model_path("v5.2-L3-C64-V512-fp16"), &LoadOptions::default()).unwrap();
-    assert!(matches!(v5.tuned_state(&f), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(load_tuned(&path, v5.state_layout()), Err(Error::ShapeMismatch { .. })));
     std::fs::remove_file(&path).ok();
 }
 
@@ -74,9 +75,9 @@ fn time_state_loads_in_each_generation_layout() {
 fn session_starts_from_and_resets_to_the_tuned_state() {
     let Some(ctx) = gpu() else { return };
     let name = "v6-L2-C128-V512-fp32";
-    let mut model = Model::load(&ctx, model_path(name), &LoadOptions::default()).unwrap();
+    let mut model = engine(&ctx, model_path(name), rwkv_wgpu::DEFAULT_CHUNK_TOKENS);
     let (path, _) = time_state_file(name, true);
-    let tuned = model.tuned_state(&SafeTensorsFile::open(&path).unwrap()).unwrap();
+    let tuned = load_tuned(&path, model.model().state_layout()).unwrap();
     std::fs::remove_file(&path).ok();
     let g = Golden::load(name);
     // The same tokens from the tuned state, through a session and directly.
@@ -87,13 +88,13 @@ fn session_starts_from_and_resets_to_the_tuned_state() {
     let from_zero = model.forward(&mut fresh, &[&g.tokens[..5]], LogitsMode::Last).unwrap().remove(0);
     assert_ne!(direct, from_zero, "the tuned state must change the logits");
 
-    let tok = Tokenizer::from_spec("world").unwrap();
-    let mut session = Session::new(&mut model, &tok).unwrap();
+    let tok = Arc::new(Tokenizer::from_spec("world").unwrap());
+    let mut session = Session::new(model.model().clone(), tok).unwrap();
     session.set_initial_state(tuned.clone()).unwrap();
-    session.feed(&g.tokens[..5]).unwrap();
+    session.feed(&mut model, &g.tokens[..5]).unwrap();
     assert_eq!(session.logits().unwrap(), &direct[..]);
     session.reset().unwrap();
     assert_eq!(session.state().read(0).unwrap(), tuned, "reset returns to the tuned state");
-    session.feed(&g.tokens[..5]).unwrap();
+    session.feed(&mut model, &g.tokens[..5]).unwrap();
     assert_eq!(session.logits().unwrap(), &direct[..]);
 }

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
-use rwkv_wgpu::{GenerateOptions, LoadOptions, Model, Sampler, SamplerConfig, Session, Tokenizer};
+use std::sync::Arc;
+
+use rwkv_wgpu::{Engine, GenerateOptions, Sampler, SamplerConfig, Session, Tokenizer};
 
 const PROMPT: &str = "It is a truth universally acknowledged";
 
@@ -39,26 +41,26 @@ fn err(o: &Output) -> String {
 }
 
 /// The demo model through the library, with the same files the binary embeds.
-fn demo() -> Option<(Model, Tokenizer)> {
+fn demo() -> Option<(Engine, Arc<Tokenizer>)> {
     let ctx = gpu()?;
-    let model = Model::load(&ctx, asset("austen-rwkv7-fp16.safetensors"), &LoadOptions::default()).unwrap();
+    let model = engine(&ctx, asset("austen-rwkv7-fp16.safetensors"), rwkv_wgpu::DEFAULT_CHUNK_TOKENS);
     let tok = Tokenizer::from_file(&asset("tokenizer.json")).unwrap();
-    Some((model, tok))
+    Some((model, Arc::new(tok)))
 }
 
 fn library_generate(
-    model: &mut Model,
-    tok: &Tokenizer,
+    model: &mut Engine,
+    tok: &Arc<Tokenizer>,
     prompt: &str,
     cfg: SamplerConfig,
     n: usize,
 ) -> (Vec<u32>, String) {
-    let mut session = Session::new(model, tok).unwrap();
-    session.feed_text(prompt.as_bytes()).unwrap();
+    let mut session = Session::new(model.model().clone(), tok.clone()).unwrap();
+    session.feed_text(model, prompt.as_bytes()).unwrap();
     let mut sampler = Sampler::new(cfg).unwrap();
     let opts = GenerateOptions { max_tokens: n, ..Default::default() };
     let mut streamed = String::new();
-    let g = session.generate(&mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
+    let g = session.generate(model, &mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
     assert_eq!(streamed, g.text);
     (g.tokens, g.text)
 }
@@ -252,19 +254,19 @@ fn user_errors_are_one_line() {
 fn stop_sequences_end_generation_and_are_not_emitted() {
     let Some((mut model, tok)) = demo() else { return };
     // Greedy text: ", that it is not so. I am sure it is not a word to be done. I am sure ..."
-    let mut session = Session::new(&mut model, &tok).unwrap();
-    session.feed_text(PROMPT.as_bytes()).unwrap();
+    let mut session = Session::new(model.model().clone(), tok.clone()).unwrap();
+    session.feed_text(&mut model, PROMPT.as_bytes()).unwrap();
     let mut sampler = Sampler::new(SamplerConfig::greedy()).unwrap();
     let opts =
         GenerateOptions { max_tokens: 40, stop: vec!["not a word".into(), "I am sure".into()], ..Default::default() };
     let mut streamed = String::new();
-    let g = session.generate(&mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
+    let g = session.generate(&mut model, &mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
     assert_eq!(g.text, ", that it is not so. ");
     assert_eq!(streamed, g.text, "the stop text is held back, never streamed");
     assert_eq!(g.stop, rwkv_wgpu::StopReason::StopSequence("I am sure".into()));
     // Max tokens ends it otherwise.
     let opts = GenerateOptions { max_tokens: 3, ..Default::default() };
-    let g = session.generate(&mut sampler, &opts, |_| {}).unwrap();
+    let g = session.generate(&mut model, &mut sampler, &opts, |_| {}).unwrap();
     assert_eq!((g.tokens.len(), g.stop), (3, rwkv_wgpu::StopReason::MaxTokens));
 }
 

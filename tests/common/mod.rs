@@ -2,10 +2,10 @@
 //! fixture paths, golden data and error measures.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
-use rwkv_wgpu::{GpuContext, GpuOptions, SafeTensorsFile};
+use rwkv_wgpu::{Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, Model, SafeTensorsFile};
 
 /// An fp32 implementation lands around 1e-7..1e-6 on these fixtures; the
 /// fixtures README sets 1e-5 as the bar for fp32 compute, and the common bugs
@@ -29,6 +29,17 @@ pub fn gpu() -> Option<GpuContext> {
         }
     })
     .clone()
+}
+
+/// A model loaded with `opts` and an engine for it with steps of `chunk` tokens.
+pub fn engine_with(ctx: &GpuContext, path: impl AsRef<Path>, opts: &LoadOptions, chunk: usize) -> Engine {
+    let model = Arc::new(Model::load(ctx, path, opts).unwrap());
+    Engine::new(model, &EngineOptions { chunk_tokens: chunk }).unwrap()
+}
+
+/// A model with default load options and an engine for it with steps of `chunk` tokens.
+pub fn engine(ctx: &GpuContext, path: impl AsRef<Path>, chunk: usize) -> Engine {
+    engine_with(ctx, path, &LoadOptions::default(), chunk)
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -73,7 +84,12 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(name: &str) -> Self {
-        let file = SafeTensorsFile::open(fixture(&format!("golden/{name}.golden.safetensors"))).unwrap();
+        Self::load_at(fixture(&format!("golden/{name}.golden.safetensors")))
+    }
+
+    /// A golden file at any path (e.g. under `fixtures/headsize/`).
+    pub fn load_at(path: PathBuf) -> Self {
+        let file = SafeTensorsFile::open(path).unwrap();
         let tokens = raw_u32(&file, "tokens");
         let logits = file.get("logits").unwrap();
         let vocab = logits.shape[1];
