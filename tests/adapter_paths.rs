@@ -2,7 +2,7 @@
 //! weights in storage buffers (discrete GPUs) with the subgroup matrix kernel,
 //! and without subgroups at all (the 64-invocation kernels with shared-memory
 //! reductions). Each must match the golden logits and states like the
-//! default (texture) path in golden.rs.
+//! default (texture) path in golden.rs, head sizes 8 and 16 included.
 
 mod common;
 
@@ -18,9 +18,16 @@ fn check_path(what: &str, opts: GpuOptions) {
     assert_eq!(ctx.weight_store(), WeightStore::Buffer, "{what}");
     assert_eq!(ctx.subgroup_size().is_none(), opts.no_subgroups, "{what}");
     let names = V7_FIXTURES.iter().chain(&["v6-L2-C128-V512-fp32", "v5.1-L3-C64-V512-fp16", "v4-L2-C128-V512-fp32"]);
-    for name in names {
-        let mut model = engine(&ctx, model_path(name), 24);
-        let g = Golden::load(name);
+    let main = names.map(|name| (model_path(name), fixture(&format!("golden/{name}.golden.safetensors"))));
+    // Head sizes 8 and 16 (fixtures/headsize).
+    let headsize = ["v5.0-L2-C64-V512-fp32-hs8", "v5.2-L2-C64-V512-fp16-hs8", "v6-L2-C64-V512-fp32-hs16"].map(|n| {
+        let at = |kind: &str, ext: &str| fixture(&format!("headsize/{kind}/{n}.{ext}"));
+        (at("models", "safetensors"), at("golden", "golden.safetensors"))
+    });
+    for (model, golden) in main.chain(headsize) {
+        let name = model.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut model = engine(&ctx, model, 24);
+        let g = Golden::load_at(golden);
         let mut state = model.new_state(1).unwrap();
         let logits = model.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
         let err = rel_l2(&logits, &g.logits);
