@@ -46,7 +46,9 @@ impl Batcher {
             }
         }
         let left: Vec<usize> = sessions.iter().map(|s| s.pending()).collect();
-        let take = fair_shares(&left, self.engine.chunk_tokens().max(sessions.len()));
+        // The engine's budget: chunk_tokens, or one token per sequence.
+        let active = left.iter().filter(|&&l| l > 0).count();
+        let take = fair_shares(&left, self.engine.chunk_tokens().max(active));
         let mut parts: Vec<_> = sessions.iter_mut().map(|s| s.parts()).collect();
         let mut inputs = Vec::new();
         let mut who = Vec::new();
