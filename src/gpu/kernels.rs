@@ -3,15 +3,14 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::GpuContext;
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
 
 /// Shared WGSL helpers prepended to every kernel (WGSL has no includes).
-const COMMON: &str = include_str!("../../shaders/common.wgsl");
+pub(crate) const COMMON: &str = include_str!("../../shaders/common.wgsl");
 /// `group_sum` for a workgroup of one subgroup, or of 64 invocations.
-const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
-const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+pub(crate) const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+pub(crate) const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -32,7 +31,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    fn source(self) -> &'static str {
+    /// The kernel's WGSL file (without the prepended helpers).
+    pub fn source(self) -> &'static str {
         match self {
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
@@ -132,7 +132,7 @@ impl Pipeline {
     }
 
     /// The WGSL entry point.
-    fn entry(self) -> &'static str {
+    pub fn entry(self) -> &'static str {
         match self {
             Pipeline::LinearTex { tile: TexTile::Decode, .. } | Pipeline::Wkv7Tex(WkvEntry::Decode) => "decode",
             Pipeline::LinearTex { .. } => "prefill",
@@ -141,7 +141,7 @@ impl Pipeline {
     }
 
     /// Override constants beyond `GS`, the adapter's reduction width.
-    fn constants(self, subgroup: Option<u32>) -> Result<Vec<(&'static str, f64)>> {
+    pub fn constants(self, subgroup: Option<u32>) -> Result<Vec<(&'static str, f64)>> {
         let need_sg = || subgroup.ok_or_else(|| Error::Gpu(format!("{self:?} needs a fixed subgroup size")));
         Ok(match self {
             Pipeline::LayerNorm { tpw }
@@ -436,45 +436,4 @@ pub mod plane {
     pub const V_FIRST: u32 = 7;
     pub const V_GATE: u32 = 8;
     pub const COUNT: u32 = 9;
-}
-
-impl GpuContext {
-    /// The compiled pipeline for `key`, built on first use and cached.
-    pub fn pipeline(&self, key: Pipeline) -> Result<wgpu::ComputePipeline> {
-        if let Some(p) = self.shared.pipelines.lock().unwrap().get(&key) {
-            return Ok(p.clone());
-        }
-        let plan = self.plan();
-        let device = self.device();
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let reduce = if plan.subgroup_size.is_some() { REDUCE_SUBGROUP } else { REDUCE_WORKGROUP };
-        let kernel = key.kernel();
-        let source = format!("{COMMON}\n{reduce}\n{}", kernel.source());
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&format!("{kernel:?}")),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let mut constants = vec![("GS", plan.group_size() as f64)];
-        constants.extend(key.constants(plan.subgroup_size)?);
-        // Kernels without weights declare WDTYPE too (unused): f32.
-        if !constants.iter().any(|(n, _)| *n == "WDTYPE") {
-            constants.push(("WDTYPE", 0.0));
-        }
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&format!("{key:?}")),
-            layout: None,
-            module: &module,
-            entry_point: Some(key.entry()),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("compiling kernel {key:?}: {e}")));
-        }
-        self.shared.pipelines.lock().unwrap().insert(key, pipeline.clone());
-        Ok(pipeline)
-    }
 }

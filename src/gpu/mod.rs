@@ -352,6 +352,45 @@ impl GpuContext {
         v
     }
 
+    /// The compiled pipeline for `key`, built on first use and cached.
+    pub fn pipeline(&self, key: Pipeline) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = self.shared.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let plan = self.plan();
+        let device = self.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let reduce = if plan.subgroup_size.is_some() { kernels::REDUCE_SUBGROUP } else { kernels::REDUCE_WORKGROUP };
+        let kernel = key.kernel();
+        let source = format!("{}\n{reduce}\n{}", kernels::COMMON, kernel.source());
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&format!("{kernel:?}")),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let mut constants = vec![("GS", plan.group_size() as f64)];
+        constants.extend(key.constants(plan.subgroup_size)?);
+        // Kernels without weights declare WDTYPE too (unused): f32.
+        if !constants.iter().any(|(n, _)| *n == "WDTYPE") {
+            constants.push(("WDTYPE", 0.0));
+        }
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&format!("{key:?}")),
+            layout: None,
+            module: &module,
+            entry_point: Some(key.entry()),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("compiling kernel {key:?}: {e}")));
+        }
+        self.shared.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
     /// Returns (and clears) an error that happened asynchronously.
     pub fn check(&self) -> Result<()> {
         match self.shared.fault.lock().unwrap().take() {

@@ -10,7 +10,7 @@ use crate::gpu::kernels::MAX_HEAD_SIZE;
 use crate::gpu::GpuContext;
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
-use crate::model::Progress;
+use crate::model::info::Progress;
 use crate::state::StateLayout;
 use crate::tensor::{Dtype, Tensor};
 

@@ -7,6 +7,7 @@
 //! shared step (`step.rs`) and loading (`load.rs`) code; this file holds the
 //! one match over the generations, for loading, compiling and recording.
 
+pub mod info;
 pub mod load;
 pub mod step;
 pub mod v4;
@@ -14,9 +15,9 @@ pub mod v5;
 pub mod v6;
 pub mod v7;
 
+pub use info::{ModelInfo, Progress, Version};
 pub use step::{Chunk, GN_EPS, LN_EPS};
 
-use std::fmt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -24,53 +25,9 @@ use crate::gpu::{GpuBuffer, GpuContext, Pipeline, Recorder};
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
 use crate::state::{State, StateLayout};
-use crate::tensor::{Dtype, Tensor};
+use crate::tensor::Tensor;
 use load::{BlockLoader, Dims};
 use step::{Scratch, Step};
-
-/// RWKV generations, as ChatRWKV tells them apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    V4,
-    V5_0,
-    V5_1,
-    V5_2,
-    V6,
-    V7,
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Version::V4 => "4",
-            Version::V5_0 => "5.0",
-            Version::V5_1 => "5.1",
-            Version::V5_2 => "5.2",
-            Version::V6 => "6",
-            Version::V7 => "7",
-        })
-    }
-}
-
-impl std::str::FromStr for Version {
-    type Err = Error;
-    /// "4", "5.0", "5.1", "5.2", "6" or "7" (a leading `v` is allowed).
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim_start_matches(['v', 'V']) {
-            "4" => Version::V4,
-            "5.0" => Version::V5_0,
-            "5.1" => Version::V5_1,
-            "5" | "5.2" => Version::V5_2,
-            "6" => Version::V6,
-            "7" => Version::V7,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "RWKV version `{other}`: expected 4, 5.0, 5.1, 5.2, 6 or 7"
-                )))
-            }
-        })
-    }
-}
 
 /// Detects the generation from tensor names and shapes:
 /// `r_k` → 7, `time_maa_x` → 6, `ln_x` without a gate → 5.0,
@@ -133,9 +90,6 @@ pub enum LogitsMode {
     All,
 }
 
-/// Called as weights are uploaded with (bytes done, bytes in all).
-pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
-
 #[derive(Clone, Default)]
 pub struct LoadOptions {
     /// Split weight matrices into parts of at most this many bytes (default:
@@ -144,29 +98,6 @@ pub struct LoadOptions {
     /// Upload progress callback (the CLI draws a progress bar with it).
     pub progress: Option<Progress>,
 }
-
-/// Dimensions and sizes, derived from the tensor shapes.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub version: Version,
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub head_size: usize,
-    pub vocab: usize,
-    pub ffn: usize,
-    /// Named LoRA widths (v7: decay, aaa, mv, gate).
-    pub lora: Vec<(&'static str, usize)>,
-    pub dtype: Dtype,
-    pub parameters: u64,
-    /// Bytes of the checkpoint's weights, as stored in the file.
-    pub weight_bytes: u64,
-    /// GPU bytes of the uploaded weights (all but the embedding, which is
-    /// read from the file; LoRAs may be padded for the adapter's kernels).
-    pub gpu_weight_bytes: u64,
-    pub state_bytes_per_sequence: u64,
-}
-
 
 /// The layers of each generation.
 pub(crate) enum Layers {

@@ -8,7 +8,7 @@ use crate::gpu::kernels::{plane, Act};
 use crate::gpu::{GpuBuffer, GpuContext, Recorder, Workspace, WeightStore, READBACK, STORAGE, X_WINDOW_BYTES};
 use crate::matrix::Matrix;
 use crate::model::load::BlockLoader;
-use crate::model::ModelInfo;
+use crate::model::info::ModelInfo;
 use crate::ops::{self, GroupNorm, TokenShift, WkvTextures};
 
 /// LayerNorm eps of ln0, ln1, ln2 and ln_out.

@@ -23,7 +23,7 @@ use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
 use crate::model::load::{check_heads, BlockLoader, Dims, Loaded};
 use crate::model::step::{ChannelMix, Step};
-use crate::model::Version;
+use crate::model::info::Version;
 use crate::ops::record_wkv5;
 use crate::state::StateLayout;
 
