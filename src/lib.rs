@@ -7,15 +7,44 @@
 //! steps. See `ARCHITECTURE.md` for the module graph.
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use rwkv_wgpu::{Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model};
 //! # fn main() -> rwkv_wgpu::Result<()> {
+//! use std::sync::Arc;
+//! use rwkv_wgpu::{Batcher, Engine, EngineOptions, GenerateOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode};
+//! use rwkv_wgpu::{Model, Sampler, SamplerConfig, Session, Tokenizer};
+//!
 //! let ctx = GpuContext::new(&GpuOptions::default())?;
-//! let model = Arc::new(Model::load(&ctx, "model.safetensors", &LoadOptions::default())?);
+//! // The weights, loaded once and shared by every engine and session, on any thread.
+//! let model = Arc::new(Model::load(&ctx, "rwkv7-world-0.1b.safetensors", &LoadOptions::default())?);
+//! let tokenizer = Arc::new(Tokenizer::world()?);
+//! // What running the model takes (per-step buffers); one per thread that runs steps.
 //! let mut engine = Engine::new(model.clone(), &EngineOptions::default())?;
-//! let mut state = model.new_state(1)?;
-//! let logits = engine.forward(&mut state, &[&[510, 4419, 310]], LogitsMode::Last)?;
-//! assert_eq!(logits[0].len(), model.info().vocab);
+//!
+//! // Text in, text out: a session owns one sequence's state.
+//! let mut session = Session::new(model.clone(), tokenizer.clone())?;
+//! session.feed_text(&mut engine, b"The Eiffel Tower is in")?;
+//! let mut sampler = Sampler::new(SamplerConfig { temperature: 1.0, top_p: 0.9, seed: 42, ..Default::default() })?;
+//! let out = session.generate(&mut engine, &mut sampler, &GenerateOptions::default(), |text| print!("{text}"))?;
+//!
+//! // Two sessions on the same model, driven in shared GPU steps (continuous batching:
+//! // sessions may join or leave between any two steps; each gets the logits it would alone).
+//! let mut batcher = Batcher::new(engine);
+//! let mut a = Session::new(model.clone(), tokenizer.clone())?;
+//! let mut b = Session::new(model.clone(), tokenizer.clone())?;
+//! a.push_text(b"The capital of France is")?;
+//! b.push_text(b"Once upon a time")?;
+//! batcher.run(&mut [&mut a, &mut b])?; // both prompts read in the same steps
+//! let mut greedy = Sampler::new(SamplerConfig::greedy())?;
+//! for s in [&mut a, &mut b] {
+//!     let next = greedy.sample(s.logits().unwrap())?;
+//!     s.push(&[next])?;
+//! }
+//! batcher.step(&mut [&mut a, &mut b])?; // one step decodes both
+//!
+//! // Or logits for a batch of sequences of different lengths in one state; the state lives
+//! // on the GPU and can be read, written, reset, cloned, saved and loaded.
+//! let mut state = model.new_state(2)?;
+//! let logits = batcher.engine().forward(&mut state, &[&[1, 2, 3], &[4]], LogitsMode::Last)?;
+//! # let _ = (out, logits);
 //! # Ok(()) }
 //! ```
 

@@ -169,6 +169,9 @@ impl Pipeline {
     }
 }
 
+/// Bytes of the uniform window `linear_tex` reads x through (its `xu`).
+pub const X_WINDOW_BYTES: u64 = 65536;
+
 /// Workgroup size of every kernel (threads along x).
 pub const WG: u32 = 64;
 /// Tokens per invocation in `linear.wgsl` and per workgroup in

@@ -5,8 +5,8 @@ pub mod kernels;
 mod plan;
 mod recorder;
 
-pub use kernels::{Act, Kernel, Pipeline, TexTile, WkvEntry, XSource};
-pub use plan::KernelPlan;
+pub use kernels::{Act, Kernel, Pipeline, TexTile, WkvEntry, XSource, X_WINDOW_BYTES};
+pub use plan::{KernelPlan, WeightStore};
 pub use recorder::{Binding, ParamArena, Recorder, Workspace};
 
 use std::collections::HashMap;
@@ -14,22 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-
-/// Where matrix weights are stored, chosen per adapter.
-///
-/// On llvmpipe (lavapipe) a storage-buffer load is a loop over the eight SIMD
-/// lanes with a bounds check and a branch per lane and per component, while a
-/// texel fetch is one vector gather: `linear_tex.wgsl` reading weights (and x)
-/// from textures measured 4-6x the matrix throughput of the buffer kernel
-/// there. The textures are bound as read-only storage textures: llvmpipe's
-/// image load skips the sampler path's per-lane mip-level arithmetic (the
-/// matrix kernels measured ~20-30 % less CPU time than with sampled
-/// textures). Real GPUs read buffers at full speed and keep the buffer kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightStore {
-    Buffer,
-    Texture,
-}
 
 /// How to choose the adapter and the kernels. The library reads no
 /// environment variables: the `rwkv` binary maps `RWKV_ADAPTER`,
@@ -592,9 +576,6 @@ pub fn trim_heap() {
 /// Called with each slice of a tensor's bytes once it is uploaded (the model
 /// lets the OS drop those pages of the file mapping with it).
 pub type Release<'a> = Option<&'a dyn Fn(&[u8])>;
-
-/// Bytes of the uniform window `linear_tex` reads x through (its `xu`).
-pub const X_WINDOW_BYTES: u64 = 65536;
 
 /// Bytes copied between two releases of source pages while uploading.
 pub const UPLOAD_SLICE: usize = 1 << 20;

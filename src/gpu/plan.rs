@@ -8,10 +8,25 @@ use std::fmt;
 
 use super::kernels::{
     Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
-    LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, MAX_HEAD_SIZE,
+    LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, MAX_HEAD_SIZE, X_WINDOW_BYTES,
 };
-use super::{WeightStore, X_WINDOW_BYTES};
 use crate::tensor::Dtype;
+
+/// Where matrix weights are stored, chosen per adapter.
+///
+/// On llvmpipe (lavapipe) a storage-buffer load is a loop over the eight SIMD
+/// lanes with a bounds check and a branch per lane and per component, while a
+/// texel fetch is one vector gather: `linear_tex.wgsl` reading weights (and x)
+/// from textures measured 4-6x the matrix throughput of the buffer kernel
+/// there. The textures are bound as read-only storage textures: llvmpipe's
+/// image load skips the sampler path's per-lane mip-level arithmetic (the
+/// matrix kernels measured ~20-30 % less CPU time than with sampled
+/// textures). Real GPUs read buffers at full speed and keep the buffer kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightStore {
+    Buffer,
+    Texture,
+}
 
 /// The per-adapter choices (see `docs/performance.md`, *Shapes per adapter*).
 #[derive(Debug, Clone, PartialEq, Eq)]
