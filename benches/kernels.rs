@@ -254,7 +254,8 @@ fn layer_norm(ctx: &GpuContext, arena: &mut ParamArena) {
         let (t, cpu) = time(|| {
             submit_timed(ctx, arena, |rec| {
                 for _ in 0..reps {
-                    rec.dispatch(ctx.plan().layer_norm(), &p, &[&x, &v, &y], p.groups(ctx.plan().elementwise_tokens())).unwrap();
+                    rec.dispatch(ctx.plan().layer_norm(), &p, &[&x, &v, &y], p.groups(ctx.plan().elementwise_tokens()))
+                        .unwrap();
                 }
             })
         });

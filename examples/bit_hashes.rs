@@ -53,7 +53,10 @@ fn main() {
     let paths = [
         ("texture", GpuOptions::default()),
         ("buffer+subgroups", GpuOptions { weight_store: Some(WeightStore::Buffer), ..Default::default() }),
-        ("no-subgroups", GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() }),
+        (
+            "no-subgroups",
+            GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() },
+        ),
     ];
     let mut all = Fnv::new();
     for (path, opts) in paths {

@@ -57,12 +57,7 @@ impl Batcher {
                 continue;
             }
             let done = n == pending.len();
-            inputs.push(SeqInput {
-                state: &mut **state,
-                seq: 0,
-                tokens: &pending[..n],
-                logits: done.then_some(LogitsMode::Last),
-            });
+            inputs.push(SeqInput { state, seq: 0, tokens: &pending[..n], logits: done.then_some(LogitsMode::Last) });
             who.push(i);
         }
         if inputs.is_empty() {
@@ -138,7 +133,7 @@ impl Drop for BatchThread {
 /// batch thread itself was lost (its pending tokens dropped).
 #[derive(Debug)]
 pub struct FeedError {
-    pub session: Option<Session>,
+    pub session: Option<Box<Session>>,
     pub error: Error,
 }
 
@@ -156,17 +151,17 @@ impl BatchHandle {
     /// threads share the steps.
     pub fn feed(&self, mut session: Session, tokens: &[u32]) -> std::result::Result<Session, FeedError> {
         if let Err(error) = session.push(tokens) {
-            return Err(FeedError { session: Some(session), error });
+            return Err(FeedError { session: Some(Box::new(session)), error });
         }
         let (reply, rx) = mpsc::channel();
         if let Err(mpsc::SendError(mut job)) = self.tx.send(Job { session, reply }) {
             job.session.clear_pending();
             let error = Error::InvalidArgument("the batch thread has stopped".into());
-            return Err(FeedError { session: Some(job.session), error });
+            return Err(FeedError { session: Some(Box::new(job.session)), error });
         }
         match rx.recv() {
             Ok((session, Ok(()))) => Ok(session),
-            Ok((session, Err(error))) => Err(FeedError { session: Some(session), error }),
+            Ok((session, Err(error))) => Err(FeedError { session: Some(Box::new(session)), error }),
             Err(_) => Err(FeedError { session: None, error: Error::Gpu("the batch thread ended".into()) }),
         }
     }

@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
+use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
 use crate::gpu::GpuContext;
-use crate::engine::{Engine, EngineOptions};
 use crate::model::{LoadOptions, LogitsMode, Model};
 
 #[derive(Debug, Clone)]

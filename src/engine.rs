@@ -5,9 +5,11 @@
 //! different sessions (`step`, which the [`crate::batcher::Batcher`] uses).
 //!
 //! One step:
+//! ```text
 //!  1. rows = emb[tokens], read from the file           (`Model::embed`)
 //!  2. x = LayerNorm(rows, ln0); the layers              (`Model::record_layers`)
 //!  3. logits = LayerNorm(x[wanted rows], ln_out) head   (`Model::record_head`)
+//! ```
 //!
 //! Every token row is computed by the same arithmetic in the same order,
 //! whatever else is in the step and however a sequence's tokens are split
@@ -292,7 +294,13 @@ impl Engine {
         result
     }
 
-    fn record_and_run(&mut self, bound: &Bound<'_>, state: &[GpuBuffer], chunk: &Chunk, batch: usize) -> Result<Vec<f32>> {
+    fn record_and_run(
+        &mut self,
+        bound: &Bound<'_>,
+        state: &[GpuBuffer],
+        chunk: &Chunk,
+        batch: usize,
+    ) -> Result<Vec<f32>> {
         let model = &*self.model;
         let ctx = model.context();
         let s = self.scratch.as_ref().expect("scratch made by ensure_scratch");

@@ -369,7 +369,9 @@ fn read_stdin() -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Generate { prompt, model, state, sampling } => generate(&cli, prompt.as_deref(), model, state, sampling),
+        Command::Generate { prompt, model, state, sampling } => {
+            generate(&cli, prompt.as_deref(), model, state, sampling)
+        }
         Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling),
         Command::Convert { input, output } => convert(input, output),
         Command::Tokenize { tokenizer } => tokenize(tokenizer),
@@ -483,13 +485,7 @@ fn perplexity_cmd(cli: &Cli, file: &Path, model: &ModelArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let r = perplexity(&mut m.engine, &tok, &ids)?;
-    println!(
-        "tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}",
-        ids.len(),
-        r.0,
-        r.0.exp(),
-        r.1
-    );
+    println!("tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}", ids.len(), r.0, r.0.exp(), r.1);
     eprintln!("[{:.1} tokens/s]", ids.len() as f64 / t0.elapsed().as_secs_f64());
     Ok(())
 }

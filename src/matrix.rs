@@ -16,8 +16,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG};
 use crate::gpu::{
-    Binding, GpuBuffer, GpuContext, GpuTexture, KernelPlan, Pipeline, Recorder, Release, WeightStore, XSource,
-    STORAGE, UPLOAD_SLICE, WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
+    Binding, GpuBuffer, GpuContext, GpuTexture, KernelPlan, Pipeline, Recorder, Release, WeightStore, XSource, STORAGE,
+    UPLOAD_SLICE, WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
 use crate::tensor::{Dtype, Tensor};
 
@@ -340,7 +340,8 @@ impl Matrix {
             let key = plan.texture_linear(self.dtype(), self.rows, nb, source);
             let Pipeline::LinearTex { tile, .. } = key else { unreachable!() };
             let row_tiles = (self.rows as u32).div_ceil(KernelPlan::lane_rows(tile) * lanes);
-            let groups = if nb == 1 { [row_tiles, 1, 1] } else { [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1] };
+            let groups =
+                if nb == 1 { [row_tiles, 1, 1] } else { [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1] };
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
             rec.dispatch_with(key, &params, bindings, groups)?;
             n0 += nb;

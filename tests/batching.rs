@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::*;
 use rwkv_wgpu::gpu::{GpuContext, GpuOptions, WeightStore};
 use rwkv_wgpu::{
-    BatchThread, Batcher, Engine, EngineOptions, Error, LoadOptions, LogitsMode, Model, SeqInput, Session,
-    StateData, Tokenizer,
+    BatchThread, Batcher, Engine, EngineOptions, Error, LoadOptions, LogitsMode, Model, SeqInput, Session, StateData,
+    Tokenizer,
 };
 
 const MODEL: &str = "v7-L2-C128-V512-fp32";

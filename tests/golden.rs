@@ -197,8 +197,7 @@ fn weights_split_across_bindings_give_the_same_logits() {
     let name = "v7-L2-C128-V512-fp32";
     let Some(mut whole) = load(name, 64) else { return };
     // 10 KiB parts: emb and head [512, 128] f32 (256 KiB) become 26 parts each.
-    let Some(mut split) =
-        load_with(name, LoadOptions { max_part_bytes: Some(10 << 10), ..Default::default() }, 64)
+    let Some(mut split) = load_with(name, LoadOptions { max_part_bytes: Some(10 << 10), ..Default::default() }, 64)
     else {
         return;
     };

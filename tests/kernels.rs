@@ -10,10 +10,12 @@ use common::*;
 use half::{bf16, f16};
 use rwkv_wgpu::gpu::kernels::*;
 
-use rwkv_wgpu::gpu::{GpuBuffer, GpuContext, ParamArena, Pipeline, Recorder, WeightStore, Workspace, STORAGE, X_WINDOW_BYTES};
+use rwkv_wgpu::gpu::{
+    GpuBuffer, GpuContext, ParamArena, Pipeline, Recorder, WeightStore, Workspace, STORAGE, X_WINDOW_BYTES,
+};
 use rwkv_wgpu::ops::{record_wkv5, record_wkv7, WkvTextures};
-use rwkv_wgpu::Dtype;
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
+use rwkv_wgpu::Dtype;
 use rwkv_wgpu::Matrix;
 
 /// Largest |gpu − cpu| / (1 + |cpu|) allowed for a single kernel in f32.
@@ -499,7 +501,9 @@ fn v7_prep_both_layer_kinds() {
             k_a: 4 * dim as u32,
             _pad: [0; 2],
         };
-        run(&ctx, &ws, |rec| rec.dispatch(ctx.plan().v7_prep(), &params, &[&ab, &vb], params.groups(tpw(&ctx))).unwrap());
+        run(&ctx, &ws, |rec| {
+            rec.dispatch(ctx.plan().v7_prep(), &params, &[&ab, &vb], params.groups(tpw(&ctx))).unwrap()
+        });
         let got = ctx.read_f32(&ab).unwrap();
         let mut want = f64s(&att);
         let at = |pl: u32, i: usize| pl as usize * p + i;

@@ -89,14 +89,22 @@ pub enum WkvEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pipeline {
     /// `tpw`: rows per invocation (`TPW`).
-    LayerNorm { tpw: u32 },
+    LayerNorm {
+        tpw: u32,
+    },
     /// `tpw`: tokens per invocation (`TPW`).
-    TokenShift { tpw: u32 },
+    TokenShift {
+        tpw: u32,
+    },
     GatherRows,
     /// `tpw`: tokens per workgroup (`TPW`).
-    GroupNorm { tpw: u32 },
+    GroupNorm {
+        tpw: u32,
+    },
     /// `tpw`: tokens per workgroup (`TPW`).
-    V7Prep { tpw: u32 },
+    V7Prep {
+        tpw: u32,
+    },
     MulAdd,
     Wkv7,
     Wkv7Tex(WkvEntry),
@@ -106,9 +114,16 @@ pub enum Pipeline {
     /// `linear.wgsl` with weights of this dtype (`WDTYPE`).
     Linear(Dtype),
     /// `linear_sg.wgsl`: `tokens` per workgroup (`TN`: 1 or LINEAR_TN).
-    LinearSg { weights: Dtype, tokens: u32 },
+    LinearSg {
+        weights: Dtype,
+        tokens: u32,
+    },
     /// `linear_tex.wgsl`.
-    LinearTex { weights: Dtype, tile: TexTile, x: XSource },
+    LinearTex {
+        weights: Dtype,
+        tile: TexTile,
+        x: XSource,
+    },
 }
 
 impl Pipeline {
@@ -214,7 +229,7 @@ pub enum Act {
     Silu = 4,
 }
 
-/// `linear.wgsl`: Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i]).
+/// `linear.wgsl`: `Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i])`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct LinearParams {
@@ -230,7 +245,7 @@ pub struct LinearParams {
     pub _pad: [u32; 3],
 }
 
-/// `linear_tex.wgsl`: Y[n, o] (+)= act(Σ_i X[n,i]·W[o,i]), W and X in textures.
+/// `linear_tex.wgsl`: `Y[n, o] (+)= act(Σ_i X[n,i]·W[o,i])`, W and X in textures.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct LinearTexParams {
@@ -304,7 +319,7 @@ pub struct MulAddParams {
     pub b_offset: u32,
 }
 
-/// `gather_rows.wgsl`: out[r, :] = x[rows[r], :].
+/// `gather_rows.wgsl`: `out[r, :] = x[rows[r], :]`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct GatherParams {
@@ -332,7 +347,7 @@ pub struct V7PrepParams {
 }
 
 impl V7PrepParams {
-    /// Workgroups for these params: see [`head_runs`].
+    /// Workgroups for these params: one per head and run of `tpw` tokens.
     pub fn groups(&self, tpw: u32) -> [u32; 3] {
         head_runs(self.dim, self.head_size, self.n_tok, tpw)
     }
@@ -389,7 +404,7 @@ pub struct GroupNormParams {
 }
 
 impl GroupNormParams {
-    /// Workgroups for these params: see [`head_runs`].
+    /// Workgroups for these params: one per head and run of `tpw` tokens.
     pub fn groups(&self, tpw: u32) -> [u32; 3] {
         head_runs(self.dim, self.head_size, self.n_tok, tpw)
     }

@@ -149,7 +149,7 @@ impl GpuContext {
             && info.subgroup_min_size == info.subgroup_max_size
             && (4..=128).contains(&info.subgroup_min_size)
             && !opts.no_subgroups)
-        .then_some(info.subgroup_min_size);
+            .then_some(info.subgroup_min_size);
         let features = if subgroup_size.is_some() { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("rwkv-wgpu"),

@@ -242,4 +242,3 @@ fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {
         other => Error::BadHeader { path, detail: other.to_string() },
     }
 }
-

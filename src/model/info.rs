@@ -75,5 +75,3 @@ pub struct ModelInfo {
     pub gpu_weight_bytes: u64,
     pub state_bytes_per_sequence: u64,
 }
-
-

@@ -70,18 +70,14 @@ pub struct BlockLoader<'f> {
 }
 
 impl<'f> BlockLoader<'f> {
-    pub fn new(ctx: &'f GpuContext, f: &'f SafeTensorsFile, c: usize, max_part: u64, progress: Option<Progress>) -> Self {
-        Self {
-            ctx,
-            f,
-            c,
-            max_part,
-            parameters: 0,
-            gpu_bytes: 0,
-            total: f.data_bytes(),
-            done: Cell::new(0),
-            progress,
-        }
+    pub fn new(
+        ctx: &'f GpuContext,
+        f: &'f SafeTensorsFile,
+        c: usize,
+        max_part: u64,
+        progress: Option<Progress>,
+    ) -> Self {
+        Self { ctx, f, c, max_part, parameters: 0, gpu_bytes: 0, total: f.data_bytes(), done: Cell::new(0), progress }
     }
 
     /// Called once a tensor has been read: reports progress, lets the OS
@@ -184,11 +180,7 @@ pub struct Loaded<B> {
 /// WKV kernels hold in registers.
 pub fn check_heads(name: &str, shape: &[usize], c: usize, n_head: usize, head_size: usize) -> Result<(usize, usize)> {
     if n_head == 0 || n_head * head_size != c {
-        return Err(Error::ShapeMismatch {
-            name: name.into(),
-            expected: vec![c / 64, 64],
-            found: shape.to_vec(),
-        });
+        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![c / 64, 64], found: shape.to_vec() });
     }
     if head_size > MAX_HEAD_SIZE || !head_size.is_multiple_of(4) {
         return Err(Error::UnsupportedShape(format!(

@@ -231,7 +231,8 @@ impl Model {
     pub fn max_chunk_tokens(&self) -> usize {
         let max = self.ctx.max_binding_bytes() as usize;
         let c = self.info.n_embd;
-        let widest = [crate::gpu::kernels::plane::COUNT as usize * c, self.info.ffn, step::LORA_PLANES * self.d_lora_max.max(1)];
+        let widest =
+            [crate::gpu::kernels::plane::COUNT as usize * c, self.info.ffn, step::LORA_PLANES * self.d_lora_max.max(1)];
         (max / (widest.into_iter().max().unwrap() * 4)).clamp(1, 4096)
     }
 
@@ -272,7 +273,13 @@ impl Model {
     }
 
     /// logits[0..rows] = LayerNorm(x[head_rows[first..first+rows]], ln_out) @ head.T
-    pub(crate) fn record_head<'a>(&'a self, rec: &mut Recorder<'a>, s: &'a Scratch, first: usize, rows: usize) -> Result<()> {
+    pub(crate) fn record_head<'a>(
+        &'a self,
+        rec: &mut Recorder<'a>,
+        s: &'a Scratch,
+        first: usize,
+        rows: usize,
+    ) -> Result<()> {
         let c = self.info.n_embd;
         crate::ops::gather_rows(rec, &s.head_rows, first, &s.x, &s.head_x, rows, c)?;
         let (w, b) = (LNOUT_W * c, LNOUT_B * c);

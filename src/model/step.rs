@@ -5,10 +5,10 @@
 
 use crate::error::Result;
 use crate::gpu::kernels::{plane, Act};
-use crate::gpu::{GpuBuffer, GpuContext, Recorder, Workspace, WeightStore, READBACK, STORAGE, X_WINDOW_BYTES};
+use crate::gpu::{GpuBuffer, GpuContext, Recorder, WeightStore, Workspace, READBACK, STORAGE, X_WINDOW_BYTES};
 use crate::matrix::Matrix;
-use crate::model::load::BlockLoader;
 use crate::model::info::ModelInfo;
+use crate::model::load::BlockLoader;
 use crate::ops::{self, GroupNorm, TokenShift, WkvTextures};
 
 /// LayerNorm eps of ln0, ln1, ln2 and ln_out.
@@ -28,11 +28,11 @@ pub const LORA_PLANES: usize = 5;
 /// One GPU step: the tokens of every sequence laid end to end.
 #[derive(Debug, Default, Clone)]
 pub struct Chunk {
-    /// [n_tok] token ids.
+    /// `[n_tok]` token ids.
     pub tokens: Vec<u32>,
-    /// [n_tok] sequence of each token.
+    /// `[n_tok]` sequence of each token.
     pub tok_seq: Vec<u32>,
-    /// [batch + 1] first token row of each sequence; sequence b owns rows
+    /// `[batch + 1]` first token row of each sequence; sequence b owns rows
     /// `seq_start[b] .. seq_start[b+1]` (possibly none).
     pub seq_start: Vec<u32>,
     /// Token rows whose logits are wanted, in output order.
@@ -186,7 +186,7 @@ impl<'a> Step<'a> {
         ops::layer_norm(rec, x, y, vecs, w_slot * c, b_slot * c, n, c, LN_EPS)
     }
 
-    /// mixed[m, n, :] = xx[n] + (prev - xx[n]) * (vecs[mix_slot + m] + extra[m, n])
+    /// `mixed[m, n, :] = xx[n] + (prev - xx[n]) * (vecs[mix_slot + m] + extra[m, n])`
     /// for n_mix mixes, prev being the token before (the state for a
     /// sequence's first token). With `hand_over` the state at `state_offset`
     /// takes each sequence's last xx. `extra` (v6's data-dependent mix) is

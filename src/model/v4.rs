@@ -1,6 +1,7 @@
 //! RWKV-4 on the GPU.
 //!
 //! Per layer, for the tokens x of a chunk (rows n, channels c):
+//! ```text
 //!  1. xx = LayerNorm(x, ln1); shifted = token shift of xx against att_x state
 //!  2. xr, xk, xv = xx * time_mix + shifted * (1 - time_mix)
 //!  3. r = sigmoid(xr Wr), k = xk Wk, v = xv Wv
@@ -12,6 +13,7 @@
 //!  5. x = x + y Wo
 //!  6. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
 //!  7. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+//! ```
 //!
 //! Embedding, ln0, the head and the step around these layers are in
 //! `model/mod.rs` and `engine.rs`.

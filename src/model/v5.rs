@@ -1,6 +1,7 @@
 //! RWKV-5 "Eagle" (5.0, 5.1, 5.2) on the GPU.
 //!
 //! Per layer, for the tokens x of a chunk (rows n, channels c):
+//! ```text
 //!  1. xx = LayerNorm(x, ln1); shifted = token shift of xx against att_x state
 //!  2. xr, xk, xv, xg = xx * time_mix + shifted * (1 - time_mix)   (5.0: no xg)
 //!  3. r = xr Wr, k = xk Wk, v = xv Wv, g = silu(xg Wg)             (5.0: no g)
@@ -12,6 +13,7 @@
 //!  6. x = x + y Wo
 //!  7. xx = LayerNorm(x, ln2); xk, xr = mixes of xx and its shift (time_mix_k, _r)
 //!  8. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+//! ```
 //!
 //! Embedding, ln0, the head and the step around these layers are in
 //! `model/mod.rs` and `engine.rs`.
@@ -21,9 +23,9 @@ use crate::gpu::kernels::{plane, Act, Wkv5Params};
 use crate::gpu::{GpuBuffer, Recorder};
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
+use crate::model::info::Version;
 use crate::model::load::{check_heads, BlockLoader, Dims, Loaded};
 use crate::model::step::{ChannelMix, Step};
-use crate::model::info::Version;
 use crate::ops::record_wkv5;
 use crate::state::StateLayout;
 

@@ -1,6 +1,7 @@
 //! RWKV-6 "Finch" on the GPU.
 //!
 //! Per layer, for the tokens x of a chunk (rows n, channels c):
+//! ```text
 //!  1. xx = LayerNorm(x, ln1); sx = (token shift of xx against att_x state) - xx
 //!  2. xxx = xx + sx * time_maa_x
 //!  3. m_i = tanh(xxx W1_i) W2_i for the five LoRAs i = w, k, v, r, g
@@ -14,6 +15,7 @@
 //!  8. y = GroupNorm(y, ln_x, eps 64e-5) * g; x = x + y Wo
 //!  9. xx = LayerNorm(x, ln2); xk, xr = xx + sx * time_maa_{k,r}
 //! 10. x = x + sigmoid(xr Wr) * (relu(xk Wk)^2 Wv)
+//! ```
 //!
 //! Embedding, ln0, the head and the step around these layers are in
 //! `model/mod.rs` and `engine.rs`.

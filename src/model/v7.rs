@@ -1,6 +1,7 @@
 //! RWKV-7 "Goose" (x070) on the GPU.
 //!
 //! Per layer, for the tokens x of a chunk (rows n, channels c):
+//! ```text
 //!  1. xx = LayerNorm(x, ln1); shifted = token shift of xx against att_x state
 //!  2. xr, xw, xk, xv, xa, xg = xx + (shifted - xx) * x_{r,w,k,v,a,g}
 //!  3. r = xr Wr, k = xk Wk, v = xv Wv
@@ -13,6 +14,7 @@
 //! 10. x = x + y Wo
 //! 11. xx = LayerNorm(x, ln2); xk = xx + (shifted - xx) * ffn.x_k
 //! 12. x = x + relu(xk Wkey)^2 Wvalue
+//! ```
 //!
 //! Embedding, ln0, the head and the step around these layers are in
 //! `model/mod.rs` and `engine.rs`.

@@ -49,7 +49,7 @@ pub fn layer_norm<'a>(
 
 /// One token-shift mix (`token_shift.wgsl`), for tokens laid end to end by
 /// sequence:
-///   out[m, t, :] = x[t] + (prev - x[t]) * (mix[m] + extra[m, t])
+/// `out[m, t, :] = x[t] + (prev - x[t]) * (mix[m] + extra[m, t])`
 /// for `n_mix` mixes, `prev` being the token before in its sequence (for a
 /// sequence's first token, the row `state[seq, state_offset..]`). With
 /// `hand_over`, that state row takes each sequence's last x.
@@ -106,8 +106,8 @@ pub fn token_shift<'a>(rec: &mut Recorder<'a>, op: &TokenShift<'a>, n: usize, di
 /// `gate`, `* g`; r, k, v and g are planes of `att` (`plane` elements apart,
 /// at the plane indices of `gpu::kernels::plane`).
 pub struct GroupNorm<'a> {
-    pub y: &'a GpuBuffer,    // [n, dim]
-    pub att: &'a GpuBuffer,  // [PLANES, plane]
+    pub y: &'a GpuBuffer,   // [n, dim]
+    pub att: &'a GpuBuffer, // [PLANES, plane]
     pub plane: usize,
     pub vecs: &'a GpuBuffer, // w, b (and r_k) [dim] at their offsets
     pub w_offset: usize,

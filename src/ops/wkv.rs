@@ -175,7 +175,6 @@ pub fn record_wkv5<'a>(
     record_runs(rec, key, p, n_tok, longest, [att, seq_start, state, y], &[vecs], tex)
 }
 
-
 /// The RWKV-4 WKV (`wkv4.wgsl`), one invocation per (channel, sequence);
 /// `vecs` holds the bonus and the decay.
 #[allow(clippy::too_many_arguments)]
