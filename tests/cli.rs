@@ -82,6 +82,21 @@ fn inspect_reports_the_model() {
     ] {
         assert!(out.contains(want), "inspect output lacks `{want}`:\n{out}");
     }
+    // The kernel plan the adapter got, as the library chose it.
+    let ctx = gpu().unwrap();
+    let plan = format!("kernels         {}", ctx.plan());
+    assert!(out.contains(&plan), "inspect output lacks `{plan}`:\n{out}");
+    // The environment picks another plan (only the binary reads it).
+    let o = Command::new(env!("CARGO_BIN_EXE_rwkv"))
+        .args(["inspect", "--model", model_path("v7-L3-C64-V512-fp16-l0v").to_str().unwrap()])
+        .env("RWKV_WEIGHTS", "buffer")
+        .env("RWKV_NO_SUBGROUPS", "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("no subgroups") && out.contains("matrices: linear (weights in buffers"), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_rwkv")).args(["inspect"]).env("RWKV_WEIGHTS", "disk").output().unwrap();
+    assert_eq!(error_lines(&o), ["error: RWKV_WEIGHTS=disk: expected `buffer` or `texture`"]);
 }
 
 /// `inspect` tells each generation apart, on .pth as on .safetensors, and

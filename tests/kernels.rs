@@ -579,10 +579,13 @@ fn check_wkv7(ctx: &GpuContext, hs: usize, seq_lens: &[usize], seed: u64, tex: b
     };
     // Walk the tokens in runs, as the model does.
     let longest = seq_lens.iter().copied().max().unwrap_or(0) as u32;
-    let wkv_tex = tex.then(|| {
-        assert!(WkvTextures::fit(ctx, hs, dim, stride, cap, n_seq), "wkv7_tex.wgsl does not fit this test's shape");
-        WkvTextures::new(ctx, dim, cap, n_seq).unwrap()
-    });
+    if tex && !WkvTextures::fit(ctx, hs, dim, stride, cap, n_seq) {
+        // The texture WKV kernels are a CPU-adapter path (subgroups of 8);
+        // where the plan chose textures they must run (lavapipe, CI).
+        assert!(ctx.weight_store() != WeightStore::Texture, "the texture store must run wkv7_tex");
+        return;
+    }
+    let wkv_tex = tex.then(|| WkvTextures::new(ctx, dim, cap, n_seq).unwrap());
     run(ctx, &ws, |rec| record_wkv7(rec, params, n as u32, longest, &ab, &ssb, &sb, &yb, wkv_tex.as_ref()).unwrap());
     let mut s = f64s(&state);
     let mut y = vec![0f64; n * dim];
