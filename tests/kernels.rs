@@ -324,6 +324,44 @@ fn linear_tanh_extremes_stay_finite() {
     check("tanh", &got, &want);
 }
 
+/// RMSNorm against the CPU in f64: rows not a multiple of a run of 8,
+/// widths not a multiple of the 64-lane tree, x and y at offsets.
+#[test]
+fn rms_norm_rows() {
+    let Some(default) = gpu() else { return };
+    // Also with no subgroups (64-lane shared-memory sums, one row per workgroup).
+    let opts =
+        rwkv_wgpu::GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() };
+    let plain = GpuContext::new(&opts).unwrap();
+    for ctx in [default, plain] {
+        rms_norm_on(&ctx);
+    }
+}
+
+fn rms_norm_on(ctx: &GpuContext) {
+    let ws = Workspace::new();
+    let mut rng = Rng::new(33);
+    for (rows, dim) in [(1, 64), (5, 100), (11, 576), (3, 2052)] {
+        let x = rng.vec(8 + rows * dim, 3.0);
+        let vecs = rng.vec(2 * dim, 1.0); // weight at slot 1
+        let xb = ctx.storage_f32("x", &x[8..]).unwrap();
+        let vb = ctx.storage_f32("vecs", &vecs).unwrap();
+        let yb = zeros(&ctx, rows * dim);
+        run(ctx, &ws, |rec| rwkv_wgpu::ops::rms_norm(rec, &xb, &yb, &vb, dim, rows, dim, 1e-6).unwrap());
+        let mut want = vec![0f64; rows * dim];
+        for r in 0..rows {
+            let row = &x[8 + r * dim..8 + (r + 1) * dim];
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
+            let rstd = 1.0 / (ms + 1e-6).sqrt();
+            for c in 0..dim {
+                want[r * dim + c] = row[c] as f64 * rstd * vecs[dim + c] as f64;
+            }
+        }
+        let what = format!("rms_norm {rows}x{dim} ({})", ctx.plan());
+        check(&what, &ctx.read_f32(&yb).unwrap(), &want);
+    }
+}
+
 #[test]
 fn layer_norm_rows() {
     let Some(ctx) = gpu() else { return };

@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use naga::proc::Layouter;
 use naga::{AddressSpace, Module, ResourceBinding, TypeInner};
 use rwkv_wgpu::gpu::kernels::{
-    GatherParams, GroupNormParams, LayerNormParams, LinearParams, LinearTexParams, MulAddParams, TokenShiftParams,
-    V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
+    GatherParams, GroupNormParams, LayerNormParams, LinearParams, LinearTexParams, MulAddParams, RmsNormParams,
+    TokenShiftParams, V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
 };
 
 /// Which `group_sum` files a kernel is assembled with in `GpuContext::pipeline`.
@@ -53,6 +53,7 @@ macro_rules! case {
 /// `record_*`/`dispatch` call sites for which struct each one is given).
 const CASES: &[Case] = &[
     case!("layer_norm.wgsl", LayerNormParams, Either),
+    case!("rms_norm.wgsl", RmsNormParams, Either),
     case!("token_shift.wgsl", TokenShiftParams, Either),
     case!("gather_rows.wgsl", GatherParams, Either),
     case!("linear.wgsl", LinearParams, Either),

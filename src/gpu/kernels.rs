@@ -15,6 +15,7 @@ pub(crate) const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_wor
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     LayerNorm,
+    RmsNorm,
     TokenShift,
     GatherRows,
     Linear,
@@ -35,6 +36,7 @@ impl Kernel {
     pub fn source(self) -> &'static str {
         match self {
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
+            Kernel::RmsNorm => include_str!("../../shaders/rms_norm.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
@@ -92,6 +94,10 @@ pub enum Pipeline {
     LayerNorm {
         tpw: u32,
     },
+    /// `tpw`: rows per workgroup (`TPW`).
+    RmsNorm {
+        tpw: u32,
+    },
     /// `tpw`: tokens per invocation (`TPW`).
     TokenShift {
         tpw: u32,
@@ -130,6 +136,7 @@ impl Pipeline {
     pub fn kernel(self) -> Kernel {
         match self {
             Pipeline::LayerNorm { .. } => Kernel::LayerNorm,
+            Pipeline::RmsNorm { .. } => Kernel::RmsNorm,
             Pipeline::TokenShift { .. } => Kernel::TokenShift,
             Pipeline::GatherRows => Kernel::GatherRows,
             Pipeline::GroupNorm { .. } => Kernel::GroupNorm,
@@ -160,6 +167,7 @@ impl Pipeline {
         let need_sg = || subgroup.ok_or_else(|| Error::Gpu(format!("{self:?} needs a fixed subgroup size")));
         Ok(match self {
             Pipeline::LayerNorm { tpw }
+            | Pipeline::RmsNorm { tpw }
             | Pipeline::TokenShift { tpw }
             | Pipeline::GroupNorm { tpw }
             | Pipeline::V7Prep { tpw } => vec![("TPW", tpw as f64)],
@@ -274,6 +282,26 @@ pub struct LayerNormParams {
 }
 
 impl LayerNormParams {
+    /// Workgroups for these params: one per run of `tpw` rows.
+    pub fn groups(&self, tpw: u32) -> [u32; 3] {
+        [self.n_rows.div_ceil(tpw), 1, 1]
+    }
+}
+
+/// `rms_norm.wgsl`: `y = x / sqrt(mean(x²) + eps) * w` per row.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct RmsNormParams {
+    pub n_rows: u32,
+    pub dim: u32,
+    pub x_offset: u32,
+    pub y_offset: u32,
+    pub w_offset: u32,
+    pub eps: f32,
+    pub _pad: [u32; 2],
+}
+
+impl RmsNormParams {
     /// Workgroups for these params: one per run of `tpw` rows.
     pub fn groups(&self, tpw: u32) -> [u32; 3] {
         [self.n_rows.div_ceil(tpw), 1, 1]

@@ -88,6 +88,10 @@ impl KernelPlan {
         Pipeline::LayerNorm { tpw: self.elementwise_tokens() }
     }
 
+    pub fn rms_norm(&self) -> Pipeline {
+        Pipeline::RmsNorm { tpw: self.elementwise_tokens() }
+    }
+
     pub fn token_shift(&self) -> Pipeline {
         Pipeline::TokenShift { tpw: self.elementwise_tokens() }
     }

@@ -13,7 +13,7 @@ pub use wkv::{record_wkv4, record_wkv5, record_wkv7, WkvTextures};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, TokenShiftParams, V7PrepParams, WG,
+    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, TokenShiftParams, V7PrepParams, WG,
 };
 use crate::gpu::{GpuBuffer, Pipeline, Recorder};
 
@@ -44,6 +44,34 @@ pub fn layer_norm<'a>(
     };
     let key = rec.ctx().plan().layer_norm();
     let Pipeline::LayerNorm { tpw } = key else { unreachable!() };
+    rec.dispatch(key, &p, &[x, vecs, y], p.groups(tpw))
+}
+
+/// `y[r] = x[r] / sqrt(mean(x[r]²) + eps) * w` for `rows` rows of `dim`
+/// floats (RMSNorm, as Llama and Qwen2 normalise); the weight is a vector of
+/// `vecs` at `w_offset`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm<'a>(
+    rec: &mut Recorder<'a>,
+    x: &'a GpuBuffer,    // [rows, dim]
+    y: &'a GpuBuffer,    // [rows, dim]
+    vecs: &'a GpuBuffer, // w [dim] at w_offset
+    w_offset: usize,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let p = RmsNormParams {
+        n_rows: rows as u32,
+        dim: dim as u32,
+        x_offset: 0,
+        y_offset: 0,
+        w_offset: w_offset as u32,
+        eps,
+        _pad: [0; 2],
+    };
+    let key = rec.ctx().plan().rms_norm();
+    let Pipeline::RmsNorm { tpw } = key else { unreachable!() };
     rec.dispatch(key, &p, &[x, vecs, y], p.groups(tpw))
 }
 
