@@ -346,7 +346,7 @@ fn rms_norm_on(ctx: &GpuContext) {
         let vecs = rng.vec(2 * dim, 1.0); // weight at slot 1
         let xb = ctx.storage_f32("x", &x[8..]).unwrap();
         let vb = ctx.storage_f32("vecs", &vecs).unwrap();
-        let yb = zeros(&ctx, rows * dim);
+        let yb = zeros(ctx, rows * dim);
         run(ctx, &ws, |rec| rwkv_wgpu::ops::rms_norm(rec, &xb, &yb, &vb, dim, rows, dim, 1e-6).unwrap());
         let mut want = vec![0f64; rows * dim];
         for r in 0..rows {
