@@ -383,6 +383,25 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// What `generate` and `chat` start from: the model and an engine, a session
+/// in its initial state (`--state`), and the sampler (chat's defaults with `chat`).
+fn start_session(
+    cli: &Cli,
+    model: &ModelArgs,
+    state: &StateArgs,
+    sampling: &SamplingArgs,
+    chat: bool,
+) -> Result<(Loaded, Session, Sampler)> {
+    let sampler = Sampler::new(sampler_config(sampling, chat)?)?;
+    let ctx = gpu(cli)?;
+    let m = load(&ctx, model, true)?;
+    let mut session = Session::new(m.model.clone(), m.tokenizer())?;
+    if let Some(s) = initial_state(&m.model, state)? {
+        session.set_initial_state(s)?;
+    }
+    Ok((m, session, sampler))
+}
+
 /// `rwkv generate`: continue a prompt, streaming the text.
 fn generate(
     cli: &Cli,
@@ -398,14 +417,7 @@ fn generate(
     if prompt.is_empty() {
         bail!("empty prompt: give the text to continue as an argument or on stdin");
     }
-    let cfg = sampler_config(sampling, false)?;
-    let mut sampler = Sampler::new(cfg)?;
-    let ctx = gpu(cli)?;
-    let mut m = load(&ctx, model, true)?;
-    let mut session = Session::new(m.model.clone(), m.tokenizer())?;
-    if let Some(s) = initial_state(&m.model, state)? {
-        session.set_initial_state(s)?;
-    }
+    let (mut m, mut session, mut sampler) = start_session(cli, model, state, sampling, false)?;
     let t0 = Instant::now();
     let n_prompt = session.feed_text(&mut m.engine, &prompt)?;
     let t1 = Instant::now();
@@ -630,14 +642,7 @@ fn parse_id_array(text: &str) -> Result<Vec<u32>> {
 }
 
 fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs) -> Result<()> {
-    let cfg = sampler_config(sampling, true)?;
-    let mut sampler = Sampler::new(cfg)?;
-    let ctx = gpu(cli)?;
-    let mut m = load(&ctx, model, true)?;
-    let mut session = Session::new(m.model.clone(), m.tokenizer())?;
-    if let Some(s) = initial_state(&m.model, state)? {
-        session.set_initial_state(s)?;
-    }
+    let (mut m, mut session, mut sampler) = start_session(cli, model, state, sampling, true)?;
     let engine = &mut m.engine;
     let opts = generate_options(sampling, &["\n\n"]);
     let interactive = std::io::stdin().is_terminal();
