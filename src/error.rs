@@ -14,6 +14,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("{path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+
+    #[error("{output} is the same file as the input {input}: refusing to overwrite an input")]
+    SameFile { output: PathBuf, input: PathBuf },
+
+    #[error("{path} exists (use --force to replace it)")]
+    OutputExists { path: PathBuf },
+
     #[error("{path} is truncated: {detail}")]
     TruncatedFile { path: PathBuf, detail: String },
 

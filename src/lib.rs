@@ -23,7 +23,10 @@
 //! let mut session = Session::new(model.clone(), tokenizer.clone())?;
 //! session.feed_text(&mut engine, b"The Eiffel Tower is in")?;
 //! let mut sampler = Sampler::new(SamplerConfig { temperature: 1.0, top_p: 0.9, seed: 42, ..Default::default() })?;
-//! let out = session.generate(&mut engine, &mut sampler, &GenerateOptions::default(), |text| print!("{text}"))?;
+//! let out = session.generate(&mut engine, &mut sampler, &GenerateOptions::default(), |text| {
+//!     print!("{text}");
+//!     std::ops::ControlFlow::Continue(()) // Break(()) stops generating
+//! })?;
 //!
 //! // Two sessions on the same model, driven in shared GPU steps (continuous batching:
 //! // sessions may join or leave between any two steps; each gets the logits it would alone).
@@ -51,6 +54,7 @@
 pub mod batcher;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod gpu;
 pub mod loader;
 pub mod matrix;

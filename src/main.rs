@@ -1,12 +1,14 @@
 //! `rwkv`: the command-line tool.
 
 use std::io::{IsTerminal, Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rwkv_wgpu::files::{write_atomic, Overwrite};
 use rwkv_wgpu::gpu::WeightStore;
 use rwkv_wgpu::state::StateData;
 use rwkv_wgpu::tokenizer::HfTokenizer;
@@ -207,8 +209,11 @@ enum Command {
     Convert {
         /// The checkpoint to read, e.g. RWKV-x060-World-1B6.pth.
         input: PathBuf,
-        /// The .safetensors file to write.
+        /// The .safetensors file to write (never the input itself).
         output: PathBuf,
+        /// Replace the output if it exists.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -373,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
             generate(&cli, prompt.as_deref(), model, state, sampling)
         }
         Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling),
-        Command::Convert { input, output } => convert(input, output),
+        Command::Convert { input, output, force } => convert(input, output, *force),
         Command::Tokenize { tokenizer } => tokenize(tokenizer),
         Command::Detokenize { tokenizer } => detokenize(tokenizer),
         Command::Perplexity { file, model } => perplexity_cmd(&cli, file, model),
@@ -423,14 +428,20 @@ fn generate(
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
+    // A closed stdout (`| head`) ends generation at once.
     let g = session.generate(&mut m.engine, &mut sampler, &generate_options(sampling, &[]), |text| {
-        if write_err.is_none() {
-            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
                 write_err = Some(e);
+                ControlFlow::Break(())
             }
         }
     })?;
     if let Some(e) = write_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
         return Err(e).context("writing to stdout");
     }
     if out.is_terminal() {
@@ -448,14 +459,13 @@ fn generate(
     Ok(())
 }
 
-/// `rwkv convert`: a checkpoint rewritten as safetensors.
-fn convert(input: &Path, output: &Path) -> Result<()> {
-    if input == output {
-        bail!("convert: the output would overwrite the input {}", input.display());
-    }
+/// `rwkv convert`: a checkpoint rewritten as safetensors (atomically, never
+/// over the input, over an existing file only with --force).
+fn convert(input: &Path, output: &Path, force: bool) -> Result<()> {
     let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
     let version = rwkv_wgpu::detect_version(&src).map(|v| format!("RWKV-{v}"));
-    let (n, skipped) = rwkv_wgpu::loader::convert_to_safetensors(&src, output)?;
+    let overwrite = if force { Overwrite::Replace } else { Overwrite::Refuse };
+    let (n, skipped) = rwkv_wgpu::loader::convert_to_safetensors(&src, output, overwrite)?;
     if !skipped.is_empty() {
         eprintln!("skipped {} tensors that are not f32/f16/bf16: {}", skipped.len(), skipped.join(", "));
     }
@@ -487,7 +497,7 @@ fn detokenize(tokenizer: &str) -> Result<()> {
 
 /// `rwkv perplexity`: loss, perplexity and bits per byte of a text file.
 fn perplexity_cmd(cli: &Cli, file: &Path, model: &ModelArgs) -> Result<()> {
-    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let text = rwkv_wgpu::files::read_regular(file)?;
     let ctx = gpu(cli)?;
     let mut m = load(&ctx, model, true)?;
     let tok = m.tokenizer();
@@ -512,7 +522,10 @@ fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path) -
     let logits = m.engine.forward(&mut state, &[tokens], mode)?.remove(0);
     let rows = logits.len() / vocab;
     let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
-    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    let model_file = m.model.file_path();
+    write_atomic(out, &[model_file], Overwrite::Replace, |tmp| {
+        std::fs::write(tmp, &bytes).map_err(|source| rwkv_wgpu::Error::Io { path: out.to_path_buf(), source })
+    })?;
     eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
     Ok(())
 }
@@ -604,6 +617,7 @@ fn stop_name(s: &StopReason) -> String {
         StopReason::MaxTokens => "max tokens".into(),
         StopReason::Eos => "end of text".into(),
         StopReason::StopSequence(t) => format!("{t:?}"),
+        StopReason::Cancelled => "cancelled".into(),
     }
 }
 
@@ -648,15 +662,21 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
     let interactive = std::io::stdin().is_terminal();
     let mut out = std::io::stdout().lock();
     let mut turn = 0;
-    let mut line = String::new();
+    let mut raw = Vec::new();
+    let mut stdin = std::io::stdin().lock();
     loop {
         if interactive {
             eprint!("> ");
         }
-        line.clear();
-        if std::io::stdin().read_line(&mut line).context("reading stdin")? == 0 {
+        raw.clear();
+        if std::io::BufRead::read_until(&mut stdin, b'\n', &mut raw).context("reading stdin")? == 0 {
             break;
         }
+        // A line that is not UTF-8 is reported and skipped; the chat goes on.
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            eprintln!("error: that line is not valid UTF-8; nothing was read");
+            continue;
+        };
         let msg = line.trim();
         if msg.is_empty() {
             continue;
@@ -670,11 +690,14 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
                     sampler.reset();
                     eprintln!("[state reset]");
                 }
-                ("save", f) if !f.is_empty() => {
-                    session.save_state(Path::new(f))?;
-                    eprintln!("[state saved to {f}]");
-                }
-                ("load", f) if !f.is_empty() => match session.load_state(Path::new(f)) {
+                // A failed save or load is reported; the session and its state go on.
+                ("save", "") => eprintln!("error: /save needs a file: /save FILE"),
+                ("load", "") => eprintln!("error: /load needs a file: /load FILE"),
+                ("save", f) => match session.save_state(Path::new(f)) {
+                    Ok(()) => eprintln!("[state saved to {f}]"),
+                    Err(e) => eprintln!("error: saving the state to {f}: {e:#}"),
+                },
+                ("load", f) => match session.load_state(Path::new(f)) {
                     Ok(()) => eprintln!("[state loaded from {f}]"),
                     Err(e) => eprintln!("error: state {f}: {e:#}"),
                 },
@@ -689,9 +712,18 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
         write!(out, "Assistant:")?;
         out.flush()?;
         let t0 = Instant::now();
+        let mut closed = false;
         let g = session.generate(engine, &mut sampler, &opts, |text| {
-            let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+            closed = out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err();
+            if closed {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })?;
+        if closed {
+            break;
+        }
         writeln!(out)?;
         out.flush()?;
         if g.stop != StopReason::StopSequence("\n\n".into()) {

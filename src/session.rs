@@ -6,6 +6,7 @@
 //! [`Engine`] (alone: `feed`, `generate`) or a [`crate::batcher::Batcher`]
 //! (with other sessions in shared steps: `push`, then `Batcher::step`).
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ pub enum StopReason {
     MaxTokens,
     Eos,
     StopSequence(String),
+    /// The text callback returned `ControlFlow::Break` (the reader went away).
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -109,9 +112,10 @@ impl Session {
         &mut self.state
     }
 
-    /// Saves this session's state as safetensors (see [`crate::state::save`]).
+    /// Saves this session's state as safetensors (see [`crate::state::save`]);
+    /// never over the model's own file.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        crate::state::save(&self.state.read(0)?, path)
+        crate::state::save(&self.state.read(0)?, path, &[self.model.file_path()])
     }
 
     /// Replaces this session's state with one saved by `save_state` or an
@@ -209,23 +213,27 @@ impl Session {
     }
 
     /// Samples up to `opts.max_tokens` tokens, reading each into the state and
-    /// passing its text to `on_text` as soon as it is printable.
+    /// passing its text to `on_text` as soon as it is printable; `on_text`
+    /// returning `ControlFlow::Break` stops generation after that token
+    /// (`StopReason::Cancelled`: a closed pipe, a client gone).
     pub fn generate(
         &mut self,
         engine: &mut Engine,
         sampler: &mut Sampler,
         opts: &GenerateOptions,
-        mut on_text: impl FnMut(&str),
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let mut stream = TextStream::new();
         let mut held = String::new(); // text that might start a stop sequence
         let mut emitted = String::new();
         let mut tokens = Vec::new();
-        let mut emit = |s: &str, emitted: &mut String| {
-            if !s.is_empty() {
-                on_text(s);
-                emitted.push_str(s);
+        // Passes text on; true when the reader asks to stop.
+        let mut emit = |s: &str, emitted: &mut String| -> bool {
+            if s.is_empty() {
+                return false;
             }
+            emitted.push_str(s);
+            on_text(s).is_break()
         };
         let mut stop = StopReason::MaxTokens;
         while tokens.len() < opts.max_tokens {
@@ -259,7 +267,9 @@ impl Session {
                 .map(|(i, _)| i)
                 .find(|&i| opts.stop.iter().any(|s| !s.is_empty() && s.starts_with(&held[i..])))
                 .unwrap_or(held.len());
-            emit(&held[..keep_from], &mut emitted);
+            if emit(&held[..keep_from], &mut emitted) {
+                return Ok(Generation { tokens, text: emitted, stop: StopReason::Cancelled });
+            }
             held.drain(..keep_from);
         }
         held.push_str(&stream.finish());

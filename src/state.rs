@@ -294,9 +294,10 @@ const STATE_FORMAT: &str = "rwkv-wgpu state";
 /// its layer axis first (`att_x [L, C]`, `ffn_x [L, C]`, `att_kv [L, H, N, N]`
 /// in the official [head, key, value] order of each generation; v4's
 /// `att_x`, `ffn_x`, `aa`, `bb`, `pp`), the names and layout of the
-/// reference fixtures' states. Written to a temporary file in the same
-/// folder and renamed into place, so a failed save leaves no partial file.
-pub fn save(state: &StateData, path: &Path) -> Result<()> {
+/// reference fixtures' states. Written atomically
+/// ([`crate::files::write_atomic`]): a failed save leaves no partial file,
+/// and `path` must not be one of `inputs` (the model file in use, say).
+pub fn save(state: &StateData, path: &Path, inputs: &[&Path]) -> Result<()> {
     let bad = |detail: String| Error::InvalidArgument(format!("saving the state to {}: {detail}", path.display()));
     let views: Vec<(String, safetensors::tensor::TensorView)> = state
         .fields
@@ -313,17 +314,8 @@ pub fn save(state: &StateData, path: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), STATE_FORMAT.to_string())]);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| bad("not a file name".into()))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
+    crate::files::write_atomic(path, inputs, crate::files::Overwrite::Replace, |tmp| {
+        std::fs::write(tmp, &bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
     })
 }
 

@@ -31,7 +31,7 @@ impl Tokenizer {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let bytes = crate::files::read_regular(path)?;
         if path.extension().is_some_and(|e| e == "txt") {
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::Tokenizer(format!("{} is not UTF-8 text", path.display())))?;

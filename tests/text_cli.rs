@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use rwkv_wgpu::{Engine, GenerateOptions, Sampler, SamplerConfig, Session, Tokenizer};
@@ -60,7 +61,12 @@ fn library_generate(
     let mut sampler = Sampler::new(cfg).unwrap();
     let opts = GenerateOptions { max_tokens: n, ..Default::default() };
     let mut streamed = String::new();
-    let g = session.generate(model, &mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
+    let g = session
+        .generate(model, &mut sampler, &opts, |t| {
+            streamed.push_str(t);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
     assert_eq!(streamed, g.text);
     (g.tokens, g.text)
 }
@@ -260,14 +266,34 @@ fn stop_sequences_end_generation_and_are_not_emitted() {
     let opts =
         GenerateOptions { max_tokens: 40, stop: vec!["not a word".into(), "I am sure".into()], ..Default::default() };
     let mut streamed = String::new();
-    let g = session.generate(&mut model, &mut sampler, &opts, |t| streamed.push_str(t)).unwrap();
+    let g = session
+        .generate(&mut model, &mut sampler, &opts, |t| {
+            streamed.push_str(t);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
     assert_eq!(g.text, ", that it is not so. ");
     assert_eq!(streamed, g.text, "the stop text is held back, never streamed");
     assert_eq!(g.stop, rwkv_wgpu::StopReason::StopSequence("I am sure".into()));
     // Max tokens ends it otherwise.
     let opts = GenerateOptions { max_tokens: 3, ..Default::default() };
-    let g = session.generate(&mut model, &mut sampler, &opts, |_| {}).unwrap();
+    let g = session.generate(&mut model, &mut sampler, &opts, |_| ControlFlow::Continue(())).unwrap();
     assert_eq!((g.tokens.len(), g.stop), (3, rwkv_wgpu::StopReason::MaxTokens));
+    // The reader going away (a closed pipe) ends it after that piece of text.
+    let opts = GenerateOptions { max_tokens: 1000, ..Default::default() };
+    let mut pieces = 0;
+    let g = session
+        .generate(&mut model, &mut sampler, &opts, |_| {
+            pieces += 1;
+            if pieces == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(g.stop, rwkv_wgpu::StopReason::Cancelled);
+    assert!(g.tokens.len() <= 4, "{} tokens after a cancel at the second piece", g.tokens.len());
 }
 
 /// `--state` starts generation from a state-tuning file: the demo model's

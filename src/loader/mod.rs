@@ -53,7 +53,7 @@ impl SafeTensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io { path: path.clone(), source };
-        let file = std::fs::File::open(&path).map_err(io)?;
+        let file = crate::files::open_regular(&path)?;
         // SAFETY: the mapping is read-only; a file changed underneath us while
         // loading can give wrong weights but not memory unsafety in our code,
         // which only ever copies bytes out of it.
@@ -194,7 +194,14 @@ impl SafeTensorsFile {
 /// from the mapping (the checkpoint is never copied into memory whole).
 /// Returns the number of tensors written and the names of those skipped
 /// (integer or f64 tensors, which no RWKV weight is).
-pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<(usize, Vec<String>)> {
+///
+/// The output is written atomically ([`crate::files::write_atomic`]): never
+/// over the input itself, and an existing file only with `Overwrite::Replace`.
+pub fn convert_to_safetensors(
+    src: &SafeTensorsFile,
+    out: &Path,
+    overwrite: crate::files::Overwrite,
+) -> Result<(usize, Vec<String>)> {
     let mut names: Vec<&str> = src.names().collect();
     names.sort_unstable();
     let mut views = Vec::with_capacity(names.len());
@@ -220,8 +227,10 @@ pub fn convert_to_safetensors(src: &SafeTensorsFile, out: &Path) -> Result<(usiz
     let source = src.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("converted_from".to_string(), source)]);
     let written = views.len();
-    safetensors::serialize_to_file(views, Some(meta), out)
-        .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))?;
+    crate::files::write_atomic(out, &[src.path()], overwrite, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp)
+            .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))
+    })?;
     Ok((written, skipped))
 }
 

@@ -212,6 +212,11 @@ impl Model {
         &self.info
     }
 
+    /// The checkpoint's path (a name, for a built-in model).
+    pub fn file_path(&self) -> &Path {
+        self.file.path()
+    }
+
     /// The GPU context the weights live on.
     pub fn context(&self) -> &GpuContext {
         &self.ctx

@@ -1,0 +1,267 @@
+//! Hostile but fair use of the `rwkv` binary (issue 12): no command loses or
+//! truncates an input (sha256 before and after), nothing hangs on a FIFO or
+//! a closed pipe, and chat keeps its session through failed commands.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// Longest any of these commands may take here (they take a few seconds; a
+/// hang is what this catches).
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rwkv"))
+}
+
+fn sha256(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+/// Waits for `child` at most LIMIT; kills it and fails if it is still running.
+fn finish(mut child: Child, what: &str) -> Output {
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(args: &[&str], cwd: &Path, stdin: &[u8], what: &str) -> Output {
+    let mut child = bin()
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Written from a thread: a child that never reads stdin cannot block us.
+    let mut pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    finish(child, what)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `error: ` lines (lavapipe may add its own about XDG_RUNTIME_DIR).
+fn error_lines(o: &Output) -> Vec<String> {
+    stderr(o).lines().filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR")).map(String::from).collect()
+}
+
+/// The one `error: ` line of a failed command.
+fn one_error(o: &Output, what: &str) -> String {
+    assert_eq!(o.status.code(), Some(1), "{what}: exit status; stderr:\n{}", stderr(o));
+    let errors = error_lines(o);
+    assert_eq!(errors.len(), 1, "{what}: one error line; stderr:\n{}", stderr(o));
+    errors[0].clone()
+}
+
+/// A fresh folder of its own for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rwkv-hardening-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// No temporary file of an atomic write is left in `dir`.
+fn no_temp_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".tmp"), "a temporary file was left behind: {name}");
+    }
+}
+
+#[test]
+fn convert_never_writes_over_its_input() {
+    let dir = scratch("convert-same");
+    for src in [model_path("v7-L3-C64-V512-fp16-l0v"), fixture("pth/v7-L3-C64-V512-fp16-l0v.pth")] {
+        let name = src.file_name().unwrap().to_str().unwrap().to_string();
+        let x = dir.join(&name);
+        std::fs::copy(&src, &x).unwrap();
+        let before = sha256(&x);
+        std::os::unix::fs::symlink(&x, dir.join("link")).unwrap();
+        std::fs::hard_link(&x, dir.join("hard")).unwrap();
+        let abs = x.to_str().unwrap().to_string();
+        let dot = format!("./{name}");
+        // The same file by every kind of name, with and without --force.
+        for out in [name.as_str(), dot.as_str(), abs.as_str(), "link", "hard"] {
+            for force in [false, true] {
+                let mut args = vec!["convert", name.as_str(), out];
+                if force {
+                    args.push("--force");
+                }
+                let o = run(&args, &dir, b"", &format!("convert {name} {out}"));
+                let e = one_error(&o, &format!("convert {name} {out}"));
+                assert!(e.contains("same file as the input"), "{e}");
+                assert_eq!(sha256(&x), before, "convert {name} {out} changed its input");
+            }
+        }
+        no_temp_files(&dir);
+        for f in [x, dir.join("link"), dir.join("hard")] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn convert_replaces_an_output_only_with_force_and_leaves_nothing_when_it_fails() {
+    let dir = scratch("convert-out");
+    let src = model_path("v7-L3-C64-V512-fp16-l0v");
+    let input_sha = sha256(&src);
+    let out = dir.join("out.safetensors");
+    std::fs::write(&out, b"precious").unwrap();
+    let o = run(&["convert", src.to_str().unwrap(), "out.safetensors"], &dir, b"", "convert over a file");
+    let e = one_error(&o, "convert over a file");
+    assert!(e.contains("exists") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let o = run(&["convert", src.to_str().unwrap(), "out.safetensors", "--force"], &dir, b"", "convert --force");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(rwkv_wgpu::SafeTensorsFile::open(&out).is_ok());
+    // A failing convert (a malicious input) leaves neither an output nor a temporary file.
+    let evil = fixture("pth/malicious.pth");
+    let evil_sha = sha256(&evil);
+    let o = run(&["convert", evil.to_str().unwrap(), "new.safetensors"], &dir, b"", "convert malicious");
+    one_error(&o, "convert malicious");
+    assert!(!dir.join("new.safetensors").exists());
+    // An output folder that does not exist: an error, nothing written.
+    let o = run(&["convert", src.to_str().unwrap(), "no/such/dir/x.safetensors"], &dir, b"", "convert to nowhere");
+    one_error(&o, "convert to nowhere");
+    no_temp_files(&dir);
+    assert_eq!(sha256(&src), input_sha);
+    assert_eq!(sha256(&evil), evil_sha);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The demo model and its tokenizer copied into `dir`, for commands that
+/// must name the model file.
+fn demo_copy(dir: &Path) -> PathBuf {
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7");
+    let model = dir.join("austen.safetensors");
+    std::fs::copy(assets.join("austen-rwkv7-fp16.safetensors"), &model).unwrap();
+    std::fs::copy(assets.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    model
+}
+
+#[test]
+fn chat_keeps_its_session_through_failed_commands() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = scratch("chat");
+    let model = demo_copy(&dir);
+    let model_sha = sha256(&model);
+    let m = model.to_str().unwrap();
+    // A state holding NaN.
+    let nan = dir.join("nan.safetensors");
+    let good = dir.join("good.safetensors");
+    let mut stdin = Vec::new();
+    stdin.extend_from_slice(format!("Hello.\n/save {m}\n/save {}\n/save\n/load\n", dir.display()).as_bytes());
+    stdin.extend_from_slice(b"\xff\xfe not UTF-8\n");
+    stdin.extend_from_slice(format!("/save {}\n/load {}\nAgain.\n/quit\n", good.display(), nan.display()).as_bytes());
+    // Write the NaN state first: a good save with one value made NaN.
+    let o = run(
+        &["chat", "--model", m, "--seed", "1", "--max-tokens", "4"],
+        &dir,
+        format!("Hi.\n/save {}\n", nan.display()).as_bytes(),
+        "chat save",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    poison(&nan);
+
+    let o = run(&["chat", "--model", m, "--seed", "1", "--max-tokens", "4"], &dir, &stdin, "chat");
+    assert!(o.status.success(), "the chat must survive its failed commands:\n{}", stderr(&o));
+    let e = stderr(&o);
+    let errors = error_lines(&o);
+    assert_eq!(errors.len(), 6, "{e}");
+    assert!(errors[0].contains("same file as the input"), "/save over the model: {}", errors[0]);
+    assert!(errors[1].contains("directory"), "/save to a folder: {}", errors[1]);
+    assert!(errors[2].contains("/save FILE") && errors[3].contains("/load FILE"), "{e}");
+    assert!(errors[4].contains("UTF-8"), "{}", errors[4]);
+    assert!(errors[5].contains("nan.safetensors") && errors[5].contains("NaN"), "/load of a NaN state: {}", errors[5]);
+    // Both turns ran, and the good save happened between them.
+    assert_eq!(String::from_utf8_lossy(&o.stdout).matches("Assistant:").count(), 2, "{e}");
+    assert!(e.contains("[state saved to"), "{e}");
+    assert_eq!(sha256(&model), model_sha, "chat changed the model file");
+    no_temp_files(&dir);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Sets one value of a saved state (safetensors, f32) to NaN.
+fn poison(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let at = 8 + header;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn fifos_and_folders_are_refused_not_waited_on() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("pipe");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let f = fifo.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let out = dir.join("x.safetensors");
+    for args in [
+        vec!["inspect", "--model", f],
+        vec!["generate", "hi", "--state", f],
+        vec!["generate", "hi", "--tokenizer", f],
+        vec!["tokenize", "--tokenizer", f],
+        vec!["convert", f, out.to_str().unwrap()],
+        vec!["perplexity", f],
+        vec!["inspect", "--model", d],
+    ] {
+        let what = args.join(" ");
+        let o = run(&args, &dir, b"", &what);
+        let e = one_error(&o, &what);
+        assert!(e.contains("not a regular file"), "{what}: {e}");
+        assert!(e.contains("FIFO") || e.contains("directory"), "{what}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn generate_stops_when_its_reader_goes_away() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = scratch("pipe");
+    let mut child = bin()
+        .args(["generate", "It is a truth", "--max-tokens", "100000000", "--ignore-eos"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -c 20`: read 20 bytes, then close the pipe.
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 20];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let o = finish(child, "generate | head -c 20");
+    assert!(o.status.success(), "a closed stdout ends generate quietly: {}", stderr(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
