@@ -145,8 +145,22 @@ struct TrieNode {
     token: Option<u32>,
 }
 
+/// Largest token id a World vocab may use: the World vocab has 65536; the
+/// id table costs 24 bytes per id up to the largest, so this bounds it at
+/// 24 MiB whatever the file says.
+pub const MAX_WORLD_ID: usize = 1 << 20;
+/// Longest World vocab line in bytes: a token of MAX_TOKEN_BYTES bytes, each
+/// written as a 4-character escape, plus the id and the length. World tokens
+/// are at most 128 bytes.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+const MAX_WORLD_LINE: usize = 4 * MAX_TOKEN_BYTES + 64;
+/// Characters of a bad line shown in an error.
+const SHOWN_LINE_CHARS: usize = 80;
+
 impl WorldTokenizer {
-    /// Parses `<id> <python literal> <byte length>` lines (LF or CRLF).
+    /// Parses `<id> <python literal> <byte length>` lines (LF or CRLF). Ids
+    /// are unique, from 1 to MAX_WORLD_ID; lines are at most MAX_WORLD_LINE
+    /// bytes, so memory stays a small multiple of the text.
     pub fn parse(text: &str) -> Result<Self> {
         let mut tokens: Vec<Option<Vec<u8>>> = vec![Some(Vec::new())];
         let mut trie = vec![TrieNode::default()];
@@ -155,7 +169,12 @@ impl WorldTokenizer {
             if line.is_empty() {
                 continue;
             }
-            let bad = |why: &str| Error::Tokenizer(format!("World vocab line {}: {why}: {line:?}", n + 1));
+            let shown: String = line.chars().take(SHOWN_LINE_CHARS).collect();
+            let more = if shown.len() < line.len() { format!(" ({} bytes in all)", line.len()) } else { String::new() };
+            let bad = |why: &str| Error::Tokenizer(format!("World vocab line {}: {why}: {shown:?}{more}", n + 1));
+            if line.len() > MAX_WORLD_LINE {
+                return Err(bad(&format!("longer than {MAX_WORLD_LINE} bytes")));
+            }
             let (id, rest) = line.split_once(' ').ok_or_else(|| bad("no id"))?;
             let (lit, len) = rest.rsplit_once(' ').ok_or_else(|| bad("no length"))?;
             let id: usize = id.parse().map_err(|_| bad("bad id"))?;
@@ -166,6 +185,12 @@ impl WorldTokenizer {
             }
             if id == 0 {
                 return Err(bad("id 0 is reserved for <|endoftext|>"));
+            }
+            if id > MAX_WORLD_ID {
+                return Err(bad(&format!("id {id} is over the largest allowed, {MAX_WORLD_ID}")));
+            }
+            if tokens.get(id).is_some_and(|t| t.is_some()) {
+                return Err(bad(&format!("id {id} appears twice")));
             }
             if tokens.len() <= id {
                 tokens.resize(id + 1, None);

@@ -265,3 +265,158 @@ fn generate_stops_when_its_reader_goes_away() {
     assert!(o.status.success(), "a closed stdout ends generate quietly: {}", stderr(&o));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Address space the parsing commands below may use (`ulimit -v`): the issue's
+/// bound on peak memory for crafted inputs of at most 1 MB. A parser that
+/// tried to allocate past it would abort (exit 134), not fail with an error.
+const MEMORY_LIMIT_MIB: u64 = 512;
+
+/// Runs the binary under `ulimit -v MEMORY_LIMIT_MIB` (no GPU: only
+/// commands that parse files without opening an adapter).
+fn run_limited(args: &[&str], dir: &Path, what: &str) -> Output {
+    let kib = MEMORY_LIMIT_MIB * 1024;
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_rwkv"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child, what)
+}
+
+/// A zip of stored (uncompressed) entries, as `torch.save` writes (the
+/// reader does not check CRCs, so they are left 0).
+fn stored_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    let le16 = |v: &mut Vec<u8>, x: u16| v.extend_from_slice(&x.to_le_bytes());
+    let le32 = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes());
+    for (name, data) in entries {
+        let offset = out.len() as u32;
+        le32(&mut out, 0x0403_4b50);
+        for x in [20u16, 0, 0, 0, 0] {
+            le16(&mut out, x);
+        }
+        for x in [0u32, data.len() as u32, data.len() as u32] {
+            le32(&mut out, x);
+        }
+        le16(&mut out, name.len() as u16);
+        le16(&mut out, 0);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        le32(&mut central, 0x0201_4b50);
+        for x in [20u16, 20, 0, 0, 0, 0] {
+            le16(&mut central, x);
+        }
+        for x in [0u32, data.len() as u32, data.len() as u32] {
+            le32(&mut central, x);
+        }
+        for x in [name.len() as u16, 0, 0, 0, 0] {
+            le16(&mut central, x);
+        }
+        le32(&mut central, 0);
+        le32(&mut central, offset);
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (cd_offset, cd_size) = (out.len() as u32, central.len() as u32);
+    out.extend_from_slice(&central);
+    le32(&mut out, 0x0605_4b50);
+    for x in [0u16, 0, entries.len() as u16, entries.len() as u16] {
+        le16(&mut out, x);
+    }
+    le32(&mut out, cd_size);
+    le32(&mut out, cd_offset);
+    le16(&mut out, 0);
+    out
+}
+
+fn torch_zip(pickle: &[u8]) -> Vec<u8> {
+    stored_zip(&[("archive/data.pkl", pickle), ("archive/byteorder", b"little"), ("archive/version", b"3\n")])
+}
+
+#[test]
+fn pickle_bombs_are_refused_within_bounded_memory() {
+    let dir = scratch("pickle");
+    // One 64 KB string copied from the memo 100,000 times (266 KB).
+    let mut strings = b"\x80\x02X\x00\x00\x01\x00".to_vec();
+    strings.extend(std::iter::repeat_n(b'a', 1 << 16));
+    strings.extend_from_slice(b"q\x00");
+    for _ in 0..100_000 {
+        strings.extend_from_slice(b"h\x00");
+    }
+    strings.push(b'.');
+    // A 1 MB pickle of None opcodes (the issue's was 16 MB; this one is the
+    // largest crafted input the memory bound is promised for).
+    let mut nones = b"\x80\x02".to_vec();
+    nones.extend(std::iter::repeat_n(b'N', 1 << 20));
+    nones.push(b'.');
+    for (name, pickle) in [("strings", strings), ("nones", nones)] {
+        let file = dir.join(format!("{name}.pth"));
+        std::fs::write(&file, torch_zip(&pickle)).unwrap();
+        assert!(std::fs::metadata(&file).unwrap().len() <= 1 << 21);
+        let o = run_limited(&["convert", file.to_str().unwrap(), "out.safetensors"], &dir, name);
+        let e = one_error(&o, name);
+        assert!(e.contains("refused") && e.contains("MB of values"), "{name}: {e}");
+    }
+    // The repository's own memo bomb (640 bytes).
+    let o = run_limited(&["convert", fixture("pth/memo_bomb.pth").to_str().unwrap(), "out.safetensors"], &dir, "bomb");
+    assert!(one_error(&o, "memo_bomb").contains("refused"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn hostile_world_vocabs_are_errors_within_bounded_memory() {
+    let dir = scratch("vocab");
+    let long = format!("1 '{}' {}\n", "a".repeat(10 << 20), 10 << 20);
+    let cases: [(&str, String, &str); 5] = [
+        ("long-line", long, "longer than"),
+        ("big-id", "100000000 'a' 1\n".into(), "over the largest"),
+        ("huge-id", "99999999999 'a' 1\n".into(), "over the largest"),
+        ("max-id", "18446744073709551615 'a' 1\n".into(), "over the largest"),
+        ("duplicate", "1 'a' 1\n1 'b' 1\n".into(), "appears twice"),
+    ];
+    for (name, text, want) in cases {
+        let file = dir.join(format!("rwkv_vocab_{name}.txt"));
+        std::fs::write(&file, &text).unwrap();
+        let o = run_limited(&["tokenize", "--tokenizer", file.to_str().unwrap()], &dir, name);
+        let e = one_error(&o, name);
+        assert!(e.contains(want), "{name}: {e}");
+        // The bad line is shown cut, not echoed whole.
+        assert!(e.len() < 400, "{name}: an error of {} bytes", e.len());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Writes a safetensors file with `emb.weight` of `shape` (no data: a zero
+/// dimension) and the block-0 tensor detection looks for.
+fn zero_sized_emb(path: &Path, shape: &[u64]) {
+    let header = format!(
+        "{{\"emb.weight\":{{\"dtype\":\"F16\",\"shape\":{shape:?},\"data_offsets\":[0,0]}},\
+          \"blocks.0.ln1.weight\":{{\"dtype\":\"F16\",\"shape\":[4],\"data_offsets\":[0,8]}},\
+          \"blocks.0.att.r_k\":{{\"dtype\":\"F16\",\"shape\":[1,4],\"data_offsets\":[8,16]}}}}"
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn zero_sized_tensors_with_huge_shapes_are_errors() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = scratch("shapes");
+    for (name, shape) in [("2p40", [0u64, 1 << 40]), ("2p61", [0, 1 << 61]), ("wide", [0, 1 << 20])] {
+        let file = dir.join(format!("{name}.safetensors"));
+        zero_sized_emb(&file, &shape);
+        let o = run(&["inspect", "--model", file.to_str().unwrap()], &dir, b"", name);
+        let e = one_error(&o, name);
+        assert!(e.contains("emb.weight"), "{name}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -293,23 +293,34 @@ const STORAGES: [(&str, Option<Dtype>, usize); 8] = [
 /// `_metadata` is about 5 deep); deeper pickles are refused, so dropping a
 /// value never recurses far.
 const MAX_DEPTH: u32 = 32;
-/// Most values the pickle may build or copy in all (memo gets copy): real
-/// state dicts use a few per tensor; a pickle that doubles a list through
-/// the memo would otherwise need exponential memory.
-const MAX_NODES: u64 = 1 << 24;
+/// Memory the unpickler may spend on the values it builds or copies (memo
+/// gets copy), in bytes: PICKLE_BASE_BYTES plus PICKLE_BYTES_PER_BYTE per
+/// byte of the pickle. A real state dict's pickle builds a few values per
+/// tensor (a 7B checkpoint's is ~100 KB and needs a few MB); a pickle that
+/// copies one string from the memo again and again, doubles a list through
+/// the memo or pushes millions of `None`s is refused at that bound instead.
+const PICKLE_BASE_BYTES: u64 = 16 << 20;
+const PICKLE_BYTES_PER_BYTE: u64 = 8;
+
+/// Bytes one value costs besides its string's bytes.
+const VALUE_BYTES: u64 = std::mem::size_of::<Item>() as u64;
 
 /// A value on the unpickler's stack or in its memo, with its nesting depth
-/// and its size in values (what a copy of it costs).
+/// and its size in bytes (what a copy of it costs).
 #[derive(Debug, Clone)]
 struct Item {
     v: Value,
     depth: u32,
-    nodes: u64,
+    bytes: u64,
 }
 
 impl Item {
     fn leaf(v: Value) -> Self {
-        Item { v, depth: 0, nodes: 1 }
+        let text = match &v {
+            Value::Str(s) => s.len() as u64,
+            _ => 0,
+        };
+        Item { v, depth: 0, bytes: VALUE_BYTES + text }
     }
 }
 
@@ -318,13 +329,15 @@ struct Unpickler<'a> {
     at: usize,
     stack: Vec<Item>,
     memo: HashMap<u32, Item>,
-    /// Values built or copied so far (bounded by MAX_NODES).
-    nodes: u64,
+    /// Bytes of values built or copied so far, and the bound on them.
+    spent: u64,
+    budget: u64,
 }
 
 impl<'a> Unpickler<'a> {
     fn new(b: &'a [u8]) -> Self {
-        Self { b, at: 0, stack: Vec::new(), memo: HashMap::new(), nodes: 0 }
+        let budget = PICKLE_BASE_BYTES.saturating_add(PICKLE_BYTES_PER_BYTE.saturating_mul(b.len() as u64));
+        Self { b, at: 0, stack: Vec::new(), memo: HashMap::new(), spent: 0, budget }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
@@ -350,18 +363,23 @@ impl<'a> Unpickler<'a> {
         Ok(s)
     }
 
-    /// Counts `n` more values against MAX_NODES.
-    fn spend(&mut self, n: u64) -> Result<(), String> {
-        self.nodes = self.nodes.saturating_add(n);
-        if self.nodes > MAX_NODES {
-            return Err(format!("refused: the pickle builds more than {MAX_NODES} values (not a plain state dict)"));
+    /// Counts `bytes` more against the budget.
+    fn spend(&mut self, bytes: u64) -> Result<(), String> {
+        self.spent = self.spent.saturating_add(bytes);
+        if self.spent > self.budget {
+            return Err(format!(
+                "refused: the pickle builds more than {} MB of values from {} bytes (not a plain state dict)",
+                self.budget >> 20,
+                self.b.len()
+            ));
         }
         Ok(())
     }
 
     fn push(&mut self, v: Value) -> Result<(), String> {
-        self.spend(1)?;
-        self.stack.push(Item::leaf(v));
+        let item = Item::leaf(v);
+        self.spend(item.bytes)?;
+        self.stack.push(item);
         Ok(())
     }
 
@@ -375,10 +393,10 @@ impl<'a> Unpickler<'a> {
         if depth > MAX_DEPTH {
             return Err(format!("refused: containers nested more than {MAX_DEPTH} deep (not a plain state dict)"));
         }
-        self.spend(1)?;
-        let nodes = items.iter().map(|i| i.nodes).fold(1u64, u64::saturating_add);
+        self.spend(VALUE_BYTES)?;
+        let bytes = items.iter().map(|i| i.bytes).fold(VALUE_BYTES, u64::saturating_add);
         let v = make(items.into_iter().map(|i| i.v).collect())?;
-        self.stack.push(Item { v, depth, nodes });
+        self.stack.push(Item { v, depth, bytes });
         Ok(())
     }
 
@@ -401,7 +419,7 @@ impl<'a> Unpickler<'a> {
         if depth > MAX_DEPTH {
             return Err(format!("refused: containers nested more than {MAX_DEPTH} deep (not a plain state dict)"));
         }
-        let nodes = items.iter().map(|i| i.nodes).fold(0u64, u64::saturating_add);
+        let bytes = items.iter().map(|i| i.bytes).fold(0u64, u64::saturating_add);
         let top = self.stack.last_mut().ok_or("pickle: stack underflow")?;
         let values: Vec<Value> = items.into_iter().map(|i| i.v).collect();
         match (&mut top.v, dict) {
@@ -410,13 +428,13 @@ impl<'a> Unpickler<'a> {
             _ => return Err(format!("pickle: adding items to {}", top.v.kind())),
         }
         top.depth = top.depth.max(depth);
-        top.nodes = top.nodes.saturating_add(nodes);
+        top.bytes = top.bytes.saturating_add(bytes);
         Ok(())
     }
 
-    /// A copy of the top of the stack or of a memo entry, paid for in nodes.
+    /// A copy of the top of the stack or of a memo entry, paid for in bytes.
     fn copy(&mut self, item: Item) -> Result<Item, String> {
-        self.spend(item.nodes)?;
+        self.spend(item.bytes)?;
         Ok(item)
     }
 

@@ -14,6 +14,10 @@ use crate::model::info::Progress;
 use crate::state::StateLayout;
 use crate::tensor::{Dtype, Tensor};
 
+/// Widest model supported (n_embd): RWKV's largest published models are
+/// 8192 wide; 65536 leaves room and bounds every per-step buffer.
+pub const MAX_WIDTH: usize = 1 << 16;
+
 /// Upload bytes between two flushes of wgpu's upload staging.
 const FLUSH_BYTES: u64 = 32 << 20;
 
@@ -36,10 +40,14 @@ impl Dims {
             });
         }
         let (vocab, c) = (emb.shape[0], emb.shape[1]);
-        // The element-wise kernels read four channels at a time.
-        if c == 0 || !c.is_multiple_of(4) {
+        // The element-wise kernels read four channels at a time. Every other
+        // dimension is checked against tensors of c columns whose bytes are
+        // in the file, so with c and vocab at least 1 none can be larger than
+        // the file: a shape like [0, 2^40] (no bytes) is refused here, before
+        // anything is sized by it.
+        if c == 0 || !c.is_multiple_of(4) || c > MAX_WIDTH || vocab == 0 {
             return Err(Error::UnsupportedShape(format!(
-                "n_embd {c} (from emb.weight {:?}); a multiple of 4 is supported",
+                "emb.weight {:?}: the vocabulary must be at least 1 and n_embd a multiple of 4 up to {MAX_WIDTH}",
                 emb.shape
             )));
         }
