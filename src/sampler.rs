@@ -133,12 +133,22 @@ impl Sampler {
                 *v += b;
             }
         }
+        // Penalties in f64, the result kept within f32's finite range: an
+        // extreme penalty (presence -3e38, repetition 1e-40) must move a
+        // logit as far as f32 allows, not to +inf, whose probabilities would
+        // be NaN. A banned token (-inf) stays banned.
         for (&t, &n) in &self.counts {
             if let Some(v) = l.get_mut(t as usize) {
-                if cfg.repetition_penalty != 1.0 {
-                    *v = if *v > 0.0 { *v / cfg.repetition_penalty } else { *v * cfg.repetition_penalty };
+                if *v == f32::NEG_INFINITY {
+                    continue;
                 }
-                *v -= cfg.presence_penalty + n * cfg.frequency_penalty;
+                let mut x = *v as f64;
+                if cfg.repetition_penalty != 1.0 {
+                    let r = cfg.repetition_penalty as f64;
+                    x = if x > 0.0 { x / r } else { x * r };
+                }
+                x -= cfg.presence_penalty as f64 + n as f64 * cfg.frequency_penalty as f64;
+                *v = x.clamp(-f32::MAX as f64, f32::MAX as f64) as f32;
             }
         }
         // Candidates: (token, logit), most likely first.
@@ -223,6 +233,34 @@ mod tests {
         d.sort();
         d.dedup();
         d
+    }
+
+    /// Extreme penalties (issue 12): a presence penalty of -3e38 or a
+    /// repetition penalty of 1e-40 used to push a logit to +inf, the
+    /// probabilities became NaN and the least likely token came out. Both
+    /// boost the repeated token as far as f32 goes: it is always drawn.
+    #[test]
+    fn extreme_penalties_stay_finite() {
+        // (penalty, the repeated token): neither is the least likely token,
+        // which the old NaN probabilities picked; the repetition penalty
+        // divides positive logits, so its token has one.
+        let cases = [
+            (SamplerConfig { presence_penalty: -3e38, frequency_penalty: -3e38, ..Default::default() }, 2),
+            (SamplerConfig { repetition_penalty: 1e-40, ..Default::default() }, 3),
+        ];
+        for (cfg, token) in cases {
+            for seed in 0..20 {
+                let mut s = Sampler::new(SamplerConfig { seed, ..cfg.clone() }).unwrap();
+                s.accept(token);
+                assert_eq!(s.sample(&logits()).unwrap(), token, "{cfg:?}");
+            }
+        }
+        // A banned token stays banned under any penalty.
+        let cfg =
+            SamplerConfig { presence_penalty: -3e38, logit_bias: vec![(4, f32::NEG_INFINITY)], ..Default::default() };
+        let mut s = Sampler::new(cfg).unwrap();
+        s.accept(4);
+        assert_ne!(s.sample(&logits()).unwrap(), 4);
     }
 
     #[test]
