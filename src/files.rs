@@ -153,3 +153,24 @@ fn temp_beside(out: &Path) -> Result<PathBuf> {
     let n = N.fetch_add(1, Ordering::Relaxed);
     Ok(dir.join(format!(".{}.{}.{n}.tmp", name.to_string_lossy(), std::process::id())))
 }
+
+/// A new file in `dir` that has no name: on Linux an `O_TMPFILE`, elsewhere
+/// (or where the file system lacks it) a file created and unlinked at once.
+/// Whatever ends the process, nothing is left in `dir`; the file is gone
+/// when its last handle (or mapping) is.
+pub fn unnamed_file(dir: &Path) -> Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_TMPFILE: __O_TMPFILE | O_DIRECTORY.
+        const O_TMPFILE: i32 = 0o20_000_000 | 0o200_000;
+        let f = std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(O_TMPFILE).open(dir);
+        if let Ok(f) = f {
+            return Ok(f);
+        }
+    }
+    let path = temp_beside(&dir.join("unnamed"))?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io(&path))?;
+    std::fs::remove_file(&path).map_err(io(&path))?;
+    Ok(f)
+}

@@ -560,16 +560,15 @@ fn bench(cli: &Cli) -> Result<()> {
                 "bf16" => rwkv_wgpu::Dtype::BF16,
                 other => bail!("--dtype {other}: expected f32, f16 or bf16"),
             };
-            let file = std::env::temp_dir().join(format!("rwkv-bench-{}-{shape}.safetensors", std::process::id()));
-            rwkv_wgpu::synthetic::write(&file, version, shape, dt, 1).context("writing the synthetic model")?;
+            // An unnamed file in the temporary folder: nothing is left there
+            // whatever ends the process (an error, Ctrl-C, a kill).
             let name = format!("synthetic v{version} {shape} {}", dt.name());
-            let r = rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
-                let m = Model::load(&ctx, &file, o);
-                let _ = std::fs::remove_file(&file);
-                m
-            });
-            let _ = std::fs::remove_file(&file);
-            r?
+            let tmp = std::env::temp_dir();
+            let file = rwkv_wgpu::files::unnamed_file(&tmp)
+                .with_context(|| format!("making a temporary file in {}", tmp.display()))?;
+            rwkv_wgpu::synthetic::write_to(&file, Path::new(&name), version, shape, dt, 1)
+                .context("writing the synthetic model")?;
+            rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::from_file(&ctx, SafeTensorsFile::from_file(file, &name)?, o))?
         }
     };
     if *json {

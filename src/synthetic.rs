@@ -22,6 +22,10 @@ pub struct Shape {
     pub ffn: usize,
 }
 
+/// The largest synthetic shape: far beyond any published RWKV (the 14B is
+/// L61-D5120), small enough that every size computed from it fits a u64.
+pub const MAX_SHAPE: Shape = Shape { n_layer: 256, n_embd: 1 << 16, vocab: 1 << 22, ffn: 1 << 18 };
+
 impl FromStr for Shape {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -44,7 +48,19 @@ impl FromStr for Shape {
                 "shape `{s}`: layers and vocab must be > 0 and the width a multiple of 64 (head size)"
             )));
         }
-        Ok(Shape { n_layer, n_embd, vocab, ffn: f.unwrap_or(4 * n_embd) })
+        let ffn = f.unwrap_or(4 * n_embd.min(MAX_SHAPE.n_embd));
+        let over = [
+            ("layers", n_layer, MAX_SHAPE.n_layer),
+            ("width", n_embd, MAX_SHAPE.n_embd),
+            ("vocab", vocab, MAX_SHAPE.vocab),
+            ("FFN width", ffn, MAX_SHAPE.ffn),
+        ]
+        .into_iter()
+        .find(|&(_, n, max)| n > max || n == 0);
+        if let Some((what, n, max)) = over {
+            return Err(Error::InvalidArgument(format!("shape `{s}`: {what} {n} is outside 1..={max}")));
+        }
+        Ok(Shape { n_layer, n_embd, vocab, ffn })
     }
 }
 
@@ -207,6 +223,20 @@ pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u6
 
 /// Writes a synthetic checkpoint of any generation; returns its tensor bytes.
 pub fn write(path: &Path, version: Version, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    write_to(&std::fs::File::create(path).map_err(io)?, path, version, shape, dtype, seed)
+}
+
+/// As [`write`], into an open file (`path` names it in errors); e.g. an
+/// unnamed temporary file that nothing can leave behind.
+pub fn write_to(
+    file: &std::fs::File,
+    path: &Path,
+    version: Version,
+    shape: Shape,
+    dtype: Dtype,
+    seed: u64,
+) -> Result<u64> {
     let tensors = match version {
         Version::V7 => v7_tensors(shape),
         other => v4_to_v6_tensors(shape, other),
@@ -235,7 +265,7 @@ pub fn write(path: &Path, version: Version, shape: Shape, dtype: Dtype, seed: u6
         header.push(' ');
     }
     let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
+    let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
     let mut rng = seed ^ 0x5EED;

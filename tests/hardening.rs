@@ -420,3 +420,29 @@ fn zero_sized_tensors_with_huge_shapes_are_errors() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn synthetic_shapes_are_bounded_and_leave_no_file() {
+    let dir = scratch("bench");
+    for shape in ["L1-D4611686018427387904-V1", "L1-D64-V1-F0", "L100000-D64-V1", "L1-D64-V18446744073709551615"] {
+        let o = run(&["bench", "--shape", shape], &dir, b"", shape);
+        let e = one_error(&o, shape);
+        assert!(e.contains("shape") && e.contains("outside"), "{shape}: {e}");
+    }
+    // A bench killed while it writes or loads its synthetic model leaves
+    // nothing in the temporary folder.
+    let child = bin()
+        .args(["bench", "--shape", "L12-D768-V65536", "--pp", "8", "--tg", "2", "--batch", "1"])
+        .env("TMPDIR", &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut child = child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "a killed bench left {left:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -61,6 +61,15 @@ impl SafeTensorsFile {
         Self::parse(path, Backing::Mmap(mmap, file))
     }
 
+    /// A checkpoint in an open file (e.g. [`crate::files::unnamed_file`]);
+    /// `name` stands in for the path in errors.
+    pub fn from_file(file: std::fs::File, name: &str) -> Result<Self> {
+        let path = PathBuf::from(name);
+        // SAFETY: as in `open`: a read-only mapping we only copy bytes out of.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        Self::parse(path, Backing::Mmap(mmap, file))
+    }
+
     /// A checkpoint held in memory for the life of the program (e.g. a model
     /// embedded with `include_bytes!`); `name` stands in for the path in errors.
     pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
