@@ -64,32 +64,32 @@ struct StateArgs {
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep the k most likely tokens (0: off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Nucleus sampling: keep the most likely tokens up to this probability
     /// (1: off). Default 0.9 for generate, 0.5 for chat.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Drop tokens less likely than min-p × the most likely one (0: off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Subtracted from the logit of every token already generated.
     /// Default 0 for generate, 0.4 for chat.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     presence_penalty: Option<f32>,
     /// Subtracted per occurrence of a token already generated.
     /// Default 0 for generate, 0.4 for chat.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     frequency_penalty: Option<f32>,
     /// Divide positive (multiply negative) logits of generated tokens by this (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Per-token decay of the occurrence counts used by the penalties (1: none).
     /// Default 1 for generate, 0.996 for chat.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     penalty_decay: Option<f32>,
     /// Add BIAS to the logit of token ID, as ID=BIAS (repeatable; -inf bans).
     #[arg(long, value_name = "ID=BIAS")]
@@ -134,15 +134,17 @@ enum Command {
     },
     /// Read raw bytes on stdin, print their token ids as a JSON array.
     Tokenize {
-        /// `world`, a rwkv_vocab*.txt or a tokenizer.json.
-        #[arg(long, default_value = "world")]
-        tokenizer: String,
+        /// `world`, a rwkv_vocab*.txt or a tokenizer.json. Default: the
+        /// built-in demo model's tokenizer (the default model's).
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Read a JSON array of token ids on stdin, write their raw bytes to stdout.
     Detokenize {
-        /// `world`, a rwkv_vocab*.txt or a tokenizer.json.
-        #[arg(long, default_value = "world")]
-        tokenizer: String,
+        /// `world`, a rwkv_vocab*.txt or a tokenizer.json. Default: the
+        /// built-in demo model's tokenizer (the default model's).
+        #[arg(long)]
+        tokenizer: Option<String>,
     },
     /// Loss and perplexity of a model on a text file (read from the zero state in one stream).
     Perplexity {
@@ -156,8 +158,12 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Comma-separated token ids, e.g. 1,2,3.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "tokens_file", conflicts_with = "tokens_file")]
         tokens: Vec<u32>,
+        /// Token ids from a file (`-`: stdin), as a JSON array or separated by
+        /// commas or white space: for sequences too long for a command line.
+        #[arg(long)]
+        tokens_file: Option<PathBuf>,
         /// Write logits for every position ([T, V]) instead of the last ([1, V]).
         #[arg(long)]
         all: bool,
@@ -218,6 +224,17 @@ enum Command {
 }
 
 fn main() {
+    // A bug must still end in one line and a non-zero exit, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error: {msg}{at} (a bug: please report it)");
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
@@ -379,10 +396,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling),
         Command::Convert { input, output, force } => convert(input, output, *force),
-        Command::Tokenize { tokenizer } => tokenize(tokenizer),
-        Command::Detokenize { tokenizer } => detokenize(tokenizer),
+        Command::Tokenize { tokenizer } => tokenize(tokenizer.as_deref()),
+        Command::Detokenize { tokenizer } => detokenize(tokenizer.as_deref()),
         Command::Perplexity { file, model } => perplexity_cmd(&cli, file, model),
-        Command::Logits { model, tokens, all, out } => logits(&cli, model, tokens, *all, out),
+        Command::Logits { model, tokens, tokens_file, all, out } => {
+            let tokens = match tokens_file {
+                Some(f) => read_ids(f)?,
+                None => tokens.clone(),
+            };
+            logits(&cli, model, &tokens, *all, out)
+        }
         Command::Bench { .. } => bench(&cli),
         Command::Inspect { model } => inspect(&cli, model),
     }
@@ -424,7 +447,7 @@ fn generate(
     }
     let (mut m, mut session, mut sampler) = start_session(cli, model, state, sampling, false)?;
     let t0 = Instant::now();
-    let n_prompt = session.feed_text(&mut m.engine, &prompt)?;
+    let n_prompt = feed_text(&mut session, &mut m.engine, &prompt)?;
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
@@ -477,9 +500,17 @@ fn convert(input: &Path, output: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--tokenizer` of tokenize/detokenize, or the default model's tokenizer.
+fn tokenizer_or_demo(spec: Option<&str>) -> Result<Tokenizer> {
+    Ok(match spec {
+        Some(s) => Tokenizer::from_spec(s)?,
+        None => Tokenizer::Hf(HfTokenizer::from_bytes(DEMO_TOKENIZER, "built-in austen tokenizer.json")?),
+    })
+}
+
 /// `rwkv tokenize`: bytes on stdin to a JSON array of ids.
-fn tokenize(tokenizer: &str) -> Result<()> {
-    let tok = Tokenizer::from_spec(tokenizer)?;
+fn tokenize(tokenizer: Option<&str>) -> Result<()> {
+    let tok = tokenizer_or_demo(tokenizer)?;
     let ids = tok.encode(&read_stdin()?)?;
     let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     println!("[{}]", list.join(", "));
@@ -487,8 +518,8 @@ fn tokenize(tokenizer: &str) -> Result<()> {
 }
 
 /// `rwkv detokenize`: a JSON array of ids on stdin to raw bytes.
-fn detokenize(tokenizer: &str) -> Result<()> {
-    let tok = Tokenizer::from_spec(tokenizer)?;
+fn detokenize(tokenizer: Option<&str>) -> Result<()> {
+    let tok = tokenizer_or_demo(tokenizer)?;
     let text = String::from_utf8(read_stdin()?).map_err(|_| anyhow!("stdin is not a JSON array of ids"))?;
     let ids = parse_id_array(&text)?;
     let bytes = tok.decode(&ids)?;
@@ -524,7 +555,7 @@ fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path) -
     let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
     let model_file = m.model.file_path();
     write_atomic(out, &[model_file], Overwrite::Replace, |tmp| {
-        std::fs::write(tmp, &bytes).map_err(|source| rwkv_wgpu::Error::Io { path: out.to_path_buf(), source })
+        std::fs::write(tmp, &bytes).map_err(|source| rwkv_wgpu::Error::Io { path: out.to_path_buf(), error: source })
     })?;
     eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
     Ok(())
@@ -568,7 +599,9 @@ fn bench(cli: &Cli) -> Result<()> {
                 .with_context(|| format!("making a temporary file in {}", tmp.display()))?;
             rwkv_wgpu::synthetic::write_to(&file, Path::new(&name), version, shape, dt, 1)
                 .context("writing the synthetic model")?;
-            rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::from_file(&ctx, SafeTensorsFile::from_file(file, &name)?, o))?
+            rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| {
+                Model::from_file(&ctx, SafeTensorsFile::from_file(file, &name)?, o)
+            })?
         }
     };
     if *json {
@@ -611,6 +644,31 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prompts of at least this many tokens show a progress bar (on a terminal).
+const PROGRESS_TOKENS: usize = 4096;
+
+/// Reads `text` into the session; a long prompt is read in pieces under a
+/// progress bar when stderr is a terminal (the pieces give the same state
+/// and logits as one call: every step computes each token the same way).
+fn feed_text(session: &mut Session, engine: &mut Engine, text: &[u8]) -> Result<usize> {
+    let tokens = session.tokenizer().encode(text)?;
+    if tokens.len() < PROGRESS_TOKENS || !std::io::stderr().is_terminal() {
+        session.feed(engine, &tokens)?;
+        return Ok(tokens.len());
+    }
+    let bar = indicatif::ProgressBar::new(tokens.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("prompt {bar:40} {pos}/{len} tokens, {per_sec}, {eta} left")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for piece in tokens.chunks(engine.chunk_tokens() * 4) {
+        session.feed(engine, piece)?;
+        bar.inc(piece.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(tokens.len())
+}
+
 fn stop_name(s: &StopReason) -> String {
     match s {
         StopReason::MaxTokens => "max tokens".into(),
@@ -640,6 +698,21 @@ fn perplexity(m: &mut Engine, tok: &Tokenizer, ids: &[u32]) -> Result<(f64, f64)
     }
     let n = (ids.len() - 1) as f64;
     Ok((nll / n, nll / std::f64::consts::LN_2 / bytes.max(1) as f64))
+}
+
+/// Token ids from a file or stdin (`-`): a JSON array, or ids separated by
+/// commas or white space.
+fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    let bytes = if path == Path::new("-") { read_stdin()? } else { rwkv_wgpu::files::read_regular(path)? };
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: not text", path.display()))?;
+    let t = text.trim();
+    if t.starts_with('[') {
+        return parse_id_array(t);
+    }
+    t.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().map_err(|_| anyhow!("{}: `{s}` is not a token id", path.display())))
+        .collect()
 }
 
 fn parse_id_array(text: &str) -> Result<Vec<u32>> {
@@ -707,7 +780,7 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
         turn += 1;
         // The state holds everything said so far: only this turn is read.
         let prompt = format!("User: {msg}\n\nAssistant:");
-        let n_prompt = session.feed_text(engine, prompt.as_bytes())?;
+        let n_prompt = feed_text(&mut session, engine, prompt.as_bytes())?;
         write!(out, "Assistant:")?;
         out.flush()?;
         let t0 = Instant::now();

@@ -315,7 +315,7 @@ pub fn save(state: &StateData, path: &Path, inputs: &[&Path]) -> Result<()> {
     let meta = HashMap::from([("format".to_string(), STATE_FORMAT.to_string())]);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
     crate::files::write_atomic(path, inputs, crate::files::Overwrite::Replace, |tmp| {
-        std::fs::write(tmp, &bytes).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+        std::fs::write(tmp, &bytes).map_err(|source| Error::Io { path: path.to_path_buf(), error: source })
     })
 }
 

@@ -223,7 +223,7 @@ pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u6
 
 /// Writes a synthetic checkpoint of any generation; returns its tensor bytes.
 pub fn write(path: &Path, version: Version, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io { path: path.to_path_buf(), error: source };
     write_to(&std::fs::File::create(path).map_err(io)?, path, version, shape, dtype, seed)
 }
 
@@ -264,7 +264,7 @@ pub fn write_to(
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io { path: path.to_path_buf(), error: source };
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;

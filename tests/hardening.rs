@@ -446,3 +446,100 @@ fn synthetic_shapes_are_bounded_and_leave_no_file() {
     assert!(left.is_empty(), "a killed bench left {left:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn rough_edges_are_smoothed() {
+    let dir = scratch("edges");
+    // A negative temperature is the sampler's error, not clap's.
+    let o = run(&["generate", "hi", "--temperature", "-1"], &dir, b"", "negative temperature");
+    let e = one_error(&o, "negative temperature");
+    assert!(e.contains("temperature"), "{e}");
+    // Not a checkpoint at all, an empty zip, a missing file (the OS message once).
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    let empty_zip = dir.join("empty.pth");
+    std::fs::write(&empty_zip, stored_zip(&[])).unwrap();
+    for (file, want) in [
+        (text.to_str().unwrap(), "not a safetensors or PyTorch .pth file"),
+        (empty_zip.to_str().unwrap(), "no data.pkl"),
+        ("/nonexistent/model.safetensors", "No such file"),
+    ] {
+        let o = run(&["convert", file, "out.safetensors"], &dir, b"", file);
+        let e = one_error(&o, file);
+        assert!(e.contains(want), "{file}: {e}");
+        assert_eq!(e.matches("(os error").count(), e.contains("os error") as usize, "{file}: {e}");
+    }
+    // tokenize and detokenize default to the default model's tokenizer.
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7/tokenizer.json");
+    let text = "It is a truth universally acknowledged.".as_bytes();
+    let default = run(&["tokenize"], &dir, text, "tokenize");
+    let named = run(&["tokenize", "--tokenizer", assets.to_str().unwrap()], &dir, text, "tokenize --tokenizer");
+    assert!(default.status.success() && default.stdout == named.stdout, "{}", stderr(&default));
+    let back = run(&["detokenize"], &dir, &default.stdout, "detokenize");
+    assert_eq!(back.stdout, text);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn logits_read_token_ids_from_a_file_or_stdin() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = scratch("ids");
+    let model = model_path("v7-L3-C64-V512-fp16-l0v");
+    let m = model.to_str().unwrap();
+    let ids = dir.join("ids.json");
+    std::fs::write(&ids, "[5, 17, 300,\n 2]").unwrap();
+    let spaced = dir.join("ids.txt");
+    std::fs::write(&spaced, "5 17\n300, 2\n").unwrap();
+    let mut outs = Vec::new();
+    for (i, (args, stdin)) in [
+        (vec!["--tokens", "5,17,300,2"], &b""[..]),
+        (vec!["--tokens-file", ids.to_str().unwrap()], &b""[..]),
+        (vec!["--tokens-file", spaced.to_str().unwrap()], &b""[..]),
+        (vec!["--tokens-file", "-"], &b"[5,17,300,2]"[..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = format!("l{i}.npy");
+        let mut a = vec!["logits", "--model", m, "--all", "--out", out.as_str()];
+        a.extend(args);
+        let o = run(&a, &dir, stdin, "logits");
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(std::fs::read(dir.join(&out)).unwrap());
+    }
+    assert!(outs.windows(2).all(|w| w[0] == w[1]), "the same ids gave different logits");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A long prompt shows a progress bar when stderr is a terminal (`script`
+/// gives the command one), and its text is the same as without.
+#[test]
+fn long_prompts_show_progress_on_a_terminal() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = scratch("progress");
+    let prompt =
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune. ".repeat(300);
+    std::fs::write(dir.join("prompt.txt"), &prompt).unwrap();
+    let cmd = format!("{} generate --temperature 0 --max-tokens 4 < prompt.txt", env!("CARGO_BIN_EXE_rwkv"));
+    let child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = finish(child, "generate on a terminal");
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{shown}");
+    assert!(shown.contains("prompt ") && shown.contains(" tokens,"), "no progress bar:\n{shown}");
+    // Read in pieces or at once, the greedy text is the same.
+    let plain = run(&["generate", "--temperature", "0", "--max-tokens", "4"], &dir, prompt.as_bytes(), "generate");
+    let text = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(shown.contains(text.trim()), "terminal run: {shown}\npiped run: {text}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -52,7 +52,7 @@ pub struct SafeTensorsFile {
 impl SafeTensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io { path: path.clone(), error: source };
         let file = crate::files::open_regular(&path)?;
         // SAFETY: the mapping is read-only; a file changed underneath us while
         // loading can give wrong weights but not memory unsafety in our code,
@@ -66,7 +66,7 @@ impl SafeTensorsFile {
     pub fn from_file(file: std::fs::File, name: &str) -> Result<Self> {
         let path = PathBuf::from(name);
         // SAFETY: as in `open`: a read-only mapping we only copy bytes out of.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), error: source })?;
         Self::parse(path, Backing::Mmap(mmap, file))
     }
 
@@ -158,7 +158,7 @@ impl SafeTensorsFile {
             Backing::Mmap(m, file) => {
                 use std::os::unix::fs::FileExt;
                 let at = (src.as_ptr() as usize - m.as_ptr() as usize) as u64;
-                file.read_exact_at(out, at).map_err(|source| Error::Io { path: self.path.clone(), source })
+                file.read_exact_at(out, at).map_err(|source| Error::Io { path: self.path.clone(), error: source })
             }
             _ => {
                 out.copy_from_slice(src);
@@ -256,6 +256,14 @@ fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {
         SafeTensorError::MetadataIncompleteBuffer => Error::TruncatedFile {
             path,
             detail: format!("the tensor data does not match the file size ({file_len} bytes)"),
+        },
+        // A header length larger than the file or absurdly large: not a
+        // safetensors file at all (a text file, an image, ...).
+        SafeTensorError::HeaderTooLarge => Error::BadHeader {
+            path,
+            detail: format!(
+                "not a safetensors or PyTorch .pth file ({file_len} bytes; its first 8 bytes are no header length)"
+            ),
         },
         other => Error::BadHeader { path, detail: other.to_string() },
     }

@@ -31,7 +31,8 @@ pub struct PthTensor {
 
 /// Whether `bytes` start like a zip archive (a `.pth` of torch >= 1.6).
 pub fn is_zip(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"PK\x03\x04")
+    // A local file header, or the end record of an empty archive.
+    bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06")
 }
 
 /// The tensors of a `.pth` file's state dict. Errors are plain descriptions;
