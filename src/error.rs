@@ -63,6 +63,10 @@ pub enum Error {
     #[error("GPU out of memory while allocating {what} ({bytes} bytes)")]
     OutOfMemory { what: String, bytes: u64 },
 
+    /// An allocation that would pass `GpuOptions::memory_limit`.
+    #[error("GPU memory limit: {what} needs {bytes} bytes with {allocated} already allocated, over the limit of {limit} bytes")]
+    MemoryLimit { what: String, bytes: u64, allocated: u64, limit: u64 },
+
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
 

@@ -31,6 +31,11 @@ struct Cli {
     #[arg(long, global = true)]
     adapter: Option<String>,
 
+    /// Most GPU bytes to use (buffers and textures); past it loading or a
+    /// step is an error naming the bytes needed, as on a smaller GPU.
+    #[arg(long, global = true, value_name = "BYTES")]
+    gpu_memory_limit: Option<u64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -272,6 +277,7 @@ fn gpu_options(cli: &Cli) -> Result<GpuOptions> {
         weight_store,
         no_subgroups: std::env::var_os("RWKV_NO_SUBGROUPS").is_some(),
         profile: std::env::var_os("RWKV_PROFILE").is_some(),
+        memory_limit: cli.gpu_memory_limit,
     })
 }
 

@@ -543,3 +543,39 @@ fn long_prompts_show_progress_on_a_terminal() {
     assert!(shown.contains(text.trim()), "terminal run: {shown}\npiped run: {text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A model that does not fit the GPU (here: a memory limit set low) is a
+/// typed error naming the bytes needed and the limit, when loading and
+/// when a step needs more, never an abort.
+#[test]
+fn a_model_larger_than_the_gpu_memory_is_an_error() {
+    if gpu().is_none() {
+        return;
+    }
+    use rwkv_wgpu::{GpuContext, GpuOptions, LoadOptions, LogitsMode, Model};
+    let name = "v7-L2-C128-V512-fp32";
+    let weights =
+        Model::load(&gpu().unwrap(), model_path(name), &LoadOptions::default()).unwrap().info().gpu_weight_bytes;
+    // Too small for the weights.
+    let ctx = GpuContext::new(&GpuOptions { memory_limit: Some(weights / 2), ..Default::default() }).unwrap();
+    let e = Model::load(&ctx, model_path(name), &LoadOptions::default()).err().expect("must not fit");
+    assert!(matches!(e, rwkv_wgpu::Error::MemoryLimit { limit, .. } if limit == weights / 2), "{e}");
+    // Room for the weights but not for a long step's buffers.
+    let ctx = GpuContext::new(&GpuOptions { memory_limit: Some(weights + (1 << 20)), ..Default::default() }).unwrap();
+    let mut engine = engine_with(&ctx, model_path(name), &LoadOptions::default(), 4096);
+    let mut state = engine.new_state(1).unwrap();
+    let tokens = vec![1u32; 4096];
+    let e = engine.forward(&mut state, &[&tokens], LogitsMode::Last).unwrap_err();
+    assert!(matches!(e, rwkv_wgpu::Error::MemoryLimit { .. }), "{e}");
+    // The same through the binary: one line naming both figures.
+    let dir = scratch("oom");
+    let o = run(
+        &["inspect", "--gpu-memory-limit", "100000", "--model", model_path(name).to_str().unwrap()],
+        &dir,
+        b"",
+        "oom",
+    );
+    let e = one_error(&o, "inspect under a memory limit");
+    assert!(e.contains("needs") && e.contains("limit of 100000 bytes"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -33,6 +33,11 @@ pub struct GpuOptions {
     /// Time every dispatch alone (slow; for finding hot kernels), reported by
     /// [`GpuContext::kernel_profile`].
     pub profile: bool,
+    /// Most bytes of buffers and textures this context may hold at once
+    /// (`None`: what the adapter gives). An allocation past it is an
+    /// [`Error::MemoryLimit`] naming the bytes needed and the limit, as a
+    /// real out-of-memory is an [`Error::OutOfMemory`]: never an abort.
+    pub memory_limit: Option<u64>,
 }
 
 /// What was chosen, for printing.
@@ -69,6 +74,8 @@ struct Shared {
     dispatches: AtomicU64,
     /// With `GpuOptions::profile`: every dispatch is timed alone.
     profile: Option<Mutex<HashMap<Kernel, (u64, f64)>>>,
+    /// `GpuOptions::memory_limit`.
+    memory_limit: Option<u64>,
 }
 
 /// Cheap to clone; all clones share one device.
@@ -187,6 +194,7 @@ impl GpuContext {
             plan: KernelPlan::new(weight_store, subgroup_size, float_storage_textures),
             dispatches: AtomicU64::new(0),
             profile: opts.profile.then(|| Mutex::new(HashMap::new())),
+            memory_limit: opts.memory_limit,
         });
         // Validation errors and device loss become values reported by the next
         // `check`/sync point instead of wgpu's default panic.
@@ -269,6 +277,7 @@ impl GpuContext {
         }
         let texel = format.block_copy_size(None).unwrap_or(16) as u64;
         let bytes = width as u64 * height as u64 * layers as u64 * texel;
+        self.check_limit(what, bytes)?;
         let device = &self.shared.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let texture = device.create_texture(&wgpu::TextureDescriptor {
@@ -390,6 +399,17 @@ impl GpuContext {
         self.create(what, size, usage, false)
     }
 
+    /// Refuses an allocation of `bytes` that would pass the memory limit.
+    fn check_limit(&self, what: &str, bytes: u64) -> Result<()> {
+        if let Some(limit) = self.shared.memory_limit {
+            let allocated = self.allocated_bytes();
+            if allocated.saturating_add(bytes) > limit {
+                return Err(Error::MemoryLimit { what: what.to_string(), bytes, allocated, limit });
+            }
+        }
+        Ok(())
+    }
+
     fn create(&self, what: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> Result<GpuBuffer> {
         let max = self.shared.limits.max_buffer_size;
         if size > max {
@@ -398,6 +418,7 @@ impl GpuContext {
                 bytes: size,
             });
         }
+        self.check_limit(what, size)?;
         let device = &self.shared.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = device.create_buffer(&wgpu::BufferDescriptor {
