@@ -15,21 +15,24 @@
 //! session back once they are read; calls that overlap share steps. The
 //! server and the C ABI are layers over these two.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use crate::engine::{fair_shares, Engine, SeqInput};
 use crate::error::{Error, Result};
-use crate::model::LogitsMode;
+use crate::model::{LogitsMode, Model};
 use crate::session::Session;
 
 pub struct Batcher {
     engine: Engine,
+    /// Where the next step starts when more sessions wait than one step
+    /// holds (round robin).
+    turn: usize,
 }
 
 impl Batcher {
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self { engine, turn: 0 }
     }
 
     pub fn engine(&mut self) -> &mut Engine {
@@ -37,15 +40,31 @@ impl Batcher {
     }
 
     /// One GPU step over the pending tokens of `sessions` (all on the
-    /// engine's model). Returns the tokens each session read; a session
-    /// that read its last pending token has new logits.
+    /// engine's model): at most `Engine::max_sequences` of them, taken in
+    /// turn when more wait. Returns the tokens each session read; a session
+    /// that read its last pending token has new logits. After a GPU error
+    /// the states of that step's sessions are undefined (reset them).
     pub fn step(&mut self, sessions: &mut [&mut Session]) -> Result<Vec<usize>> {
         for s in sessions.iter() {
             if !std::sync::Arc::ptr_eq(s.model(), self.engine.model()) {
                 return Err(Error::InvalidArgument("a session runs a different model than the batcher".into()));
             }
         }
-        let left: Vec<usize> = sessions.iter().map(|s| s.pending()).collect();
+        let mut left: Vec<usize> = sessions.iter().map(|s| s.pending()).collect();
+        let waiting: Vec<usize> = (0..left.len()).filter(|&i| left[i] > 0).collect();
+        let max = self.engine.max_sequences();
+        if waiting.len() > max {
+            // This step takes `max` of them, starting where the last one stopped.
+            let start = self.turn % waiting.len();
+            let chosen: std::collections::HashSet<usize> =
+                (0..max).map(|k| waiting[(start + k) % waiting.len()]).collect();
+            for (i, l) in left.iter_mut().enumerate() {
+                if !chosen.contains(&i) {
+                    *l = 0;
+                }
+            }
+            self.turn = self.turn.wrapping_add(max);
+        }
         // The engine's budget: chunk_tokens, or one token per sequence.
         let active = left.iter().filter(|&&l| l > 0).count();
         let take = fair_shares(&left, self.engine.chunk_tokens().max(active));
@@ -92,37 +111,46 @@ struct Job {
     reply: mpsc::Sender<(Session, Result<()>)>,
 }
 
-/// A [`Batcher`] on its own thread. Dropping it (and every handle) ends the
-/// thread once the sessions in flight are read.
+/// What the batch thread is sent.
+enum Msg {
+    Job(Job),
+    /// Finish the sessions in flight, then end.
+    Stop,
+}
+
+/// A [`Batcher`] on its own thread. Dropping it stops the thread once the
+/// sessions in flight are read (handles still alive then get an error).
 pub struct BatchThread {
-    handle: Option<BatchHandle>,
+    handle: BatchHandle,
     thread: Option<JoinHandle<()>>,
 }
 
 /// Sends sessions to a [`BatchThread`]; cheap to clone, one per caller thread.
 #[derive(Clone)]
 pub struct BatchHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
+    model: Arc<Model>,
 }
 
 impl BatchThread {
     pub fn spawn(engine: Engine) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let model = engine.model().clone();
         let thread = std::thread::Builder::new()
             .name("rwkv-batcher".into())
             .spawn(move || batch_loop(Batcher::new(engine), rx))
-            .map_err(|e| Error::InvalidArgument(format!("cannot start the batch thread: {e}")))?;
-        Ok(Self { handle: Some(BatchHandle { tx }), thread: Some(thread) })
+            .map_err(|e| Error::Thread(format!("cannot start the batch thread: {e}")))?;
+        Ok(Self { handle: BatchHandle { tx, model }, thread: Some(thread) })
     }
 
     pub fn handle(&self) -> BatchHandle {
-        self.handle.clone().expect("present until drop")
+        self.handle.clone()
     }
 }
 
 impl Drop for BatchThread {
     fn drop(&mut self) {
-        self.handle = None;
+        let _ = self.handle.tx.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -130,7 +158,10 @@ impl Drop for BatchThread {
 }
 
 /// A failed [`BatchHandle::feed`]: the error, and the session unless the
-/// batch thread itself was lost (its pending tokens dropped).
+/// batch thread itself was lost. A session refused before any step (another
+/// model, a bad token, a stopped thread) comes back untouched; after a
+/// failed GPU step its state is undefined (reset it) and its pending tokens
+/// are dropped.
 #[derive(Debug)]
 pub struct FeedError {
     pub session: Option<Box<Session>>,
@@ -150,39 +181,63 @@ impl BatchHandle {
     /// the last one's logits; sessions fed at the same time from other
     /// threads share the steps.
     pub fn feed(&self, mut session: Session, tokens: &[u32]) -> std::result::Result<Session, FeedError> {
+        let refuse = |mut session: Session, error: Error| {
+            session.clear_pending();
+            Err(FeedError { session: Some(Box::new(session)), error })
+        };
+        // Checked here, so one caller's mistake cannot fail the others' step.
+        if !Arc::ptr_eq(session.model(), &self.model) {
+            let e = Error::InvalidArgument("the session runs a different model than the batch thread".into());
+            return refuse(session, e);
+        }
+        if session.pending() > 0 {
+            return refuse(session, Error::InvalidArgument("the session has tokens pushed already".into()));
+        }
         if let Err(error) = session.push(tokens) {
-            return Err(FeedError { session: Some(Box::new(session)), error });
+            return refuse(session, error);
         }
         let (reply, rx) = mpsc::channel();
-        if let Err(mpsc::SendError(mut job)) = self.tx.send(Job { session, reply }) {
-            job.session.clear_pending();
-            let error = Error::InvalidArgument("the batch thread has stopped".into());
-            return Err(FeedError { session: Some(Box::new(job.session)), error });
+        if let Err(mpsc::SendError(Msg::Job(job))) = self.tx.send(Msg::Job(Job { session, reply })) {
+            return refuse(job.session, Error::Thread("the batch thread has stopped".into()));
         }
         match rx.recv() {
             Ok((session, Ok(()))) => Ok(session),
             Ok((session, Err(error))) => Err(FeedError { session: Some(Box::new(session)), error }),
-            Err(_) => Err(FeedError { session: None, error: Error::Gpu("the batch thread ended".into()) }),
+            Err(_) => Err(FeedError { session: None, error: Error::Thread("the batch thread ended".into()) }),
         }
     }
 }
 
 /// Takes sessions as they come, steps every active one together, and sends
-/// each back once its pending tokens are read (or the step failed).
-fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Job>) {
+/// each back once its pending tokens are read (or the step failed). A panic
+/// in a step fails that step's sessions; the thread goes on.
+fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Msg>) {
     let mut active: Vec<Job> = Vec::new();
+    let mut stopping = false;
     loop {
         if active.is_empty() {
+            if stopping {
+                return;
+            }
             match rx.recv() {
-                Ok(job) => active.push(job),
-                Err(_) => return,
+                Ok(Msg::Job(job)) => active.push(job),
+                Ok(Msg::Stop) | Err(_) => return,
             }
         }
         // Sessions that arrived since the last step join this one.
-        active.extend(rx.try_iter());
+        for msg in rx.try_iter() {
+            match msg {
+                Msg::Job(job) => active.push(job),
+                Msg::Stop => stopping = true,
+            }
+        }
         let mut sessions: Vec<&mut Session> = active.iter_mut().map(|j| &mut j.session).collect();
-        let result = batcher.step(&mut sessions);
-        let failed = result.err().map(|e| e.to_string());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batcher.step(&mut sessions)));
+        let failed = match result {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("a batched step panicked".to_string()),
+        };
         let mut i = 0;
         while i < active.len() {
             if failed.is_some() || active[i].session.pending() == 0 {

@@ -111,8 +111,37 @@ impl Engine {
         Ok(())
     }
 
+    /// Most sequences one step may hold: each layer's state of the step's
+    /// sequences must fit one storage binding, the per-step buffers must
+    /// (one token per sequence at least), and where the texture WKV kernels
+    /// run, one texture layer per sequence. `forward` refuses a state of more
+    /// sequences; the batcher steps at most this many sessions at a time.
+    pub fn max_sequences(&self) -> usize {
+        let model = &*self.model;
+        let ctx = model.context();
+        let row = (model.state_layout().stride * 4).max(1) as u64;
+        let mut max = ((ctx.max_binding_bytes() / row) as usize).min(model.max_chunk_tokens());
+        if ctx.plan().wkv_textures(model.info().head_size) {
+            max = max.min(ctx.max_texture_dims().1 as usize);
+        }
+        max.max(1)
+    }
+
+    fn check_batch(&self, batch: usize) -> Result<()> {
+        let max = self.max_sequences();
+        if batch > max {
+            return Err(Error::InvalidArgument(format!(
+                "{batch} sequences in one step; this model and adapter allow {max} (split them over several states)"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_state(&self, state: &State) -> Result<()> {
         let layout = self.model.state_layout();
+        if !state.context().same(self.model.context()) {
+            return Err(Error::InvalidArgument("the state was made on another GPU context than the model".into()));
+        }
         if state.layout().n_layer != layout.n_layer || state.layout().stride != layout.stride {
             return Err(Error::InvalidArgument("the state was made for a different model".into()));
         }
@@ -130,7 +159,7 @@ impl Engine {
     /// Reads `tokens[b]` into sequence `b` of `state` (one slice per sequence
     /// of the batch; slices may differ in length or be empty) and returns the
     /// logits `mode` asks for, one `Vec` per sequence. Runs as many steps of
-    /// at most `chunk_tokens` tokens as it takes.
+    /// at most `max(chunk_tokens, batch)` tokens as it takes.
     pub fn forward(&mut self, state: &mut State, tokens: &[&[u32]], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
         let vocab = self.model.info().vocab;
         if tokens.len() != state.batch() {
@@ -141,6 +170,7 @@ impl Engine {
             )));
         }
         self.check_state(state)?;
+        self.check_batch(state.batch())?;
         for (s, seq) in tokens.iter().enumerate() {
             self.check_tokens(s, seq)?;
         }
@@ -184,9 +214,14 @@ impl Engine {
     /// One GPU step over the sequences of `seqs`, each in its own state
     /// (at most `max(chunk_tokens, seqs.len())` tokens in all). Returns the
     /// logits each asked for (`[vocab]` or `[tokens, vocab]`, empty for none).
-    /// The states may belong to different sessions; two entries must not name
-    /// the same sequence of one state.
+    /// The states may belong to different sessions; each entry borrows its
+    /// state mutably, so two entries cannot share one state (sequences of
+    /// one state step together through `forward`).
     pub fn step(&mut self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_batch(seqs.len())?;
         let vocab = self.model.info().vocab;
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let cap = self.chunk_tokens.max(seqs.len());

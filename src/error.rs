@@ -21,6 +21,9 @@ pub enum Error {
     #[error("{path} exists (use --force to replace it)")]
     OutputExists { path: PathBuf },
 
+    #[error("state file {path}: {detail}")]
+    BadState { path: PathBuf, detail: String },
+
     #[error("{path} is truncated: {detail}")]
     TruncatedFile { path: PathBuf, detail: String },
 
@@ -66,6 +69,9 @@ pub enum Error {
     /// An allocation that would pass `GpuOptions::memory_limit`.
     #[error("GPU memory limit: {what} needs {bytes} bytes with {allocated} already allocated, over the limit of {limit} bytes")]
     MemoryLimit { what: String, bytes: u64, allocated: u64, limit: u64 },
+
+    #[error("batch thread: {0}")]
+    Thread(String),
 
     #[error("GPU device lost: {0}")]
     DeviceLost(String),

@@ -94,7 +94,7 @@ impl Session {
         &self.tokenizer
     }
 
-    /// Starts from `initial` (e.g. `Model::tuned_state`) now and after every
+    /// Starts from `initial` (e.g. from `state::load_tuned`) now and after every
     /// `reset`.
     pub fn set_initial_state(&mut self, initial: StateData) -> Result<()> {
         self.state.write(0, &initial)?;
@@ -179,6 +179,11 @@ impl Session {
         let vocab = self.model.info().vocab;
         if let Some((p, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
             return Err(Error::BadToken { sequence: 0, position: self.pending.len() + p, token: t, vocab });
+        }
+        if !tokens.is_empty() {
+            // The logits of the last token read no longer describe the state
+            // once these are: none until they are all read.
+            self.logits = None;
         }
         self.pending.extend_from_slice(tokens);
         Ok(())

@@ -142,6 +142,14 @@ impl State {
         if batch == 0 {
             return Err(Error::InvalidArgument("a state needs a batch of at least 1".into()));
         }
+        // Each layer's [batch, stride] buffer is bound whole by the kernels.
+        let max = (ctx.max_binding_bytes() / (layout.stride * 4).max(1) as u64) as usize;
+        if batch > max {
+            return Err(Error::InvalidArgument(format!(
+                "a state of {batch} sequences: each layer's {} bytes per sequence allow at most {max} in one binding",
+                layout.stride * 4
+            )));
+        }
         let fresh = layout.fresh_layer();
         let mut all = Vec::with_capacity(batch * layout.stride);
         for _ in 0..batch {
@@ -157,6 +165,11 @@ impl State {
 
     pub fn layout(&self) -> &StateLayout {
         &self.layout
+    }
+
+    /// The context the state's buffers live on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
     }
 
     /// One `[batch, stride]` f32 buffer per layer.
@@ -319,24 +332,26 @@ pub fn save(state: &StateData, path: &Path, inputs: &[&Path]) -> Result<()> {
     })
 }
 
-/// Reads a state written by [`save`]: every tensor as a field, values
-/// checked finite.
-pub fn load(path: &Path) -> Result<StateData> {
-    let f = SafeTensorsFile::open(path)?;
-    let mut names: Vec<String> = f.names().map(String::from).collect();
-    names.sort();
+/// Reads a state written by [`save`] for `layout`: exactly the layout's
+/// fields with their shapes (nothing else of the file is read, so naming a
+/// model file reads no weights), every value finite. Errors name the file.
+pub fn load(path: &Path, layout: &StateLayout) -> Result<StateData> {
+    load_from(&SafeTensorsFile::open(path)?, layout)
+}
+
+/// As [`load`], from an opened file.
+pub fn load_from(f: &SafeTensorsFile, layout: &StateLayout) -> Result<StateData> {
+    let bad = |detail: String| Error::BadState { path: f.path().to_path_buf(), detail };
     let mut fields = Vec::new();
-    for n in names {
-        let t = f.get(&n)?;
+    for field in &layout.fields {
+        let mut shape = vec![layout.n_layer];
+        shape.extend_from_slice(&field.shape);
+        let t = f.expect(field.name, &shape).map_err(|e| bad(e.to_string()))?;
         let values = t.to_f32();
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: state field `{n}` holds {} at element {i}",
-                path.display(),
-                values[i]
-            )));
+            return Err(bad(format!("field `{}` holds {} at element {i}", field.name, values[i])));
         }
-        fields.push((n.clone(), t.shape.to_vec(), values));
+        fields.push((field.name.to_string(), shape, values));
     }
     Ok(StateData { fields })
 }
@@ -348,7 +363,13 @@ pub fn load(path: &Path) -> Result<StateData> {
 /// (RWKV-7's own; v5/v6's transposed one, whose official [key, value]
 /// order is restored here as ChatRWKV does).
 pub fn load_tuned(path: &Path, layout: &StateLayout) -> Result<StateData> {
-    let f = SafeTensorsFile::open(path)?;
+    load_tuned_from(&SafeTensorsFile::open(path)?, layout)
+}
+
+/// As [`load_tuned`], from an opened file.
+pub fn load_tuned_from(f: &SafeTensorsFile, layout: &StateLayout) -> Result<StateData> {
+    let path = f.path();
+    let bad = |detail: String| Error::BadState { path: path.to_path_buf(), detail };
     let kv = layout
         .field("att_kv")
         .ok_or_else(|| Error::InvalidArgument("RWKV-4 has no state tuning (no att_kv matrix state)".into()))?;
@@ -356,16 +377,15 @@ pub fn load_tuned(path: &Path, layout: &StateLayout) -> Result<StateData> {
         return Err(Error::InvalidArgument(format!("att_kv of shape {:?} is not [H, N, N]", kv.shape)));
     };
     let l = layout.n_layer;
+    if f.contains(&format!("blocks.{l}.att.time_state")) {
+        return Err(bad(format!("tuned for a model of more than this one's {l} layers")));
+    }
     let mut values = Vec::with_capacity(l * h * n * n);
     for layer in 0..l {
         let t = f.expect(&format!("blocks.{layer}.att.time_state"), &[h, n, n])?;
         let v = t.to_f32();
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: blocks.{layer}.att.time_state holds {} at element {i}",
-                path.display(),
-                v[i]
-            )));
+            return Err(bad(format!("blocks.{layer}.att.time_state holds {} at element {i}", v[i])));
         }
         if kv.transposed {
             for head in 0..h {
@@ -392,9 +412,10 @@ pub fn load_tuned(path: &Path, layout: &StateLayout) -> Result<StateData> {
 /// A state-tuning file (it has `blocks.0.att.time_state`) or a saved state,
 /// whichever `path` holds.
 pub fn load_any(path: &Path, layout: &StateLayout) -> Result<StateData> {
-    if SafeTensorsFile::open(path)?.contains("blocks.0.att.time_state") {
-        load_tuned(path, layout)
+    let f = SafeTensorsFile::open(path)?;
+    if f.contains("blocks.0.att.time_state") {
+        load_tuned_from(&f, layout)
     } else {
-        load(path)
+        load_from(&f, layout)
     }
 }

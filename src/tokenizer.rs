@@ -145,6 +145,10 @@ struct TrieNode {
     token: Option<u32>,
 }
 
+/// Most token ids a tokenizer.json may have (the largest real vocabularies
+/// have ~260k); the id table is sized by its largest id.
+pub const MAX_HF_VOCAB: usize = 1 << 22;
+
 /// Largest token id a World vocab may use: the World vocab has 65536; the
 /// id table costs 24 bytes per id up to the largest, so this bounds it at
 /// 24 MiB whatever the file says.
@@ -316,6 +320,11 @@ impl HfTokenizer {
         let unicode_to_byte = gpt2_unicode_to_byte();
         let added = inner.get_added_tokens_decoder();
         let n = inner.get_vocab_size(true);
+        // Ids come from the file: an added token may claim any id, and the
+        // id table is sized by the largest.
+        if n > MAX_HF_VOCAB {
+            return Err(Error::Tokenizer(format!("{name}: {n} token ids, more than the {MAX_HF_VOCAB} supported")));
+        }
         let mut bytes = Vec::with_capacity(n);
         for id in 0..n as u32 {
             let b = if let Some(a) = added.get(&id) {

@@ -288,3 +288,46 @@ fn cpu_reference_matches_golden() {
         assert!(rel_l2(&kv, &g.state("state", "att_kv").1) <= REFERENCE_REL_L2);
     }
 }
+
+/// What loading precompiles is what the steps record: prefill, decode, an
+/// uneven batch and a gathered step of two sessions compile nothing more,
+/// for every generation on each kernel path (the plan picks both).
+#[test]
+fn steps_compile_no_pipeline_that_loading_did_not() {
+    use rwkv_wgpu::gpu::{GpuContext, GpuOptions, WeightStore};
+    use rwkv_wgpu::SeqInput;
+    if gpu().is_none() {
+        return;
+    }
+    let paths = [
+        GpuOptions::default(),
+        GpuOptions { weight_store: Some(WeightStore::Buffer), ..Default::default() },
+        GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() },
+    ];
+    for opts in paths {
+        for name in ALL_FIXTURES {
+            let ctx = GpuContext::new(&opts).unwrap();
+            let mut e = engine_with(&ctx, model_path(name), &LoadOptions::default(), 16);
+            let compiled = ctx.pipeline_count();
+            let t: Vec<u32> = (0..40).map(|i| (i * 7 % 500) as u32).collect();
+            let mut s = e.new_state(1).unwrap();
+            e.forward(&mut s, &[&t[..37]], LogitsMode::All).unwrap();
+            e.forward(&mut s, &[&t[..1]], LogitsMode::Last).unwrap();
+            let mut s2 = e.new_state(2).unwrap();
+            e.forward(&mut s2, &[&t[..9], &t[..1]], LogitsMode::Last).unwrap();
+            e.forward(&mut s2, &[&t[..1], &t[..1]], LogitsMode::Last).unwrap();
+            let (mut a, mut b) = (e.new_state(1).unwrap(), e.new_state(1).unwrap());
+            let mut seqs = [
+                SeqInput { state: &mut a, seq: 0, tokens: &t[..3], logits: Some(LogitsMode::Last) },
+                SeqInput { state: &mut b, seq: 0, tokens: &t[..1], logits: Some(LogitsMode::Last) },
+            ];
+            e.step(&mut seqs).unwrap();
+            assert_eq!(
+                ctx.pipeline_count(),
+                compiled,
+                "{name} ({}): steps compiled pipelines loading did not",
+                ctx.plan()
+            );
+        }
+    }
+}

@@ -93,7 +93,9 @@ impl GpuContext {
         };
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends,
-            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+            // Not `_from_env`: the library reads no environment variables
+            // (wgpu's WGPU_* ones included); the binary maps its own.
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
         });
         let adapters = pollster::block_on(instance.enumerate_adapters(backends));
         let found: Vec<String> = adapters
@@ -233,6 +235,17 @@ impl GpuContext {
 
     pub fn adapter(&self) -> &AdapterSummary {
         &self.shared.adapter
+    }
+
+    /// Pipelines compiled so far (ahead of time or on first use).
+    pub fn pipeline_count(&self) -> usize {
+        self.shared.pipelines.lock().unwrap().len()
+    }
+
+    /// Whether `other` is this context (a clone of it): buffers of one
+    /// cannot be used with the other.
+    pub fn same(&self, other: &GpuContext) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// The kernels chosen for this adapter and these options: used both to

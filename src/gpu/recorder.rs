@@ -1,8 +1,9 @@
 //! Records the dispatches of one step, then encodes them into a single
 //! command buffer and one submission. Every dispatch's `Params` goes into one
 //! uniform buffer (the arena), in slots at the uniform offset alignment,
-//! written once per submission. The model reserves the arena for its largest
-//! step, so no step allocates.
+//! written once per submission. The engine reserves the arena for its largest
+//! step when it sizes its per-step buffers; a submission with more operations
+//! than reserved grows it.
 
 use std::sync::{Arc, Mutex};
 

@@ -29,6 +29,7 @@ enum Backing {
     /// The mapping, and the file for positioned reads.
     Mmap(Mmap, std::fs::File),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Backing {
@@ -37,6 +38,7 @@ impl std::ops::Deref for Backing {
         match self {
             Backing::Mmap(m, _) => m,
             Backing::Static(s) => s,
+            Backing::Owned(v) => v,
         }
     }
 }
@@ -68,6 +70,12 @@ impl SafeTensorsFile {
         // SAFETY: as in `open`: a read-only mapping we only copy bytes out of.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), error: source })?;
         Self::parse(path, Backing::Mmap(mmap, file))
+    }
+
+    /// A checkpoint (or state file) held in memory; `name` stands in for
+    /// the path in errors.
+    pub fn from_vec(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(PathBuf::from(name), Backing::Owned(bytes))
     }
 
     /// A checkpoint held in memory for the life of the program (e.g. a model

@@ -187,8 +187,12 @@ pub struct Loaded<B> {
 /// element-wise kernels read four channels at a time) no larger than the
 /// WKV kernels hold in registers.
 pub fn check_heads(name: &str, shape: &[usize], c: usize, n_head: usize, head_size: usize) -> Result<(usize, usize)> {
-    if n_head == 0 || n_head * head_size != c {
-        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![c / 64, 64], found: shape.to_vec() });
+    if n_head == 0 || n_head.checked_mul(head_size) != Some(c) {
+        // What would fit n_embd: the tensor's own head size if it divides
+        // n_embd, else the official 64.
+        let n = shape.last().copied().filter(|&n| shape.len() == 2 && n > 0 && c.is_multiple_of(n)).unwrap_or(64);
+        let expected = if shape.len() == 2 { vec![c / n, n] } else { vec![c / n] };
+        return Err(Error::ShapeMismatch { name: name.into(), expected, found: shape.to_vec() });
     }
     if head_size > MAX_HEAD_SIZE || !head_size.is_multiple_of(4) {
         return Err(Error::UnsupportedShape(format!(

@@ -156,7 +156,8 @@ impl Model {
             Version::V6 => v6::heads(f, d.c)?,
             Version::V7 => v7::heads(f, d.c)?,
         };
-        compile_pipelines(ctx, version, &d, head_size)?;
+        let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(d.c);
+        compile_pipelines(ctx, version, &d, head_size, ffn)?;
 
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
         let mut ld = BlockLoader::new(ctx, f, d.c, max_part, opts.progress.clone());
@@ -294,8 +295,9 @@ impl Model {
 }
 
 /// The pipelines a model of `version` uses on this adapter, asked of the
-/// kernel plan as recording asks it.
-fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> Vec<Pipeline> {
+/// kernel plan as recording asks it (`tests/golden.rs` checks that steps of
+/// every generation on each kernel path compile nothing more).
+fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn: usize) -> Vec<Pipeline> {
     let plan = ctx.plan();
     let mut v = vec![plan.layer_norm(), plan.token_shift(), Pipeline::GatherRows];
     let tex = plan.wkv_textures(head_size);
@@ -306,9 +308,17 @@ fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> 
         _ => v.extend([plan.wkv5(tex), plan.group_norm(), Pipeline::MulAdd]),
     }
     v.extend(plan.linear_pipelines(d.dtype));
-    // v6 and v7 have LoRAs (down-projections of rank <= 64 from C wide inputs).
-    if matches!(version, Version::V6 | Version::V7) {
-        v.extend(plan.small_tile(d.dtype, d.c));
+    // The 8-row prefill tile, for the matrices small enough to take it, by
+    // their input width: LoRA down-projections (v6, v7: rank <= 64, from C),
+    // and every matrix of a model that narrow ([C, C], [C, F] and [F, C]).
+    let (c, lora) = (d.c, matches!(version, Version::V6 | Version::V7));
+    let rows_and_inputs = [(c, c), (ffn, c), (c, ffn), (d.vocab, c), (if lora { 64 } else { usize::MAX }, c)];
+    for (rows, cols) in rows_and_inputs {
+        if plan.texture_linear(d.dtype, rows, 2, crate::gpu::XSource::Window)
+            != plan.texture_linear(d.dtype, usize::MAX, 2, crate::gpu::XSource::Window)
+        {
+            v.extend(plan.small_tile(d.dtype, cols));
+        }
     }
     let mut seen = std::collections::HashSet::new();
     v.retain(|p| seen.insert(*p));
@@ -320,8 +330,8 @@ fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> 
 /// memory, which then overlaps a small process instead of the loaded model,
 /// and is handed back to the OS afterwards. Anything missed compiles on
 /// first use.
-fn compile_pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize) -> Result<()> {
-    for p in pipelines(ctx, version, d, head_size) {
+fn compile_pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn: usize) -> Result<()> {
+    for p in pipelines(ctx, version, d, head_size, ffn) {
         ctx.pipeline(p)?;
     }
     crate::gpu::trim_heap();
