@@ -351,3 +351,73 @@ pub fn run(
         gpu_bytes_after_deep: gpu_after,
     })
 }
+
+/// One sample of a soak run.
+#[derive(Debug, Clone)]
+pub struct SoakSample {
+    /// Tokens generated so far.
+    pub tokens: usize,
+    /// Resident memory of the process now (not its peak), bytes.
+    pub rss_bytes: u64,
+    /// Bytes of every live GPU buffer and texture.
+    pub gpu_bytes: u64,
+    /// Decode speed over the tokens since the previous sample.
+    pub tokens_per_s: f64,
+}
+
+/// Resident set size of this process now, in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Generates `tokens` tokens greedily from a one-token prompt, one step per
+/// token, and samples memory every `every` tokens (the first sample at 0,
+/// after one warm-up step has allocated the per-step buffers). What must
+/// hold over a long run: RSS and GPU bytes flat, logits finite.
+pub fn soak(
+    ctx: &GpuContext,
+    model: &mut Engine,
+    tokens: usize,
+    every: usize,
+    mut report: impl FnMut(&SoakSample),
+) -> Result<Vec<SoakSample>> {
+    let mut warm = model.new_state(1)?;
+    model.forward(&mut warm, &[&[1]], LogitsMode::Last)?;
+    drop(warm);
+    let mut state = model.new_state(1)?;
+    let mut next = 1u32;
+    let mut samples = Vec::new();
+    let mut t = Instant::now();
+    for n in 0..=tokens {
+        if n % every.max(1) == 0 || n == tokens {
+            let since = samples.last().map_or(0, |s: &SoakSample| s.tokens);
+            let dt = t.elapsed().as_secs_f64();
+            let s = SoakSample {
+                tokens: n,
+                rss_bytes: rss_bytes(),
+                gpu_bytes: ctx.allocated_bytes(),
+                tokens_per_s: if n > since { (n - since) as f64 / dt.max(1e-9) } else { 0.0 },
+            };
+            report(&s);
+            samples.push(s);
+            t = Instant::now();
+        }
+        if n == tokens {
+            break;
+        }
+        let logits = model.forward(&mut state, &[&[next]], LogitsMode::Last)?.remove(0);
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(crate::Error::Gpu(format!("soak: logit {i} is {} after {n} tokens", logits[i])));
+        }
+        next = argmax(&logits);
+    }
+    Ok(samples)
+}

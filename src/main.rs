@@ -209,6 +209,10 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Instead of the figures: generate this many tokens (e.g. 100000)
+        /// and print RSS and GPU bytes every 10,000 (a long-run check).
+        #[arg(long, default_value_t = 0)]
+        soak: usize,
     },
     /// Print a model's version, dimensions and memory use.
     Inspect {
@@ -569,7 +573,8 @@ fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path) -
 
 /// `rwkv bench`: speed and memory on a model file or a synthetic model.
 fn bench(cli: &Cli) -> Result<()> {
-    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json } = &cli.command else {
+    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json, soak } = &cli.command
+    else {
         unreachable!("called for the bench command")
     };
     if *pp == 0 || *tg == 0 || batch.contains(&0) {
@@ -583,6 +588,16 @@ fn bench(cli: &Cli) -> Result<()> {
         deep_context: *deep,
     };
     let ctx = gpu(cli)?;
+    if *soak > 0 {
+        let path = model.as_ref().ok_or_else(|| anyhow!("--soak runs on a model file: give --model"))?;
+        let m = Arc::new(Model::load(&ctx, path, &LoadOptions::default())?);
+        let mut engine = Engine::new(m, &EngineOptions::default())?;
+        println!("{:>10}  {:>12}  {:>12}  {:>10}", "tokens", "RSS bytes", "GPU bytes", "tokens/s");
+        rwkv_wgpu::bench::soak(&ctx, &mut engine, *soak, 10_000, |s| {
+            println!("{:>10}  {:>12}  {:>12}  {:>10.1}", s.tokens, s.rss_bytes, s.gpu_bytes, s.tokens_per_s);
+        })?;
+        return Ok(());
+    }
     let report = match model {
         Some(path) => {
             let name = path.display().to_string();
