@@ -215,8 +215,11 @@ impl WorldTokenizer {
             trie[node].token = Some(id as u32);
             tokens[id] = Some(bytes);
         }
+        // Greedy matching needs every single byte as a token of its own (a
+        // longer token starting with the byte is not enough).
         for b in 0..=255u8 {
-            if trie[0].children.binary_search_by_key(&b, |c| c.0).is_err() {
+            let single = trie[0].children.binary_search_by_key(&b, |c| c.0).ok().map(|i| trie[0].children[i].1);
+            if single.is_none_or(|n| trie[n as usize].token.is_none()) {
                 return Err(Error::Tokenizer(format!("World vocab lacks the single byte {b:#04x}")));
             }
         }
@@ -314,6 +317,10 @@ pub struct HfTokenizer {
 
 impl HfTokenizer {
     pub fn from_bytes(json: &[u8], name: &str) -> Result<Self> {
+        // Valid JSON first: tokenizers 0.22 panics on some malformed JSON
+        // inside its decoder section (found by fuzzing) instead of erroring.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+            .map_err(|e| Error::Tokenizer(format!("{name} is not valid JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::Tokenizer(format!("{name} is not a usable tokenizer.json: {e}")))?;
         let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
