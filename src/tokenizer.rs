@@ -317,9 +317,16 @@ pub struct HfTokenizer {
 
 impl HfTokenizer {
     pub fn from_bytes(json: &[u8], name: &str) -> Result<Self> {
-        // Valid JSON first: tokenizers 0.22 panics on some malformed JSON
-        // inside its decoder section (found by fuzzing) instead of erroring.
-        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+        // Valid JSON first, and a decoder section that parses as a JSON value:
+        // tokenizers 0.22 panics (`expect("Helper")`) on an error inside the
+        // decoder section, e.g. a bad escape or a lone surrogate (found by
+        // fuzzing), instead of returning it.
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[allow(dead_code)]
+            decoder: Option<serde_json::Value>,
+        }
+        serde_json::from_slice::<Probe>(json)
             .map_err(|e| Error::Tokenizer(format!("{name} is not valid JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::Tokenizer(format!("{name} is not a usable tokenizer.json: {e}")))?;
