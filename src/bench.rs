@@ -179,17 +179,23 @@ pub fn cpu_seconds() -> f64 {
     0.0
 }
 
-/// Peak resident set size of this process in bytes (Linux; 0 elsewhere).
-pub fn peak_rss_bytes() -> u64 {
+/// A `/proc/self/status` figure given in kB (`VmHWM:`, `VmRSS:`), in bytes
+/// (Linux; 0 elsewhere).
+fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident set size of this process in bytes (Linux; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -367,15 +373,7 @@ pub struct SoakSample {
 
 /// Resident set size of this process now, in bytes (Linux; 0 elsewhere).
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_status_bytes("VmRSS:")
 }
 
 /// Generates `tokens` tokens greedily from a one-token prompt, one step per
