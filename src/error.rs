@@ -21,6 +21,9 @@ pub enum Error {
     #[error("{path} exists (use --force to replace it)")]
     OutputExists { path: PathBuf },
 
+    #[error("{path}: {detail}")]
+    BadConfig { path: PathBuf, detail: String },
+
     #[error("state file {path}: {detail}")]
     BadState { path: PathBuf, detail: String },
 

@@ -87,16 +87,29 @@ fn check_finite(s: &StateData) {
     }
 }
 
+/// A Hugging Face `config.json`, and the same bytes as a shard index
+/// (`model.safetensors.index.json`; no shard is opened).
+pub fn hf_config(data: &[u8]) {
+    use crate::loader::hf::{HfWeights, TransformerConfig};
+    use std::path::Path;
+    if let Ok(c) = TransformerConfig::parse(data, Path::new("config.json")) {
+        let _ = c.rope.inv_freq();
+    }
+    let no_shards = |p: &Path| Err(Error::MissingTensor { name: p.display().to_string() });
+    let _ = HfWeights::from_index(data, Path::new("index.json"), Path::new("."), no_shards);
+}
+
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("safetensors", safetensors),
     ("pth", pth),
     ("world_vocab", world_vocab),
     ("tokenizer_json", tokenizer_json),
     ("state_file", state_file),
+    ("hf_config", hf_config),
 ];
 
 // Every error these paths return is an `Error` (typed by construction).

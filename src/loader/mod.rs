@@ -15,6 +15,7 @@ use safetensors::SafeTensorError;
 use crate::error::{Error, Result};
 pub use crate::tensor::{Dtype, Tensor};
 
+pub mod hf;
 pub mod pth;
 
 struct Entry {
