@@ -91,7 +91,47 @@ fn act_ref(act: Act, x: f64) -> f64 {
         Act::Sigmoid => sigmoid(x),
         Act::ReluSq => x.max(0.0).powi(2),
         Act::Silu => x * sigmoid(x),
+        Act::GeluErf => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
     }
+}
+
+/// erf in f64 to ~1e-13: its Taylor series near 0, else 1 - erfc by the
+/// continued fraction (Rust's std has no erf).
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let r = if z <= 2.5 {
+        let (mut term, mut sum) = (z, z);
+        for n in 1..80 {
+            term *= -z * z / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(z) = exp(-z²)/√π · 1/(z + (1/2)/(z + 1/(z + (3/2)/(z + ...)))).
+        let mut f = z;
+        for k in (1..60).rev() {
+            f = z + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / f
+    };
+    r.copysign(x)
+}
+
+#[test]
+fn exact_gelu_matches_erf() {
+    let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
+    // The GELU through the identity matrix, from -12 to 12 (both tails).
+    let vals: Vec<f32> = (0..241).map(|i| -12.0 + 0.1 * i as f32).collect();
+    let m = Matrix::upload(&ctx, "one", Dtype::F32, 1, 1, bytemuck::cast_slice(&[1f32]), 1 << 20).unwrap();
+    let xb = ctx.storage_f32("x", &vals).unwrap();
+    let yb = zeros(&ctx, vals.len());
+    run(&ctx, &ws, |rec| m.linear(rec, &xb, 0, &yb, 0, vals.len(), Act::GeluErf, false).unwrap());
+    let want: Vec<f64> = vals.iter().map(|&v| act_ref(Act::GeluErf, v as f64)).collect();
+    check("gelu", &ctx.read_f32(&yb).unwrap(), &want);
+    // The reference itself: erf at known points.
+    assert!((erf(0.5) - 0.520_499_877_813_046_5).abs() < 1e-13);
+    assert!((erf(3.0) - 0.999_977_909_503_001_4).abs() < 1e-13);
 }
 
 fn zeros(ctx: &GpuContext, n: usize) -> GpuBuffer {
@@ -158,7 +198,7 @@ fn linear_subgroup_kernel() {
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         for (n, tn) in [(1usize, 1u32), (7, LINEAR_TN)] {
             for (act, accumulate) in
-                [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false)]
+                [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false), (Act::GeluErf, false)]
             {
                 let w = rng.vec(d_out * d_in, 0.3);
                 let (wb, wv) = encode(&w, dtype);

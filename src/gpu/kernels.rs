@@ -233,8 +233,11 @@ pub enum Act {
     Sigmoid = 2,
     /// relu(x)², the RWKV channel-mix key activation.
     ReluSq = 3,
-    /// x · sigmoid(x), the RWKV-5/6 gate.
+    /// x · sigmoid(x), the RWKV-5/6 gate and SwiGLU's gate.
     Silu = 4,
+    /// The exact GELU, x · Φ(x) = 0.5 x (1 + erf(x / √2)) (GPT-NeoX), with
+    /// erf to a fractional error below 1.2e-7.
+    GeluErf = 5,
 }
 
 /// `linear.wgsl`: `Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i])`.
