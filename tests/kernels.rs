@@ -117,6 +117,44 @@ fn erf(x: f64) -> f64 {
     r.copysign(x)
 }
 
+/// RoPE against the CPU in f64 (with the f32 angles transformers uses):
+/// grouped heads at a row stride and offset, partial rotary (GPT-NeoX's
+/// quarter of a head), positions up to 32k.
+#[test]
+fn rope_rotates_half_of_each_head() {
+    let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
+    let mut rng = Rng::new(41);
+    for (n_head, head_dim, rotary) in [(3usize, 32usize, 32usize), (4, 32, 8), (2, 64, 64)] {
+        let n = 5;
+        let (offset, stride) = (4, n_head * head_dim + 12);
+        let x = rng.vec(offset + n * stride, 2.0);
+        let positions: Vec<u32> = vec![0, 1, 17, 4095, 32767];
+        let theta = 10000f32;
+        let inv_freq: Vec<f32> = (0..rotary / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary as f32)).collect();
+        let cs = rwkv_wgpu::ops::rope_cos_sin(&positions, &inv_freq);
+        let (xb, csb) = (ctx.storage_f32("x", &x).unwrap(), ctx.storage_f32("cs", &cs).unwrap());
+        run(&ctx, &ws, |rec| {
+            rwkv_wgpu::ops::rope(rec, &xb, &csb, n, n_head, head_dim, rotary, stride, offset).unwrap()
+        });
+        let mut want = f64s(&x);
+        let half = rotary / 2;
+        for t in 0..n {
+            for h in 0..n_head {
+                let base = offset + t * stride + h * head_dim;
+                for i in 0..half {
+                    let angle = (positions[t] as f32 * inv_freq[i]) as f64;
+                    let (c, s) = (angle.cos(), angle.sin());
+                    let (a, b) = (x[base + i] as f64, x[base + i + half] as f64);
+                    want[base + i] = a * c - b * s;
+                    want[base + i + half] = b * c + a * s;
+                }
+            }
+        }
+        check(&format!("rope {n_head}x{head_dim} rotary {rotary}"), &ctx.read_f32(&xb).unwrap(), &want);
+    }
+}
+
 #[test]
 fn exact_gelu_matches_erf() {
     let Some(ctx) = gpu() else { return };
@@ -197,9 +235,13 @@ fn linear_subgroup_kernel() {
     let (d_in, d_out) = (104, 37);
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         for (n, tn) in [(1usize, 1u32), (7, LINEAR_TN)] {
-            for (act, accumulate) in
-                [(Act::None, false), (Act::Tanh, true), (Act::ReluSq, false), (Act::Sigmoid, false), (Act::GeluErf, false)]
-            {
+            for (act, accumulate) in [
+                (Act::None, false),
+                (Act::Tanh, true),
+                (Act::ReluSq, false),
+                (Act::Sigmoid, false),
+                (Act::GeluErf, false),
+            ] {
                 let w = rng.vec(d_out * d_in, 0.3);
                 let (wb, wv) = encode(&w, dtype);
                 let wbuf = ctx.buffer_from_bytes("w", &wb, STORAGE).unwrap();

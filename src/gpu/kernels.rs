@@ -16,6 +16,7 @@ pub(crate) const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_wor
 pub enum Kernel {
     LayerNorm,
     RmsNorm,
+    Rope,
     TokenShift,
     GatherRows,
     Linear,
@@ -37,6 +38,7 @@ impl Kernel {
         match self {
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::RmsNorm => include_str!("../../shaders/rms_norm.wgsl"),
+            Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
@@ -103,6 +105,7 @@ pub enum Pipeline {
         tpw: u32,
     },
     GatherRows,
+    Rope,
     /// `tpw`: tokens per workgroup (`TPW`).
     GroupNorm {
         tpw: u32,
@@ -139,6 +142,7 @@ impl Pipeline {
             Pipeline::RmsNorm { .. } => Kernel::RmsNorm,
             Pipeline::TokenShift { .. } => Kernel::TokenShift,
             Pipeline::GatherRows => Kernel::GatherRows,
+            Pipeline::Rope => Kernel::Rope,
             Pipeline::GroupNorm { .. } => Kernel::GroupNorm,
             Pipeline::V7Prep { .. } => Kernel::V7Prep,
             Pipeline::MulAdd => Kernel::MulAdd,
@@ -309,6 +313,20 @@ impl RmsNormParams {
     pub fn groups(&self, tpw: u32) -> [u32; 3] {
         [self.n_rows.div_ceil(tpw), 1, 1]
     }
+}
+
+/// `rope.wgsl`: rotate-half RoPE in place on the first `rotary` channels of
+/// each head, with per-token (cos, sin) pairs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct RopeParams {
+    pub n_tok: u32,
+    pub n_head: u32,
+    pub head_dim: u32,
+    pub rotary: u32,
+    pub row_stride: u32,
+    pub offset: u32,
+    pub _pad: [u32; 2],
 }
 
 /// `token_shift.wgsl`: out[m, n, c] = x + (prev - x) * (mix[m, c] + extra[m, n, c]).

@@ -13,7 +13,8 @@ pub use wkv::{record_wkv4, record_wkv5, record_wkv7, WkvTextures};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, TokenShiftParams, V7PrepParams, WG,
+    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, RopeParams, TokenShiftParams,
+    V7PrepParams, WG,
 };
 use crate::gpu::{GpuBuffer, Pipeline, Recorder};
 
@@ -73,6 +74,55 @@ pub fn rms_norm<'a>(
     let key = rec.ctx().plan().rms_norm();
     let Pipeline::RmsNorm { tpw } = key else { unreachable!() };
     rec.dispatch(key, &p, &[x, vecs, y], p.groups(tpw))
+}
+
+/// Rotary position embedding in place (`rope.wgsl`, the rotate-half form):
+/// the first `rotary` channels of each of `n_head` heads of `head_dim` in
+/// each of `n` token rows (`row_stride` apart from element `offset`) are
+/// rotated by the (cos, sin) pairs `cs [n, rotary / 2]`
+/// (see [`rope_cos_sin`]).
+#[allow(clippy::too_many_arguments)]
+pub fn rope<'a>(
+    rec: &mut Recorder<'a>,
+    x: &'a GpuBuffer,  // [n, row_stride] at offset
+    cs: &'a GpuBuffer, // [n, rotary / 2] (cos, sin) pairs
+    n: usize,
+    n_head: usize,
+    head_dim: usize,
+    rotary: usize,
+    row_stride: usize,
+    offset: usize,
+) -> Result<()> {
+    if rotary == 0 || !rotary.is_multiple_of(2) || rotary > head_dim {
+        return Err(Error::InvalidArgument(format!("rope: {rotary} rotary channels of a head of {head_dim}")));
+    }
+    let p = RopeParams {
+        n_tok: n as u32,
+        n_head: n_head as u32,
+        head_dim: head_dim as u32,
+        rotary: rotary as u32,
+        row_stride: row_stride as u32,
+        offset: offset as u32,
+        _pad: [0; 2],
+    };
+    let pairs = (rotary / 2 * n_head) as u32;
+    rec.dispatch(Pipeline::Rope, &p, &[x, cs], [pairs.div_ceil(WG), n as u32, 1])
+}
+
+/// The (cos, sin) pairs of [`rope`] for tokens at `positions`, as
+/// transformers computes them: the angle `f32(position) * inv_freq[i]` in
+/// f32 (its rotary angles are f32 even in an f64 model), then its cosine and
+/// sine, rounded to f32. `[positions.len(), inv_freq.len()]` pairs, flat.
+pub fn rope_cos_sin(positions: &[u32], inv_freq: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(positions.len() * inv_freq.len() * 2);
+    for &p in positions {
+        for &f in inv_freq {
+            let angle = (p as f32 * f) as f64;
+            out.push(angle.cos() as f32);
+            out.push(angle.sin() as f32);
+        }
+    }
+    out
 }
 
 /// One token-shift mix (`token_shift.wgsl`), for tokens laid end to end by
