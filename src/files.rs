@@ -159,7 +159,8 @@ fn temp_beside(out: &Path) -> Result<PathBuf> {
 /// Whatever ends the process, nothing is left in `dir`; the file is gone
 /// when its last handle (or mapping) is.
 pub fn unnamed_file(dir: &Path) -> Result<File> {
-    #[cfg(target_os = "linux")]
+    // O_TMPFILE's value differs by architecture (O_DIRECTORY does): x86-64 only.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     {
         use std::os::unix::fs::OpenOptionsExt;
         // O_TMPFILE: __O_TMPFILE | O_DIRECTORY.

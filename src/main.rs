@@ -232,6 +232,23 @@ enum Command {
     },
 }
 
+/// `println!` to stdout that ends the process quietly (exit 0) when the
+/// reader has gone (`| head`), as a closed pipe is no error of ours
+/// (`println!` would panic there), and with one error line on any other
+/// write error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        if let Err(e) = writeln!(o, $($arg)*).and_then(|_| o.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 fn main() {
     // A bug must still end in one line and a non-zero exit, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -414,7 +431,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(f) => read_ids(f)?,
                 None => tokens.clone(),
             };
-            logits(&cli, model, &tokens, *all, out)
+            if tokens.is_empty() {
+                bail!("no token ids given");
+            }
+            logits(&cli, model, &tokens, *all, out, tokens_file.as_deref())
         }
         Command::Bench { .. } => bench(&cli),
         Command::Inspect { model } => inspect(&cli, model),
@@ -523,7 +543,7 @@ fn tokenize(tokenizer: Option<&str>) -> Result<()> {
     let tok = tokenizer_or_demo(tokenizer)?;
     let ids = tok.encode(&read_stdin()?)?;
     let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-    println!("[{}]", list.join(", "));
+    out!("[{}]", list.join(", "));
     Ok(())
 }
 
@@ -532,8 +552,24 @@ fn detokenize(tokenizer: Option<&str>) -> Result<()> {
     let tok = tokenizer_or_demo(tokenizer)?;
     let text = String::from_utf8(read_stdin()?).map_err(|_| anyhow!("stdin is not a JSON array of ids"))?;
     let ids = parse_id_array(&text)?;
-    let bytes = tok.decode(&ids)?;
-    std::io::stdout().write_all(&bytes).context("writing to stdout")
+    // Every id checked first, then the bytes written token by token: a
+    // vocabulary of long tokens repeated many times is never held whole.
+    if let Some(&bad) = ids.iter().find(|&&id| tok.token_bytes(id).is_none()) {
+        bail!("token id {bad} is not in the vocabulary ({} ids)", tok.vocab_size());
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for &id in &ids {
+        if let Err(e) = out.write_all(tok.token_bytes(id).unwrap_or_default()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(e).context("writing to stdout");
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 /// `rwkv perplexity`: loss, perplexity and bits per byte of a text file.
@@ -546,25 +582,42 @@ fn perplexity_cmd(cli: &Cli, file: &Path, model: &ModelArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("{} has {} tokens; perplexity needs at least 2", file.display(), ids.len());
     }
+    let vocab = m.model.info().vocab;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        bail!(
+            "the tokenizer gave token {bad}, outside the model's vocabulary of {vocab}: wrong tokenizer for this model"
+        );
+    }
     let t0 = Instant::now();
     let r = perplexity(&mut m.engine, &tok, &ids)?;
-    println!("tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}", ids.len(), r.0, r.0.exp(), r.1);
+    out!("tokens {}  loss {:.6} nats/token  perplexity {:.3}  bits/byte {:.6}", ids.len(), r.0, r.0.exp(), r.1);
     eprintln!("[{:.1} tokens/s]", ids.len() as f64 / t0.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// `rwkv logits`: token ids through the model, logits to a .npy file.
-fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path) -> Result<()> {
+fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path, ids: Option<&Path>) -> Result<()> {
     let ctx = gpu(cli)?;
     let mut m = load(&ctx, model, false)?;
     let vocab = m.model.info().vocab;
+    // The logits are held in memory and written as one .npy: bounded.
+    let rows = if all { tokens.len() } else { 1 };
+    if rows.saturating_mul(vocab).saturating_mul(4) > MAX_LOGITS_BYTES {
+        bail!(
+            "{rows} x {vocab} logits are {} MB, over the {} MB `logits` writes; ask for fewer tokens with --all",
+            (rows * vocab * 4) >> 20,
+            MAX_LOGITS_BYTES >> 20
+        );
+    }
     let mut state = m.model.new_state(1)?;
     let mode = if all { LogitsMode::All } else { LogitsMode::Last };
     let logits = m.engine.forward(&mut state, &[tokens], mode)?.remove(0);
     let rows = logits.len() / vocab;
     let bytes = rwkv_wgpu::npy::encode_f32(&[rows, vocab], &logits);
-    let model_file = m.model.file_path();
-    write_atomic(out, &[model_file], Overwrite::Replace, |tmp| {
+    let mut inputs = input_files(model, None);
+    inputs.extend(ids.map(Path::to_path_buf));
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    write_atomic(out, &inputs, Overwrite::Replace, |tmp| {
         std::fs::write(tmp, &bytes).map_err(|source| rwkv_wgpu::Error::Io { path: out.to_path_buf(), error: source })
     })?;
     eprintln!("wrote [{rows}, {vocab}] logits to {}", out.display());
@@ -587,14 +640,23 @@ fn bench(cli: &Cli) -> Result<()> {
         repeat: *repeat,
         deep_context: *deep,
     };
+    // Arguments first: a bad shape is an error before any adapter is opened.
+    let version: rwkv_wgpu::Version = rwkv_version.parse()?;
+    let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
+    let dt = match dtype.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
+        "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
+        "bf16" => rwkv_wgpu::Dtype::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
     let ctx = gpu(cli)?;
     if *soak > 0 {
         let path = model.as_ref().ok_or_else(|| anyhow!("--soak runs on a model file: give --model"))?;
         let m = Arc::new(Model::load(&ctx, path, &LoadOptions::default())?);
         let mut engine = Engine::new(m, &EngineOptions::default())?;
-        println!("{:>10}  {:>12}  {:>12}  {:>10}", "tokens", "RSS bytes", "GPU bytes", "tokens/s");
+        out!("{:>10}  {:>12}  {:>12}  {:>10}", "tokens", "RSS bytes", "GPU bytes", "tokens/s");
         rwkv_wgpu::bench::soak(&ctx, &mut engine, *soak, 10_000, |s| {
-            println!("{:>10}  {:>12}  {:>12}  {:>10.1}", s.tokens, s.rss_bytes, s.gpu_bytes, s.tokens_per_s);
+            out!("{:>10}  {:>12}  {:>12}  {:>10.1}", s.tokens, s.rss_bytes, s.gpu_bytes, s.tokens_per_s);
         })?;
         return Ok(());
     }
@@ -604,14 +666,6 @@ fn bench(cli: &Cli) -> Result<()> {
             rwkv_wgpu::bench::run(&ctx, &name, &cfg, |o| Model::load(&ctx, path, o))?
         }
         None => {
-            let version: rwkv_wgpu::Version = rwkv_version.parse()?;
-            let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
-            let dt = match dtype.to_ascii_lowercase().as_str() {
-                "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
-                "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
-                "bf16" => rwkv_wgpu::Dtype::BF16,
-                other => bail!("--dtype {other}: expected f32, f16 or bf16"),
-            };
             // An unnamed file in the temporary folder: nothing is left there
             // whatever ends the process (an error, Ctrl-C, a kill).
             let name = format!("synthetic v{version} {shape} {}", dt.name());
@@ -626,9 +680,9 @@ fn bench(cli: &Cli) -> Result<()> {
         }
     };
     if *json {
-        println!("{}", report.to_json());
+        out!("{}", report.to_json());
     } else {
-        print!("{}", report.to_table());
+        out!("{}", report.to_table().trim_end());
     }
     for (k, n, t) in ctx.kernel_profile() {
         eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
@@ -642,27 +696,52 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     let m = load(&ctx, model, false)?;
     let i = m.model.info();
     let name = model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(DEMO_NAME.into());
-    println!("file            {name}");
-    println!("version         RWKV-{}", i.version);
-    println!("layers          {}", i.n_layer);
-    println!("width           {}", i.n_embd);
+    out!("file            {name}");
+    out!("version         RWKV-{}", i.version);
+    out!("layers          {}", i.n_layer);
+    out!("width           {}", i.n_embd);
     match i.n_head {
-        0 => println!("heads           none (RWKV-4 mixes per channel)"),
-        h => println!("heads           {h} x {}", i.head_size),
+        0 => out!("heads           none (RWKV-4 mixes per channel)"),
+        h => out!("heads           {h} x {}", i.head_size),
     }
-    println!("vocab           {}", i.vocab);
-    println!("ffn             {}", i.ffn);
+    out!("vocab           {}", i.vocab);
+    out!("ffn             {}", i.ffn);
     let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
-    println!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
-    println!("parameters      {}", i.parameters);
-    println!("dtype           {}", i.dtype.name());
-    println!("weight bytes    {}", i.weight_bytes);
-    println!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
-    println!("state bytes     {} per sequence", i.state_bytes_per_sequence);
-    println!("gpu bytes       {}", ctx.allocated_bytes());
-    println!("adapter         {}", ctx.adapter());
-    println!("kernels         {}", ctx.plan());
+    out!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
+    out!("parameters      {}", i.parameters);
+    out!("dtype           {}", i.dtype.name());
+    out!("weight bytes    {}", i.weight_bytes);
+    out!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
+    out!("state bytes     {} per sequence", i.state_bytes_per_sequence);
+    out!("gpu bytes       {}", ctx.allocated_bytes());
+    out!("adapter         {}", ctx.adapter());
+    out!("kernels         {}", ctx.plan());
     Ok(())
+}
+
+/// Most bytes of logits `rwkv logits` holds and writes (1 GiB).
+const MAX_LOGITS_BYTES: usize = 1 << 30;
+
+/// The files a command reads, which no output may replace: the model, the
+/// tokenizer given or found next to it, and the `--state` file.
+fn input_files(model: &ModelArgs, state: Option<&Path>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = model.model.iter().cloned().collect();
+    if let Some(t) = model.tokenizer.as_deref().filter(|t| *t != "world") {
+        v.push(PathBuf::from(t));
+    }
+    if let Some(dir) = model.model.as_deref().and_then(Path::parent) {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        v.push(dir.join("tokenizer.json"));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            v.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("rwkv_vocab") && n.ends_with(".txt"))
+            }));
+        }
+    }
+    v.extend(state.map(Path::to_path_buf));
+    v
 }
 
 /// Prompts of at least this many tokens show a progress bar (on a terminal).
@@ -752,6 +831,9 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
     let (mut m, mut session, mut sampler) = start_session(cli, model, state, sampling, true)?;
     let engine = &mut m.engine;
     let opts = generate_options(sampling, &["\n\n"]);
+    // No /save may replace what the chat reads.
+    let inputs = input_files(model, state.state.as_deref());
+    let protected: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let interactive = std::io::stdin().is_terminal();
     let mut out = std::io::stdout().lock();
     let mut turn = 0;
@@ -786,7 +868,7 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
                 // A failed save or load is reported; the session and its state go on.
                 ("save", "") => eprintln!("error: /save needs a file: /save FILE"),
                 ("load", "") => eprintln!("error: /load needs a file: /load FILE"),
-                ("save", f) => match session.save_state(Path::new(f)) {
+                ("save", f) => match session.save_state_beside(Path::new(f), &protected) {
                     Ok(()) => eprintln!("[state saved to {f}]"),
                     Err(e) => eprintln!("error: saving the state to {f}: {e:#}"),
                 },
@@ -799,36 +881,64 @@ fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs
             continue;
         }
         turn += 1;
-        // The state holds everything said so far: only this turn is read.
-        let prompt = format!("User: {msg}\n\nAssistant:");
-        let n_prompt = feed_text(&mut session, engine, prompt.as_bytes())?;
-        write!(out, "Assistant:")?;
-        out.flush()?;
-        let t0 = Instant::now();
+        // A turn that fails (a GPU memory limit, logits gone non-finite from a
+        // loaded state) is reported and undone: the state goes back to where
+        // the turn began and the chat goes on.
+        let before = session.state().read(0)?;
         let mut closed = false;
-        let g = session.generate(engine, &mut sampler, &opts, |text| {
-            closed = out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err();
-            if closed {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
+        let result = chat_turn(&mut session, engine, &mut sampler, &opts, &mut out, msg, turn, &mut closed);
         if closed {
             break;
         }
-        writeln!(out)?;
-        out.flush()?;
-        if g.stop != StopReason::StopSequence("\n\n".into()) {
-            // Keep the format for the next turn when the reply ended otherwise.
-            session.feed_text(engine, b"\n\n")?;
+        if let Err(e) = result {
+            let _ = writeln!(out);
+            eprintln!("error: turn {turn}: {e:#} (the state is as before the turn)");
+            session.state_mut().write(0, &before)?;
         }
-        eprintln!(
-            "[turn {turn}: read {n_prompt} prompt tokens, generated {} tokens, {:.2} tokens/s]",
-            g.tokens.len(),
-            g.tokens.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)
-        );
     }
+    Ok(())
+}
+
+/// One chat turn: the user's message read, the reply generated and printed.
+#[allow(clippy::too_many_arguments)]
+fn chat_turn(
+    session: &mut Session,
+    engine: &mut Engine,
+    sampler: &mut Sampler,
+    opts: &GenerateOptions,
+    out: &mut std::io::StdoutLock,
+    msg: &str,
+    turn: usize,
+    closed: &mut bool,
+) -> Result<()> {
+    // The state holds everything said so far: only this turn is read.
+    let prompt = format!("User: {msg}\n\nAssistant:");
+    let n_prompt = feed_text(session, engine, prompt.as_bytes())?;
+    write!(out, "Assistant:")?;
+    out.flush()?;
+    let t0 = Instant::now();
+    let g = session.generate(engine, sampler, opts, |text| {
+        *closed = out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err();
+        if *closed {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    if *closed {
+        return Ok(());
+    }
+    writeln!(out)?;
+    out.flush()?;
+    if g.stop != StopReason::StopSequence("\n\n".into()) {
+        // Keep the format for the next turn when the reply ended otherwise.
+        session.feed_text(engine, b"\n\n")?;
+    }
+    eprintln!(
+        "[turn {turn}: read {n_prompt} prompt tokens, generated {} tokens, {:.2} tokens/s]",
+        g.tokens.len(),
+        g.tokens.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    );
     Ok(())
 }
 

@@ -130,7 +130,12 @@ impl Sampler {
         let mut l = logits.to_vec();
         for &(t, b) in &cfg.logit_bias {
             if let Some(v) = l.get_mut(t as usize) {
-                *v += b;
+                // Kept finite as the penalties are (-inf, a ban, stays -inf).
+                *v = if b == f32::NEG_INFINITY || *v == f32::NEG_INFINITY {
+                    f32::NEG_INFINITY
+                } else {
+                    (*v as f64 + b as f64).clamp(-f32::MAX as f64, f32::MAX as f64) as f32
+                };
             }
         }
         // Penalties in f64, the result kept within f32's finite range: an

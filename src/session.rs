@@ -115,7 +115,15 @@ impl Session {
     /// Saves this session's state as safetensors (see [`crate::state::save`]);
     /// never over the model's own file.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        crate::state::save(&self.state.read(0)?, path, &[self.model.file_path()])
+        self.save_state_beside(path, &[])
+    }
+
+    /// As `save_state`, and never over any of `inputs` either (the
+    /// tokenizer, the initial state file: whatever the caller reads).
+    pub fn save_state_beside(&self, path: &Path, inputs: &[&Path]) -> Result<()> {
+        let mut all = vec![self.model.file_path()];
+        all.extend_from_slice(inputs);
+        crate::state::save(&self.state.read(0)?, path, &all)
     }
 
     /// Replaces this session's state with one saved by `save_state` or an

@@ -32,9 +32,11 @@ impl FromStr for Shape {
         let bad = || Error::InvalidArgument(format!("shape `{s}`: expected e.g. L12-D768-V65536 (optionally -F3072)"));
         let (mut l, mut d, mut v, mut f) = (None, None, None, None);
         for part in s.split('-') {
-            let (k, n) = part.split_at(1.min(part.len()));
+            let mut chars = part.chars();
+            let k = chars.next().map(String::from).unwrap_or_default();
+            let n = chars.as_str();
             let n: usize = n.parse().map_err(|_| bad())?;
-            match k {
+            match k.as_str() {
                 "L" => l = Some(n),
                 "D" => d = Some(n),
                 "V" => v = Some(n),

@@ -145,6 +145,18 @@ struct TrieNode {
     token: Option<u32>,
 }
 
+/// Whether a tokenizer.json section, or anything nested in it, has
+/// `"type": kind`.
+fn names_type(v: &serde_json::Value, kind: &str) -> bool {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.get("type").and_then(|t| t.as_str()) == Some(kind) || m.values().any(|x| names_type(x, kind))
+        }
+        serde_json::Value::Array(a) => a.iter().any(|x| names_type(x, kind)),
+        _ => false,
+    }
+}
+
 /// Most token ids a tokenizer.json may have (the largest real vocabularies
 /// have ~260k); the id table is sized by its largest id.
 pub const MAX_HF_VOCAB: usize = 1 << 22;
@@ -186,6 +198,9 @@ impl WorldTokenizer {
             let bytes = parse_py_literal(lit).ok_or_else(|| bad("bad literal"))?;
             if bytes.len() != len {
                 return Err(bad(&format!("literal has {} bytes, line says {len}", bytes.len())));
+            }
+            if bytes.len() > MAX_TOKEN_BYTES {
+                return Err(bad(&format!("a token of {} bytes, more than {MAX_TOKEN_BYTES}", bytes.len())));
             }
             if id == 0 {
                 return Err(bad("id 0 is reserved for <|endoftext|>"));
@@ -323,21 +338,38 @@ impl HfTokenizer {
         // fuzzing), instead of returning it.
         #[derive(serde::Deserialize)]
         struct Probe {
-            #[allow(dead_code)]
             decoder: Option<serde_json::Value>,
+            normalizer: Option<serde_json::Value>,
         }
-        serde_json::from_slice::<Probe>(json)
+        let probe = serde_json::from_slice::<Probe>(json)
             .map_err(|e| Error::Tokenizer(format!("{name} is not valid JSON: {e}")))?;
-        let inner = tokenizers::Tokenizer::from_bytes(json)
-            .map_err(|e| Error::Tokenizer(format!("{name} is not a usable tokenizer.json: {e}")))?;
+        // tokenizers' Precompiled (SentencePiece) normalizer panics on a
+        // missing or malformed charsmap, at load or while encoding: refused.
+        if [&probe.normalizer, &probe.decoder].into_iter().flatten().any(|v| names_type(v, "Precompiled")) {
+            return Err(Error::Tokenizer(format!("{name}: Precompiled normalizers are not supported")));
+        }
+        // A tokenizers panic on anything else the fuzzer has not met is an
+        // error too, not the end of the process.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|_| Error::Tokenizer(format!("{name}: the tokenizers library failed on it")))?;
+        let mut inner = parsed.map_err(|e| Error::Tokenizer(format!("{name} is not a usable tokenizer.json: {e}")))?;
+        // Padding and truncation from the file would pad a text to any
+        // length (memory from a small file) or silently drop tokens.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("{name}: cannot turn its truncation off: {e}")))?;
         let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
         let unicode_to_byte = gpt2_unicode_to_byte();
         let added = inner.get_added_tokens_decoder();
-        let n = inner.get_vocab_size(true);
-        // Ids come from the file: an added token may claim any id, and the
-        // id table is sized by the largest.
+        // Ids come from the file and may leave gaps: the table is sized by the
+        // largest id, checked before anything is sized by it.
+        let largest = inner.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
+        let n = largest.max(inner.get_vocab_size(true));
         if n > MAX_HF_VOCAB {
-            return Err(Error::Tokenizer(format!("{name}: {n} token ids, more than the {MAX_HF_VOCAB} supported")));
+            return Err(Error::Tokenizer(format!(
+                "{name}: token ids up to {n}, more than the {MAX_HF_VOCAB} supported"
+            )));
         }
         let mut bytes = Vec::with_capacity(n);
         for id in 0..n as u32 {
