@@ -32,8 +32,8 @@ use std::path::PathBuf;
 use naga::proc::Layouter;
 use naga::{AddressSpace, ArraySize, Handle, Module, ResourceBinding, Scalar, ScalarKind, Type, TypeInner};
 use rwkv_wgpu::gpu::kernels::{
-    GatherParams, GroupNormParams, LayerNormParams, LinearParams, LinearTexParams, MulAddParams, RmsNormParams,
-    RopeParams, TokenShiftParams, V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
+    GatherParams, GeluParams, GroupNormParams, LayerNormParams, LinearParams, LinearTexParams, MulAddParams,
+    RmsNormParams, RopeParams, TokenShiftParams, V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
 };
 
 /// Bytes each dispatch's params get in the params arena: `slot_bytes` in
@@ -147,6 +147,7 @@ macro_rules! mirror {
 const LAYER_NORM: Mirror = mirror!(LayerNormParams { n_rows, dim, x_offset, y_offset, w_offset, b_offset, eps, _pad });
 const RMS_NORM: Mirror = mirror!(RmsNormParams { n_rows, dim, x_offset, y_offset, w_offset, eps, _pad });
 const ROPE: Mirror = mirror!(RopeParams { n_tok, n_head, head_dim, rotary, row_stride, offset, _pad });
+const GELU: Mirror = mirror!(GeluParams { n, offset, _pad });
 const TOKEN_SHIFT: Mirror = mirror!(TokenShiftParams {
     n_tok,
     dim,
@@ -206,6 +207,7 @@ const CASES: &[Case] = &[
     case!("layer_norm.wgsl", LAYER_NORM, Either),
     case!("rms_norm.wgsl", RMS_NORM, Either),
     case!("rope.wgsl", ROPE, Either),
+    case!("gelu.wgsl", GELU, Either),
     case!("token_shift.wgsl", TOKEN_SHIFT, Either),
     case!("gather_rows.wgsl", GATHER, Either),
     case!("linear.wgsl", LINEAR, Either),

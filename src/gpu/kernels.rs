@@ -17,6 +17,7 @@ pub enum Kernel {
     LayerNorm,
     RmsNorm,
     Rope,
+    Gelu,
     TokenShift,
     GatherRows,
     Linear,
@@ -39,6 +40,7 @@ impl Kernel {
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::RmsNorm => include_str!("../../shaders/rms_norm.wgsl"),
             Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
+            Kernel::Gelu => include_str!("../../shaders/gelu.wgsl"),
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
             Kernel::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
@@ -106,6 +108,7 @@ pub enum Pipeline {
     },
     GatherRows,
     Rope,
+    Gelu,
     /// `tpw`: tokens per workgroup (`TPW`).
     GroupNorm {
         tpw: u32,
@@ -143,6 +146,7 @@ impl Pipeline {
             Pipeline::TokenShift { .. } => Kernel::TokenShift,
             Pipeline::GatherRows => Kernel::GatherRows,
             Pipeline::Rope => Kernel::Rope,
+            Pipeline::Gelu => Kernel::Gelu,
             Pipeline::GroupNorm { .. } => Kernel::GroupNorm,
             Pipeline::V7Prep { .. } => Kernel::V7Prep,
             Pipeline::MulAdd => Kernel::MulAdd,
@@ -239,9 +243,6 @@ pub enum Act {
     ReluSq = 3,
     /// x · sigmoid(x), the RWKV-5/6 gate and SwiGLU's gate.
     Silu = 4,
-    /// The exact GELU, x · Φ(x) = 0.5 x (1 + erf(x / √2)) (GPT-NeoX), with
-    /// erf to a fractional error below 1.2e-7.
-    GeluErf = 5,
 }
 
 /// `linear.wgsl`: `Y[n, row0+o] (+)= act(Σ_i X[n,i]·W[o,i])`.
@@ -313,6 +314,15 @@ impl RmsNormParams {
     pub fn groups(&self, tpw: u32) -> [u32; 3] {
         [self.n_rows.div_ceil(tpw), 1, 1]
     }
+}
+
+/// `gelu.wgsl`: the exact (erf) GELU in place on `n` elements.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GeluParams {
+    pub n: u32,
+    pub offset: u32,
+    pub _pad: [u32; 2],
 }
 
 /// `rope.wgsl`: rotate-half RoPE in place on the first `rotary` channels of

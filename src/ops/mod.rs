@@ -13,8 +13,8 @@ pub use wkv::{record_wkv4, record_wkv5, record_wkv7, WkvTextures};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    GatherParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, RopeParams, TokenShiftParams,
-    V7PrepParams, WG,
+    GatherParams, GeluParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, RopeParams,
+    TokenShiftParams, V7PrepParams, WG,
 };
 use crate::gpu::{GpuBuffer, Pipeline, Recorder};
 
@@ -74,6 +74,16 @@ pub fn rms_norm<'a>(
     let key = rec.ctx().plan().rms_norm();
     let Pipeline::RmsNorm { tpw } = key else { unreachable!() };
     rec.dispatch(key, &p, &[x, vecs, y], p.groups(tpw))
+}
+
+/// The exact GELU in place, `x = 0.5 x (1 + erf(x / √2))` (GPT-NeoX's MLP;
+/// erf to a fractional error below 1.2e-7), on `n` elements from `offset`.
+pub fn gelu<'a>(rec: &mut Recorder<'a>, x: &'a GpuBuffer, offset: usize, n: usize) -> Result<()> {
+    let p = GeluParams { n: n as u32, offset: offset as u32, _pad: [0; 2] };
+    let groups = (n as u32).div_ceil(WG);
+    // Past 65535 workgroups in x, the rest go in y (the kernel folds them back).
+    let (x_groups, y_groups) = (groups.min(65535), groups.div_ceil(65535));
+    rec.dispatch(Pipeline::Gelu, &p, &[x], [x_groups, y_groups, 1])
 }
 
 /// Rotary position embedding in place (`rope.wgsl`, the rotate-half form):
