@@ -111,9 +111,3 @@ pub const TARGETS: [(&str, Target); 6] = [
     ("state_file", state_file),
     ("hf_config", hf_config),
 ];
-
-// Every error these paths return is an `Error` (typed by construction).
-const _: fn() = || {
-    let _: fn(&[u8]) -> Result<Vec<pth::PthTensor>, String> = pth::index;
-    let _: Option<Error> = None;
-};

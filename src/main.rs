@@ -362,7 +362,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<Load
     let vocab = model.info().vocab;
     let tok = match (&args.model, &args.tokenizer) {
         (None, None) => {
-            let t = Tokenizer::Hf(HfTokenizer::from_bytes(DEMO_TOKENIZER, "built-in austen tokenizer.json")?);
+            let t = demo_tokenizer()?;
             t.check_vocab(vocab)?;
             t
         }
@@ -534,8 +534,13 @@ fn convert(input: &Path, output: &Path, force: bool) -> Result<()> {
 fn tokenizer_or_demo(spec: Option<&str>) -> Result<Tokenizer> {
     Ok(match spec {
         Some(s) => Tokenizer::from_spec(s)?,
-        None => Tokenizer::Hf(HfTokenizer::from_bytes(DEMO_TOKENIZER, "built-in austen tokenizer.json")?),
+        None => demo_tokenizer()?,
     })
+}
+
+/// The built-in demo model's tokenizer.
+fn demo_tokenizer() -> Result<Tokenizer> {
+    Ok(Tokenizer::Hf(HfTokenizer::from_bytes(DEMO_TOKENIZER, "built-in austen tokenizer.json")?))
 }
 
 /// `rwkv tokenize`: bytes on stdin to a JSON array of ids.

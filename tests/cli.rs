@@ -61,6 +61,7 @@ fn logits_npy_matches_golden() {
     assert_eq!(shape, vec![1, g.vocab]);
     let err = rel_l2(&data, &g.logits[(g.tokens.len() - 1) * g.vocab..]);
     assert!(err <= LOGITS_REL_L2, "last logits rel L2 {err:.3e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -13,10 +13,9 @@ use safetensors::Dtype as StDtype;
 
 const BASE: &str = "v7-L2-C128-V512-fp32";
 
+/// A file of this process in the temporary folder (`load_err` removes it).
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rwkv-wgpu-loader-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    std::env::temp_dir().join(format!("rwkv-wgpu-loader-{}-{name}", std::process::id()))
 }
 
 /// The base fixture's tensors as (dtype, shape, bytes), to edit and re-serialize.
@@ -37,7 +36,9 @@ fn write(name: &str, t: &HashMap<String, (StDtype, Vec<usize>, Vec<u8>)>) -> Pat
 /// The error of loading `path`; `None` (skip) only off CI without an adapter.
 fn load_err(path: &PathBuf) -> Option<Error> {
     let ctx = gpu()?;
-    match Model::load(&ctx, path, &LoadOptions::default()) {
+    let result = Model::load(&ctx, path, &LoadOptions::default());
+    std::fs::remove_file(path).ok();
+    match result {
         Ok(_) => panic!("{} loaded but should not", path.display()),
         Err(e) => Some(e),
     }

@@ -22,8 +22,12 @@ fn asset(name: &str) -> PathBuf {
 }
 
 fn rwkv(args: &[&str], stdin: &[u8]) -> Output {
-    let dir = std::env::temp_dir().join(format!("rwkv-xdg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // The caller's XDG_RUNTIME_DIR (CI sets one), else a folder of our own.
+    let dir = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let d = std::env::temp_dir().join(format!("rwkv-xdg-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    });
     let mut child = Command::new(env!("CARGO_BIN_EXE_rwkv"))
         .args(args)
         // lavapipe probes for a display and complains without this.
@@ -188,6 +192,7 @@ fn chat_commands() {
     assert!(e.lines().any(|l| l.starts_with("error: ") && l.contains("nonexistent")), "{e}");
     assert_eq!(prompt_tokens_per_turn(&e).len(), 2, "/quit ends the chat: {e}");
     assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    std::fs::remove_file(&file).ok();
 }
 
 fn round_trip(tokenizer: &str, bytes: &[u8]) {
@@ -210,6 +215,7 @@ fn tokenize_detokenize_round_trip_any_bytes() {
     let path = std::env::temp_dir().join(format!("rwkv-bytes-{}.bin", std::process::id()));
     std::fs::write(&path, &bytes).unwrap();
     let from_file = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
     round_trip("world", &from_file);
     round_trip(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/rwkv_vocab_v20230424.txt").to_str().unwrap(),

@@ -8,7 +8,7 @@ use std::fmt;
 
 use super::kernels::{
     Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
-    LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, MAX_HEAD_SIZE, X_WINDOW_BYTES,
+    LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, X_WINDOW_BYTES,
 };
 use crate::tensor::Dtype;
 
@@ -145,12 +145,18 @@ impl KernelPlan {
     pub fn texture_linear(&self, weights: Dtype, rows: usize, n_tokens: usize, x: XSource) -> Pipeline {
         let tile = if n_tokens == 1 {
             TexTile::Decode
-        } else if rows <= (LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * self.subgroup_size.unwrap_or(1)) as usize {
+        } else if self.small_rows(rows) {
             TexTile::PrefillSmall
         } else {
             TexTile::Prefill
         };
         Pipeline::LinearTex { weights, tile, x }
+    }
+
+    /// Whether a `rows`-row matrix is small enough for the 8-row prefill
+    /// tile (at most 8 rows per lane).
+    fn small_rows(&self, rows: usize) -> bool {
+        rows <= (LINEAR_TEX_PREFILL_LANE_ROWS_SMALL * self.subgroup_size.unwrap_or(1)) as usize
     }
 
     /// Rows per lane of a texture tile.
@@ -196,15 +202,16 @@ impl KernelPlan {
         }
     }
 
-    /// The pipeline a batch of several tokens through a matrix of at most 8
-    /// rows per lane (LoRA down-projections) uses for `d_in`-wide inputs, on
-    /// the texture store. Only a model knows whether it has such matrices,
-    /// and each compiled variant keeps MiBs of JIT memory on llvmpipe, so it
-    /// is not among [`KernelPlan::linear_pipelines`].
-    pub fn small_tile(&self, weights: Dtype, d_in: usize) -> Option<Pipeline> {
-        (self.matrix_kernel() == MatrixKernel::Texture).then(|| {
+    /// The pipeline a batch of several tokens through a `rows` x `d_in`
+    /// matrix uses on the texture store when `rows` is small enough for the
+    /// 8-row tile (LoRA down-projections; every matrix of a narrow model).
+    /// Only a model knows whether it has such matrices, and each compiled
+    /// variant keeps MiBs of JIT memory on llvmpipe, so it is not among
+    /// [`KernelPlan::linear_pipelines`].
+    pub fn small_tile(&self, weights: Dtype, rows: usize, d_in: usize) -> Option<Pipeline> {
+        (self.matrix_kernel() == MatrixKernel::Texture && self.small_rows(rows)).then(|| {
             let tokens = LINEAR_TEX_TOKENS as usize;
-            self.texture_linear(weights, 1, tokens, Self::x_source(d_in, tokens))
+            self.texture_linear(weights, rows, tokens, Self::x_source(d_in, tokens))
         })
     }
 
@@ -236,11 +243,6 @@ impl KernelPlan {
         } else {
             Pipeline::Wkv5
         }
-    }
-
-    /// Largest head size the WKV kernels hold in registers.
-    pub fn max_head_size(&self) -> usize {
-        MAX_HEAD_SIZE
     }
 }
 

@@ -394,11 +394,6 @@ pub struct HfFolder {
 }
 
 impl HfFolder {
-    /// Whether `path` is a folder holding a `config.json`.
-    pub fn is_folder(path: &Path) -> bool {
-        path.is_dir() && path.join("config.json").is_file()
-    }
-
     pub fn open(dir: &Path) -> Result<Self> {
         let config = TransformerConfig::load(&dir.join("config.json"))?;
         let weights = HfWeights::open(dir)?;

@@ -311,14 +311,13 @@ fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn
     // The 8-row prefill tile, for the matrices small enough to take it, by
     // their input width: LoRA down-projections (v6, v7: rank <= 64, from C),
     // and every matrix of a model that narrow ([C, C], [C, F] and [F, C]).
-    let (c, lora) = (d.c, matches!(version, Version::V6 | Version::V7));
-    let rows_and_inputs = [(c, c), (ffn, c), (c, ffn), (d.vocab, c), (if lora { 64 } else { usize::MAX }, c)];
+    let c = d.c;
+    let mut rows_and_inputs = vec![(c, c), (ffn, c), (c, ffn), (d.vocab, c)];
+    if matches!(version, Version::V6 | Version::V7) {
+        rows_and_inputs.push((64, c));
+    }
     for (rows, cols) in rows_and_inputs {
-        if plan.texture_linear(d.dtype, rows, 2, crate::gpu::XSource::Window)
-            != plan.texture_linear(d.dtype, usize::MAX, 2, crate::gpu::XSource::Window)
-        {
-            v.extend(plan.small_tile(d.dtype, cols));
-        }
+        v.extend(plan.small_tile(d.dtype, rows, cols));
     }
     let mut seen = std::collections::HashSet::new();
     v.retain(|p| seen.insert(*p));
