@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, ParamArena, Recorder, Workspace};
-use crate::model::step::{Chunk, Scratch, Step};
+use crate::model::step::{Chunk, KvBind, Scratch, Step};
 use crate::model::{LogitsMode, Model};
 use crate::state::State;
 
@@ -142,7 +142,8 @@ impl Engine {
         if !state.context().same(self.model.context()) {
             return Err(Error::InvalidArgument("the state was made on another GPU context than the model".into()));
         }
-        if state.layout().n_layer != layout.n_layer || state.layout().stride != layout.stride {
+        let l = state.layout();
+        if l.n_layer != layout.n_layer || l.stride != layout.stride || l.kv != layout.kv {
             return Err(Error::InvalidArgument("the state was made for a different model".into()));
         }
         Ok(())
@@ -203,7 +204,13 @@ impl Engine {
                 pos[b] += take[b];
             }
             chunk.seq_start.push(chunk.tokens.len() as u32);
+            for (b, &n) in take.iter().enumerate() {
+                state.kv_reserve(b, state.context_len(b) + n)?;
+            }
             let logits = self.run(&Bound::Whole(state), &chunk, cap)?;
+            for (b, &n) in take.iter().enumerate() {
+                state.kv_advance(b, n);
+            }
             for (row, &b) in owners.iter().enumerate() {
                 out[b].extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
             }
@@ -248,6 +255,10 @@ impl Engine {
             chunk.push(b as u32, s.tokens, want, &mut owners);
         }
         chunk.seq_start.push(chunk.tokens.len() as u32);
+        for s in seqs.iter_mut() {
+            let len = s.state.context_len(s.seq);
+            s.state.kv_reserve(s.seq, len + s.tokens.len())?;
+        }
         let sources: Vec<(&State, usize)> = seqs.iter().map(|s| (&*s.state, s.seq)).collect();
         // One state whose sequences are exactly these, in order, is bound
         // as it is; anything else is gathered.
@@ -256,6 +267,9 @@ impl Engine {
             && sources.first().is_some_and(|(s, _)| s.batch() == sources.len());
         let bound = if whole { Bound::Whole(sources[0].0) } else { Bound::Gathered(sources) };
         let logits = self.run(&bound, &chunk, cap)?;
+        for s in seqs.iter_mut() {
+            s.state.kv_advance(s.seq, s.tokens.len());
+        }
         let mut out = vec![Vec::new(); seqs.len()];
         for (row, &b) in owners.iter().enumerate() {
             out[b].extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
@@ -281,7 +295,9 @@ impl Engine {
         let chunk = Chunk { tokens: vec![0; capacity], tok_seq: vec![0; capacity], seq_start, head_rows: Vec::new() };
         let ctx = self.model.context();
         let layer_ops = {
-            let step = step_view(&self.model, &scratch, state, batch, &chunk);
+            // (A Transformer's attention, per sequence, is not in this count:
+            // the arena grows on the first step that needs more.)
+            let step = step_view(&self.model, &scratch, state, &[], batch, &chunk);
             let mut rec = Recorder::new(ctx, &self.ws);
             self.model.record_layers(&mut rec, &step)?;
             rec.op_count()
@@ -313,12 +329,15 @@ impl Engine {
     fn run(&mut self, bound: &Bound<'_>, chunk: &Chunk, capacity: usize) -> Result<Vec<f32>> {
         let n = chunk.tokens.len();
         let batch = chunk.seq_start.len() - 1;
-        if let Bound::Gathered(_) = bound {
+        // A Transformer's caches are bound where they are: nothing is gathered.
+        let kv = self.model.is_transformer();
+        if let (Bound::Gathered(_), false) = (bound, kv) {
             self.gather_state(batch)?;
         }
         let gather = self.gather.take();
         let state: &[GpuBuffer] = match (bound, &gather) {
             (Bound::Whole(s), _) => s.buffers(),
+            (Bound::Gathered(_), _) if kv => &[],
             (Bound::Gathered(_), Some(g)) => g.buffers(),
             (Bound::Gathered(_), None) => unreachable!("gather state made above"),
         };
@@ -341,6 +360,30 @@ impl Engine {
         let s = self.scratch.as_ref().expect("scratch made by ensure_scratch");
         let n = chunk.tokens.len();
         let q = ctx.queue();
+        // Each sequence's KV cache (a Transformer), and its rows' positions.
+        let seq_states: Vec<(&State, usize)> = match bound {
+            Bound::Whole(st) => (0..batch).map(|b| (*st, b)).collect(),
+            Bound::Gathered(sources) => sources.clone(),
+        };
+        let kv: Vec<KvBind<'_>> = if model.is_transformer() {
+            seq_states
+                .iter()
+                .map(|(st, b)| {
+                    let k = &st.kv[*b];
+                    KvBind { layers: &k.layers, cap: k.cap, pos0: k.len }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !kv.is_empty() {
+            let mut positions = Vec::with_capacity(n);
+            for (b, bind) in kv.iter().enumerate() {
+                let (r0, r1) = (chunk.seq_start[b], chunk.seq_start[b + 1]);
+                positions.extend((0..r1 - r0).map(|i| bind.pos0 as u32 + i));
+            }
+            model.write_positions(s, &positions);
+        }
         // x rows = emb[tokens] into xx (ln0 reads them from there).
         let rows = model.embed(&chunk.tokens)?;
         q.write_buffer(s.xx.raw(), 0, bytemuck::cast_slice(&rows));
@@ -360,7 +403,7 @@ impl Engine {
                     }
                 }
             }
-            let step = step_view(model, s, state, batch, chunk);
+            let step = step_view(model, s, state, &kv, batch, chunk);
             model.record_layers(&mut rec, &step)?;
             if let Bound::Gathered(sources) = bound {
                 for (b, (dst, seq)) in sources.iter().enumerate() {
@@ -398,8 +441,16 @@ impl Engine {
 }
 
 /// What a generation's `record` sees of one step.
-fn step_view<'a>(model: &'a Model, s: &'a Scratch, state: &'a [GpuBuffer], batch: usize, chunk: &'a Chunk) -> Step<'a> {
+fn step_view<'a>(
+    model: &'a Model,
+    s: &'a Scratch,
+    state: &'a [GpuBuffer],
+    kv: &'a [KvBind<'a>],
+    batch: usize,
+    chunk: &'a Chunk,
+) -> Step<'a> {
     Step {
+        kv,
         info: model.info(),
         stride: model.state_layout().stride,
         d_lora_max: model.d_lora_max(),

@@ -73,6 +73,10 @@ pub enum Error {
     #[error("GPU memory limit: {what} needs {bytes} bytes with {allocated} already allocated, over the limit of {limit} bytes")]
     MemoryLimit { what: String, bytes: u64, allocated: u64, limit: u64 },
 
+    /// A Transformer's KV cache cannot hold the context.
+    #[error("a context of {tokens} tokens does not fit: {why}; at most {fits} tokens fit")]
+    ContextTooLong { tokens: usize, fits: usize, why: String },
+
     #[error("batch thread: {0}")]
     Thread(String),
 

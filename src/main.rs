@@ -702,7 +702,7 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     let i = m.model.info();
     let name = model.model.as_ref().map(|p| p.display().to_string()).unwrap_or(DEMO_NAME.into());
     out!("file            {name}");
-    out!("version         RWKV-{}", i.version);
+    out!("model           {}", i.arch);
     out!("layers          {}", i.n_layer);
     out!("width           {}", i.n_embd);
     match i.n_head {

@@ -67,7 +67,7 @@ pub struct Session {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
-            .field("version", &self.model.info().version)
+            .field("arch", &self.model.info().arch)
             .field("pending", &self.pending.len())
             .field("has_logits", &self.logits.is_some())
             .finish()

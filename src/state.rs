@@ -1,12 +1,19 @@
-//! The recurrent state: f32, on the GPU, one buffer per layer holding
-//! `[batch, stride]` floats, where each layer of each sequence is a run of
-//! named fields (v7: `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`). Its size
-//! is fixed by the model and the batch: it never grows with the tokens read.
+//! The state a model carries between tokens, on the GPU.
+//!
+//! RWKV's is recurrent: f32, one buffer per layer holding `[batch, stride]`
+//! floats, where each layer of each sequence is a run of named fields (v7:
+//! `att_x [C]`, `ffn_x [C]`, `att_kv [H, N, N]`). Its size is fixed by the
+//! model and the batch: it never grows with the tokens read.
+//!
+//! A Transformer's is its KV cache ([`KvLayout`]): per sequence, one buffer
+//! per layer holding `[2, cap, n_kv_head, head_dim]` (keys, then values) in
+//! f16 or f32, grown in blocks of KV_BLOCK positions as tokens are read.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::gpu::kernels::KvDtype;
 use crate::gpu::{GpuBuffer, GpuContext, READBACK, STORAGE};
 use crate::loader::SafeTensorsFile;
 
@@ -71,6 +78,30 @@ pub struct StateLayout {
     pub fields: Vec<StateField>,
     /// Floats per layer per sequence.
     pub stride: usize,
+    /// A Transformer's KV cache (then there are no fields).
+    pub kv: Option<KvLayout>,
+}
+
+/// Positions a KV cache grows by (at least; it grows by half its size
+/// when that is more, so a long prompt does not copy its cache often).
+pub const KV_BLOCK: usize = 256;
+
+/// The KV cache of a Transformer: what one position of one layer holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvLayout {
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub dtype: KvDtype,
+    /// Most positions a sequence's cache may hold: one layer's buffer must
+    /// fit a storage binding, and the attention's split buffer the splits.
+    pub max_positions: usize,
+}
+
+impl KvLayout {
+    /// Bytes one position takes in one layer (its key and its value).
+    pub fn bytes_per_position_layer(&self) -> u64 {
+        (2 * self.n_kv_head * self.head_dim * self.dtype.size()) as u64
+    }
 }
 
 impl StateLayout {
@@ -84,7 +115,18 @@ impl StateLayout {
                 f
             })
             .collect();
-        Self { n_layer, fields, stride: offset }
+        Self { n_layer, fields, stride: offset, kv: None }
+    }
+
+    /// A Transformer's KV cache layout.
+    pub fn kv_cache(n_layer: usize, kv: KvLayout) -> Self {
+        Self { n_layer, fields: Vec::new(), stride: 0, kv: Some(kv) }
+    }
+
+    /// Bytes a sequence's KV cache takes per position (all layers); 0 for
+    /// a recurrent state.
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        self.kv.as_ref().map_or(0, |kv| self.n_layer as u64 * kv.bytes_per_position_layer())
     }
 
     /// Marks `name` as stored transposed in its last two axes (see
@@ -128,19 +170,35 @@ impl StateData {
     }
 }
 
+/// One sequence's KV cache.
+pub(crate) struct KvSeq {
+    /// Positions read so far.
+    pub len: usize,
+    /// Positions the buffers hold.
+    pub cap: usize,
+    /// One `[2, cap, kv_dim]` buffer per layer (none while `cap` is 0).
+    pub layers: Vec<GpuBuffer>,
+}
+
 /// The GPU state of `batch` sequences.
 pub struct State {
     ctx: GpuContext,
     layout: StateLayout,
     batch: usize,
-    /// One `[batch, stride]` f32 buffer per layer.
+    /// One `[batch, stride]` f32 buffer per layer (recurrent states).
     pub(crate) layers: Vec<GpuBuffer>,
+    /// One KV cache per sequence (Transformers).
+    pub(crate) kv: Vec<KvSeq>,
 }
 
 impl State {
     pub(crate) fn new(ctx: &GpuContext, layout: StateLayout, batch: usize) -> Result<Self> {
         if batch == 0 {
             return Err(Error::InvalidArgument("a state needs a batch of at least 1".into()));
+        }
+        if layout.kv.is_some() {
+            let kv = (0..batch).map(|_| KvSeq { len: 0, cap: 0, layers: Vec::new() }).collect();
+            return Ok(Self { ctx: ctx.clone(), layout, batch, layers: Vec::new(), kv });
         }
         // Each layer's [batch, stride] buffer is bound whole by the kernels.
         let max = (ctx.max_binding_bytes() / (layout.stride * 4).max(1) as u64) as usize;
@@ -156,7 +214,88 @@ impl State {
             all.extend_from_slice(&fresh);
         }
         let layers = (0..layout.n_layer).map(|_| ctx.storage_f32("state", &all)).collect::<Result<_>>()?;
-        Ok(Self { ctx: ctx.clone(), layout, batch, layers })
+        Ok(Self { ctx: ctx.clone(), layout, batch, layers, kv: Vec::new() })
+    }
+
+    /// Tokens sequence `seq` has read into its KV cache (a recurrent state
+    /// does not count them: 0).
+    pub fn context_len(&self, seq: usize) -> usize {
+        self.kv.get(seq).map_or(0, |k| k.len)
+    }
+
+    /// Makes sequence `seq`'s KV cache hold `positions` positions, growing
+    /// it by at least KV_BLOCK (or half its size) with its contents copied.
+    /// Past the layout's limit or the GPU memory limit, the error names the
+    /// context length that fits.
+    pub(crate) fn kv_reserve(&mut self, seq: usize, positions: usize) -> Result<()> {
+        let Some(kv) = self.layout.kv.clone() else { return Ok(()) };
+        let cur = &self.kv[seq];
+        if positions <= cur.cap {
+            return Ok(());
+        }
+        let per_layer = kv.bytes_per_position_layer();
+        let n_layer = self.layout.n_layer as u64;
+        if positions > kv.max_positions {
+            return Err(Error::ContextTooLong {
+                tokens: positions,
+                fits: kv.max_positions,
+                why: format!("one layer's KV cache must fit a storage binding ({} bytes per position)", per_layer),
+            });
+        }
+        let grown = (cur.cap + cur.cap / 2).max(positions).next_multiple_of(KV_BLOCK).min(kv.max_positions);
+        let mut cap = grown;
+        // Grow by as much as the memory limit allows, but at least to `positions`.
+        let layers = loop {
+            match self.alloc_kv(cap) {
+                Ok(l) => break l,
+                Err(Error::MemoryLimit { limit, allocated, .. }) if cap > positions => {
+                    let free = limit.saturating_sub(allocated) / (per_layer * n_layer);
+                    cap = (free as usize).max(positions).min(cap - 1);
+                }
+                Err(Error::MemoryLimit { limit, allocated, .. }) => {
+                    // What fits: this cache's current bytes plus what is free.
+                    let mine = cur.cap as u64 * per_layer * n_layer;
+                    let fits = ((limit.saturating_sub(allocated) + mine) / (per_layer * n_layer)) as usize;
+                    return Err(Error::ContextTooLong {
+                        tokens: positions,
+                        fits,
+                        why: format!(
+                            "the GPU memory limit of {limit} bytes ({} bytes of KV cache per token)",
+                            per_layer * n_layer
+                        ),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let cur = &self.kv[seq];
+        if cur.len > 0 {
+            let mut enc = self.ctx.device().create_command_encoder(&Default::default());
+            let half = per_layer / 2; // bytes of one position's keys (or values)
+            for (old, new) in cur.layers.iter().zip(&layers) {
+                let used = cur.len as u64 * half;
+                enc.copy_buffer_to_buffer(old.raw(), 0, new.raw(), 0, used);
+                enc.copy_buffer_to_buffer(old.raw(), cur.cap as u64 * half, new.raw(), cap as u64 * half, used);
+            }
+            self.ctx.queue().submit([enc.finish()]);
+        }
+        let s = &mut self.kv[seq];
+        s.layers = layers;
+        s.cap = cap;
+        self.ctx.check()
+    }
+
+    fn alloc_kv(&self, cap: usize) -> Result<Vec<GpuBuffer>> {
+        let kv = self.layout.kv.as_ref().expect("a KV layout");
+        let bytes = cap as u64 * kv.bytes_per_position_layer();
+        (0..self.layout.n_layer).map(|_| self.ctx.buffer("KV cache", bytes, STORAGE)).collect()
+    }
+
+    /// Marks `n` more positions of sequence `seq`'s KV cache as read.
+    pub(crate) fn kv_advance(&mut self, seq: usize, n: usize) {
+        if let Some(k) = self.kv.get_mut(seq) {
+            k.len += n;
+        }
     }
 
     pub fn batch(&self) -> usize {
@@ -177,9 +316,9 @@ impl State {
         &self.layers
     }
 
-    /// Total GPU bytes of this state.
+    /// Total GPU bytes of this state (a KV cache's as allocated).
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(|b| b.size()).sum()
+        self.layers.iter().chain(self.kv.iter().flat_map(|s| &s.layers)).map(|b| b.size()).sum()
     }
 
     fn check_seq(&self, seq: usize) -> Result<()> {
@@ -195,6 +334,9 @@ impl State {
     /// Copies one sequence's state back to the CPU.
     pub fn read(&self, seq: usize) -> Result<StateData> {
         self.check_seq(seq)?;
+        if let Some(kv) = &self.layout.kv {
+            return self.read_kv(seq, kv);
+        }
         let row = (self.layout.stride * 4) as u64;
         let l = self.layout.n_layer;
         let staging = self.ctx.buffer("state readback", row * l as u64, READBACK)?;
@@ -230,6 +372,9 @@ impl State {
     /// present with its exact shape.
     pub fn write(&mut self, seq: usize, data: &StateData) -> Result<()> {
         self.check_seq(seq)?;
+        if let Some(kv) = self.layout.kv.clone() {
+            return self.write_kv(seq, &kv, data);
+        }
         let l = self.layout.n_layer;
         let mut layers = vec![self.layout.fresh_layer(); l];
         for f in &self.layout.fields {
@@ -255,8 +400,81 @@ impl State {
         self.ctx.check()
     }
 
+    /// A KV cache as fields `key` and `value`, `[L, len, n_kv_head, head_dim]` f32.
+    fn read_kv(&self, seq: usize, kv: &KvLayout) -> Result<StateData> {
+        let s = &self.kv[seq];
+        let l = self.layout.n_layer;
+        let half = kv.bytes_per_position_layer() / 2;
+        let used = s.len as u64 * half;
+        let mut keys = Vec::with_capacity(l * s.len * kv.n_kv_head * kv.head_dim);
+        let mut values = keys.clone();
+        for buf in &s.layers {
+            for (out, offset) in [(&mut keys, 0), (&mut values, s.cap as u64 * half)] {
+                let bytes = self.ctx.read_bytes(buf, offset, used)?;
+                match kv.dtype {
+                    KvDtype::F32 => out.extend_from_slice(&bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)),
+                    KvDtype::F16 => out.extend(
+                        bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes).into_iter().map(half::f16::to_f32),
+                    ),
+                }
+            }
+        }
+        let shape = vec![l, s.len, kv.n_kv_head, kv.head_dim];
+        Ok(StateData { fields: vec![("key".into(), shape.clone(), keys), ("value".into(), shape, values)] })
+    }
+
+    /// Replaces a KV cache by fields `key` and `value` as `read` gives them.
+    fn write_kv(&mut self, seq: usize, kv: &KvLayout, data: &StateData) -> Result<()> {
+        let l = self.layout.n_layer;
+        let get = |name: &str| {
+            data.fields
+                .iter()
+                .find(|f| f.0 == name)
+                .ok_or_else(|| Error::MissingTensor { name: format!("state.{name}") })
+        };
+        let (keys, values) = (get("key")?, get("value")?);
+        let len = keys.1.get(1).copied().unwrap_or(0);
+        let expected = vec![l, len, kv.n_kv_head, kv.head_dim];
+        for f in [keys, values] {
+            if f.1 != expected || f.2.len() != expected.iter().product::<usize>() {
+                return Err(Error::ShapeMismatch { name: format!("state.{}", f.0), expected, found: f.1.clone() });
+            }
+        }
+        self.kv[seq].len = 0;
+        self.kv_reserve(seq, len.max(1))?;
+        let s = &mut self.kv[seq];
+        let per_layer = len * kv.n_kv_head * kv.head_dim;
+        let half = kv.bytes_per_position_layer() / 2;
+        for (i, buf) in s.layers.iter().enumerate() {
+            for (src, offset) in [(&keys.2, 0), (&values.2, s.cap as u64 * half)] {
+                let v = &src[i * per_layer..(i + 1) * per_layer];
+                match kv.dtype {
+                    KvDtype::F32 => self.ctx.queue().write_buffer(buf.raw(), offset, bytemuck::cast_slice(v)),
+                    KvDtype::F16 => {
+                        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                        self.ctx.queue().write_buffer(buf.raw(), offset, bytemuck::cast_slice(&h));
+                    }
+                }
+            }
+        }
+        s.len = len;
+        self.ctx.check()
+    }
+
     /// Returns sequence `seq` (or every sequence, with `None`) to the fresh state.
     pub fn reset(&mut self, seq: Option<usize>) -> Result<()> {
+        if self.layout.kv.is_some() {
+            // Emptied, its buffers kept for the next context.
+            if let Some(s) = seq {
+                self.check_seq(s)?;
+            }
+            for (i, k) in self.kv.iter_mut().enumerate() {
+                if seq.is_none_or(|s| s == i) {
+                    k.len = 0;
+                }
+            }
+            return Ok(());
+        }
         let fresh = self.layout.fresh_layer();
         let row = (self.layout.stride * 4) as u64;
         let seqs: Vec<usize> = match seq {
@@ -288,6 +506,31 @@ impl State {
 
     /// A new state with the same contents, copied on the GPU.
     pub fn try_clone(&self) -> Result<State> {
+        if self.layout.kv.is_some() {
+            let mut enc = self.ctx.device().create_command_encoder(&Default::default());
+            let mut kv = Vec::with_capacity(self.kv.len());
+            for s in &self.kv {
+                let layers = s
+                    .layers
+                    .iter()
+                    .map(|b| {
+                        let n = self.ctx.buffer("KV cache", b.size(), STORAGE)?;
+                        enc.copy_buffer_to_buffer(b.raw(), 0, n.raw(), 0, b.size());
+                        Ok(n)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                kv.push(KvSeq { len: s.len, cap: s.cap, layers });
+            }
+            self.ctx.queue().submit([enc.finish()]);
+            self.ctx.check()?;
+            return Ok(State {
+                ctx: self.ctx.clone(),
+                layout: self.layout.clone(),
+                batch: self.batch,
+                layers: Vec::new(),
+                kv,
+            });
+        }
         let layers =
             self.layers.iter().map(|b| self.ctx.buffer("state", b.size(), STORAGE)).collect::<Result<Vec<_>>>()?;
         let mut enc = self.ctx.device().create_command_encoder(&Default::default());
@@ -296,7 +539,7 @@ impl State {
         }
         self.ctx.queue().submit([enc.finish()]);
         self.ctx.check()?;
-        Ok(State { ctx: self.ctx.clone(), layout: self.layout.clone(), batch: self.batch, layers })
+        Ok(State { ctx: self.ctx.clone(), layout: self.layout.clone(), batch: self.batch, layers, kv: Vec::new() })
     }
 }
 

@@ -31,6 +31,11 @@ pub enum Kernel {
     Wkv4,
     GroupNorm,
     MulAdd,
+    AddBias,
+    Swiglu,
+    KvWrite,
+    Attention,
+    AttentionCombine,
 }
 
 impl Kernel {
@@ -54,6 +59,11 @@ impl Kernel {
             Kernel::Wkv4 => include_str!("../../shaders/wkv4.wgsl"),
             Kernel::GroupNorm => include_str!("../../shaders/group_norm.wgsl"),
             Kernel::MulAdd => include_str!("../../shaders/mul_add.wgsl"),
+            Kernel::AddBias => include_str!("../../shaders/add_bias.wgsl"),
+            Kernel::Swiglu => include_str!("../../shaders/swiglu.wgsl"),
+            Kernel::KvWrite => include_str!("../../shaders/kv_write.wgsl"),
+            Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
+            Kernel::AttentionCombine => include_str!("../../shaders/attention_combine.wgsl"),
         }
     }
 }
@@ -118,6 +128,13 @@ pub enum Pipeline {
         tpw: u32,
     },
     MulAdd,
+    AddBias,
+    Swiglu,
+    /// `kv_write.wgsl` for a cache of this element type (`KVF16`).
+    KvWrite(KvDtype),
+    /// `attention.wgsl` over a cache of this element type (`KVF16`).
+    Attention(KvDtype),
+    AttentionCombine,
     Wkv7,
     Wkv7Tex(WkvEntry),
     Wkv5,
@@ -150,6 +167,11 @@ impl Pipeline {
             Pipeline::GroupNorm { .. } => Kernel::GroupNorm,
             Pipeline::V7Prep { .. } => Kernel::V7Prep,
             Pipeline::MulAdd => Kernel::MulAdd,
+            Pipeline::AddBias => Kernel::AddBias,
+            Pipeline::Swiglu => Kernel::Swiglu,
+            Pipeline::KvWrite(_) => Kernel::KvWrite,
+            Pipeline::Attention(_) => Kernel::Attention,
+            Pipeline::AttentionCombine => Kernel::AttentionCombine,
             Pipeline::Wkv7 => Kernel::Wkv7,
             Pipeline::Wkv7Tex(_) => Kernel::Wkv7Tex,
             Pipeline::Wkv5 => Kernel::Wkv5,
@@ -180,6 +202,7 @@ impl Pipeline {
             | Pipeline::GroupNorm { tpw }
             | Pipeline::V7Prep { tpw } => vec![("TPW", tpw as f64)],
             Pipeline::Linear(w) => vec![("WDTYPE", wdtype(w) as f64)],
+            Pipeline::KvWrite(d) | Pipeline::Attention(d) => vec![("KVF16", (d == KvDtype::F16) as u32 as f64)],
             Pipeline::LinearSg { weights, tokens } => {
                 vec![("WDTYPE", wdtype(weights) as f64), ("WG", need_sg()? as f64), ("TN", tokens as f64)]
             }
@@ -500,6 +523,122 @@ pub struct Wkv4Params {
     pub w_offset: u32,
     pub _pad: u32,
 }
+
+/// Element type of a Transformer's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvDtype {
+    /// Half the memory and bytes read per decode step; keys and values
+    /// rounded once to f16 as they are written (the default, as llama.cpp's).
+    #[default]
+    F16,
+    /// Exact: what the golden logits are checked with.
+    F32,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            other => Err(Error::InvalidArgument(format!("KV cache type `{other}`: expected f16 or f32"))),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
+        })
+    }
+}
+
+/// `add_bias.wgsl`: `x[n, c] += b[c]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AddBiasParams {
+    pub n_rows: u32,
+    pub dim: u32,
+    pub row_stride: u32,
+    pub x_offset: u32,
+    pub b_offset: u32,
+    pub _pad: [u32; 3],
+}
+
+/// `swiglu.wgsl`: `y[n, i] = silu(h[n, i]) * h[n, F + i]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct SwigluParams {
+    pub n_rows: u32,
+    pub ffn: u32,
+    pub _pad: [u32; 2],
+}
+
+/// `kv_write.wgsl`: one sequence's k and v rows into its cache.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct KvWriteParams {
+    pub n_tok: u32,
+    pub row0: u32,
+    pub qkv_stride: u32,
+    pub k_offset: u32,
+    pub kv_dim: u32,
+    pub pos0: u32,
+    pub cap: u32,
+    pub _pad: u32,
+}
+
+/// `attention.wgsl`: causal GQA attention of one sequence's rows over its cache.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AttentionParams {
+    pub n_tok: u32,
+    pub row0: u32,
+    pub t0: u32,
+    pub qkv_stride: u32,
+    pub n_head: u32,
+    pub n_kv_head: u32,
+    pub head_dim: u32,
+    pub pos0: u32,
+    pub cap: u32,
+    pub n_splits: u32,
+    pub split_keys: u32,
+    pub group_heads: u32,
+    pub scale: f32,
+    pub _pad: [u32; 3],
+}
+
+/// `attention_combine.wgsl`: the splits of `attention.wgsl` merged.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AttentionCombineParams {
+    pub n_tok: u32,
+    pub row0: u32,
+    pub n_head: u32,
+    pub head_dim: u32,
+    pub n_splits: u32,
+    pub _pad: [u32; 3],
+}
+
+/// Query heads one `attention.wgsl` workgroup takes at most (`MAX_G`),
+/// vec4 accumulators per invocation (`MAX_ACC`) and vec4s of query rows
+/// it holds (`QS`).
+pub const ATTENTION_MAX_G: usize = 8;
+pub const ATTENTION_MAX_ACC: usize = 16;
+pub const ATTENTION_QS: usize = 256;
+/// Largest head dimension the attention kernel takes.
+pub const MAX_ATTENTION_HEAD_DIM: usize = 256;
 
 /// Plane indices of the RWKV-7 time-mix activation buffer `[PLANES, tokens, C]`.
 pub mod plane {

@@ -322,10 +322,7 @@ impl HfWeights {
             let bytes = crate::files::read_regular(&index)?;
             return Self::from_index(&bytes, &index, dir, |p| SafeTensorsFile::open(p));
         }
-        let single = dir.join("model.safetensors");
-        let file = SafeTensorsFile::open(&single)?;
-        let names = file.names().map(|n| (n.to_string(), 0)).collect();
-        Ok(Self { files: vec![file], names })
+        Ok(Self::single(SafeTensorsFile::open(dir.join("model.safetensors"))?))
     }
 
     /// The shards an index lists, opened with `open`; each tensor the index
@@ -377,6 +374,25 @@ impl HfWeights {
     pub fn get(&self, name: &str) -> Result<Tensor<'_>> {
         let i = *self.names.get(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
         self.files[i].get(name)
+    }
+
+    /// Lets the OS drop the file pages of a tensor read from these files.
+    pub fn release(&self, t: &Tensor) {
+        if let Some(&i) = self.names.get(t.name) {
+            self.files[i].release(t);
+        }
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Result<&SafeTensorsFile> {
+        let i = *self.names.get(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        Ok(&self.files[i])
+    }
+
+    /// The weights of one file (an RWKV checkpoint).
+    pub fn single(file: SafeTensorsFile) -> Self {
+        let names = file.names().map(|n| (n.to_string(), 0)).collect();
+        Self { files: vec![file], names }
     }
 
     /// The shard files, for their paths and sizes.

@@ -5,6 +5,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
+pub use crate::loader::hf::Family;
 use crate::tensor::Dtype;
 
 /// RWKV generations, as ChatRWKV tells them apart.
@@ -51,17 +52,37 @@ impl std::str::FromStr for Version {
     }
 }
 
+/// What kind of model: an RWKV generation or a Transformer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Rwkv(Version),
+    Transformer(Family),
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arch::Rwkv(v) => write!(f, "RWKV-{v}"),
+            Arch::Transformer(Family::Llama) => f.write_str("Llama"),
+            Arch::Transformer(Family::Qwen2) => f.write_str("Qwen2"),
+            Arch::Transformer(Family::GptNeoX) => f.write_str("GPT-NeoX"),
+        }
+    }
+}
+
 /// Called as weights are uploaded with (bytes done, bytes in all).
 pub type Progress = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Dimensions and sizes, derived from the tensor shapes.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    pub version: Version,
+    pub arch: Arch,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
     pub head_size: usize,
+    /// A Transformer's key/value heads (grouped-query attention); 0 for RWKV.
+    pub n_kv_head: usize,
     pub vocab: usize,
     pub ffn: usize,
     /// Named LoRA widths (v7: decay, aaa, mv, gate).
@@ -73,5 +94,21 @@ pub struct ModelInfo {
     /// GPU bytes of the uploaded weights (all but the embedding, which is
     /// read from the file; LoRAs may be padded for the adapter's kernels).
     pub gpu_weight_bytes: u64,
+    /// RWKV: the whole state. A Transformer: 0 (see `kv_bytes_per_token`).
     pub state_bytes_per_sequence: u64,
+    /// A Transformer's KV cache bytes per token of context (all layers); 0 for RWKV.
+    pub kv_bytes_per_token: u64,
+    /// Tokens that end generation (a Transformer's `eos_token_id`; empty
+    /// for RWKV, whose end of text is token 0).
+    pub eos: Vec<u32>,
+}
+
+impl ModelInfo {
+    /// The RWKV generation, if this is an RWKV model.
+    pub fn version(&self) -> Option<Version> {
+        match self.arch {
+            Arch::Rwkv(v) => Some(v),
+            Arch::Transformer(_) => None,
+        }
+    }
 }

@@ -10,18 +10,21 @@
 pub mod info;
 pub mod load;
 pub mod step;
+pub mod transformer;
 pub mod v4;
 pub mod v5;
 pub mod v6;
 pub mod v7;
 
-pub use info::{ModelInfo, Progress, Version};
+pub use info::{Arch, Family, ModelInfo, Progress, Version};
 pub use step::{Chunk, GN_EPS, LN_EPS};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::gpu::kernels::KvDtype;
 use crate::gpu::{GpuBuffer, GpuContext, Pipeline, Recorder};
+use crate::loader::hf::{HfFolder, HfWeights};
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
 use crate::state::{State, StateLayout};
@@ -97,6 +100,8 @@ pub struct LoadOptions {
     pub max_part_bytes: Option<u64>,
     /// Upload progress callback (the CLI draws a progress bar with it).
     pub progress: Option<Progress>,
+    /// A Transformer's KV cache element type (f16 unless set).
+    pub kv_cache: KvDtype,
 }
 
 /// The layers of each generation.
@@ -105,9 +110,11 @@ pub(crate) enum Layers {
     V5(Vec<v5::Block>),
     V6(Vec<v6::Block>),
     V7(Vec<v7::Block>),
+    Transformer(transformer::Layers),
 }
 
-// Slots of the model-wide vector buffer `globals [4, C]`.
+// Slots of the model-wide vector buffer `globals [4, C]` (a Transformer's
+// final norm weight and bias take the ln_out slots).
 const LN0_W: usize = 0;
 const LN0_B: usize = 1;
 const LNOUT_W: usize = 2;
@@ -122,10 +129,15 @@ pub struct Model {
     layout: StateLayout,
     /// Widest LoRA, padded as stored (columns of the `lora` planes).
     d_lora_max: usize,
-    /// The checkpoint, kept mapped for `emb.weight` [V, C]: the embedding is
-    /// read one row per token on the CPU (as llama.cpp does), so its V x C
-    /// table never takes GPU memory and only the rows used become resident.
-    file: SafeTensorsFile,
+    /// The checkpoint (or a folder's shards), kept mapped for the embedding
+    /// [V, C]: it is read one row per token on the CPU (as llama.cpp does),
+    /// so its V x C table never takes GPU memory and only the rows used
+    /// become resident.
+    weights: HfWeights,
+    /// The embedding's official name (`emb.weight`, `model.embed_tokens.weight`, ...).
+    emb_name: &'static str,
+    /// The checkpoint file, or a Transformer's folder.
+    path: PathBuf,
     globals: GpuBuffer, // [4, C]: ln0 w/b, ln_out w/b
     layers: Layers,
     head: Matrix, // [V, C]
@@ -138,9 +150,62 @@ const _: fn() = || {
 };
 
 impl Model {
-    /// Loads a checkpoint (`.safetensors` or `.pth`) with the official tensor names.
+    /// Loads an RWKV checkpoint (`.safetensors` or `.pth`) with the official
+    /// tensor names, or a Hugging Face Transformer folder (`config.json`
+    /// and `model.safetensors` or shards).
     pub fn load(ctx: &GpuContext, path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
-        Self::from_file(ctx, SafeTensorsFile::open(path.as_ref())?, opts)
+        let path = path.as_ref();
+        if path.is_dir() {
+            return Self::load_folder(ctx, path, opts);
+        }
+        Self::from_file(ctx, SafeTensorsFile::open(path)?, opts)
+    }
+
+    /// Loads a Hugging Face folder of a Llama, Qwen2 or GPT-NeoX model.
+    pub fn load_folder(ctx: &GpuContext, dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let folder = HfFolder::open(dir)?;
+        let cfg = folder.config.clone();
+        let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
+        let l = transformer::load(ctx, &folder, opts.kv_cache, max_part, opts.progress.clone())?;
+        let c = cfg.hidden;
+        let mut g = vec![0f32; 4 * c];
+        g[LNOUT_W * c..(LNOUT_W + 2) * c].copy_from_slice(&l.final_norm);
+        let globals = ctx.storage_f32("final norm", &g)?;
+        let info = ModelInfo {
+            arch: Arch::Transformer(cfg.family),
+            n_layer: cfg.n_layer,
+            n_embd: c,
+            n_head: cfg.n_head,
+            head_size: cfg.head_dim,
+            n_kv_head: cfg.n_kv_head,
+            vocab: cfg.vocab,
+            ffn: cfg.ffn,
+            lora: Vec::new(),
+            dtype: l.dtype,
+            parameters: l.parameters,
+            weight_bytes: folder.weights.files().iter().map(|f| f.data_bytes()).sum(),
+            gpu_weight_bytes: l.gpu_bytes + globals.size(),
+            state_bytes_per_sequence: 0,
+            kv_bytes_per_token: l.layout.kv_bytes_per_position(),
+            eos: cfg.eos.clone(),
+        };
+        let model = Self {
+            ctx: ctx.clone(),
+            info,
+            layout: l.layout,
+            d_lora_max: 0,
+            weights: folder.weights,
+            emb_name: transformer::embedding_name(cfg.family),
+            path: dir.to_path_buf(),
+            globals,
+            layers: Layers::Transformer(l.layers),
+            head: l.head,
+        };
+        for p in model.pipelines() {
+            ctx.pipeline(p)?;
+        }
+        crate::gpu::trim_heap();
+        Ok(model)
     }
 
     /// Loads from an opened checkpoint (a mapped file or built-in bytes):
@@ -192,11 +257,12 @@ impl Model {
         let head = ld.mat("head.weight", d.vocab, d.c)?;
         let d_lora_max = lora.iter().map(|&(_, w)| ctx.plan().lora_rank(w)).max().unwrap_or(0);
         let info = ModelInfo {
-            version,
+            arch: Arch::Rwkv(version),
             n_layer: d.n_layer,
             n_embd: d.c,
             n_head,
             head_size,
+            n_kv_head: 0,
             vocab: d.vocab,
             ffn,
             lora,
@@ -205,17 +271,72 @@ impl Model {
             weight_bytes: f.data_bytes(),
             gpu_weight_bytes: ld.gpu_bytes,
             state_bytes_per_sequence: layout.bytes_per_sequence(),
+            kv_bytes_per_token: 0,
+            eos: Vec::new(),
         };
-        Ok(Self { ctx: ctx.clone(), info, layout, d_lora_max, file, globals, layers, head })
+        let path = file.path().to_path_buf();
+        let weights = HfWeights::single(file);
+        Ok(Self {
+            ctx: ctx.clone(),
+            info,
+            layout,
+            d_lora_max,
+            weights,
+            emb_name: "emb.weight",
+            path,
+            globals,
+            layers,
+            head,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    /// The checkpoint's path (a name, for a built-in model).
+    /// The checkpoint's path (a name, for a built-in model; the folder, for
+    /// a Transformer).
     pub fn file_path(&self) -> &Path {
-        self.file.path()
+        &self.path
+    }
+
+    /// Whether this is a Transformer (its state is a KV cache).
+    pub fn is_transformer(&self) -> bool {
+        matches!(self.layers, Layers::Transformer(_))
+    }
+
+    /// The Transformer's layers, if it is one.
+    pub(crate) fn transformer(&self) -> Option<&transformer::Layers> {
+        match &self.layers {
+            Layers::Transformer(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The pipelines this model's steps record, compiled at load.
+    pub fn pipelines(&self) -> Vec<Pipeline> {
+        let plan = self.ctx.plan();
+        let Some(t) = self.transformer() else {
+            let d = Dims {
+                vocab: self.info.vocab,
+                c: self.info.n_embd,
+                n_layer: self.info.n_layer,
+                dtype: self.info.dtype,
+            };
+            let version = self.info.version().expect("an RWKV model");
+            return pipelines(&self.ctx, version, &d, self.info.head_size, self.info.ffn);
+        };
+        let mut v = vec![Pipeline::GatherRows];
+        v.extend(t.pipelines(&self.ctx));
+        v.extend(plan.linear_pipelines(self.info.dtype));
+        let mut shapes = t.matrix_shapes();
+        shapes.push((self.info.vocab, self.info.n_embd));
+        for (rows, cols) in shapes {
+            v.extend(plan.small_tile(self.info.dtype, rows, cols));
+        }
+        let mut seen = std::collections::HashSet::new();
+        v.retain(|p| seen.insert(*p));
+        v
     }
 
     /// The GPU context the weights live on.
@@ -237,6 +358,9 @@ impl Model {
     pub fn max_chunk_tokens(&self) -> usize {
         let max = self.ctx.max_binding_bytes() as usize;
         let c = self.info.n_embd;
+        if let Some(t) = self.transformer() {
+            return (max / (t.widest_row() * 4)).clamp(1, 4096);
+        }
         let widest =
             [crate::gpu::kernels::plane::COUNT as usize * c, self.info.ffn, step::LORA_PLANES * self.d_lora_max.max(1)];
         (max / (widest.into_iter().max().unwrap() * 4)).clamp(1, 4096)
@@ -249,17 +373,38 @@ impl Model {
 
     /// Per-step buffers for steps of up to `capacity` tokens of `batch` sequences.
     pub(crate) fn scratch(&self, ws: &crate::gpu::Workspace, capacity: usize, batch: usize) -> Result<Scratch> {
-        Scratch::new(&self.ctx, ws, &self.info, self.layout.stride, self.d_lora_max, capacity, batch)
+        let dims = self.transformer().map(|t| {
+            let sh = &t.shape;
+            step::TransformerDims {
+                qkv_dim: sh.qkv_dim(),
+                q_dim: sh.q_dim(),
+                h_dim: 2 * self.info.ffn,
+                rotary_dim: t.config.rope.rotary_dim,
+                part_per_slot: crate::ops::Attention::part_len(sh, 1),
+                part_slots: transformer::PART_SLOTS,
+            }
+        });
+        Scratch::new(&self.ctx, ws, &self.info, self.layout.stride, self.d_lora_max, capacity, batch, dims)
+    }
+
+    /// Writes what a step needs besides its tokens: a Transformer's RoPE
+    /// (cos, sin) pairs for the positions of the step's token rows.
+    pub(crate) fn write_positions(&self, s: &Scratch, positions: &[u32]) {
+        if let (Some(t), Some(ts)) = (self.transformer(), &s.transformer) {
+            let cs = crate::ops::rope_cos_sin(positions, &t.inv_freq);
+            self.ctx.queue().write_buffer(ts.cs.raw(), 0, bytemuck::cast_slice(&cs));
+        }
     }
 
     /// `emb[tokens]` [n, C], read from the file and widened exactly to f32.
     pub(crate) fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let emb = self.file.get("emb.weight")?;
+        let file = self.weights.file_of(self.emb_name)?;
+        let emb = file.get(self.emb_name)?;
         let c = self.info.n_embd;
         let row_bytes = c * emb.dtype.size();
         let mut raw = vec![0u8; tokens.len() * row_bytes];
         for (&t, out) in tokens.iter().zip(raw.chunks_exact_mut(row_bytes)) {
-            self.file.read_into(&emb, t as usize * row_bytes, out)?;
+            file.read_into(&emb, t as usize * row_bytes, out)?;
         }
         let row = Tensor { bytes: &raw, ..emb };
         Ok((0..tokens.len() * c).map(|i| row.at(i)).collect())
@@ -269,12 +414,18 @@ impl Model {
     /// then every layer of the model's generation.
     pub(crate) fn record_layers<'a>(&'a self, rec: &mut Recorder<'a>, step: &Step<'a>) -> Result<()> {
         let (s, c) = (step.s, self.info.n_embd);
+        if let Layers::Transformer(t) = &self.layers {
+            // x = the embedding rows (no ln0).
+            rec.copy(&s.xx, 0, &s.x, 0, (step.n() * c * 4) as u64);
+            return t.record(rec, step);
+        }
         crate::ops::layer_norm(rec, &s.xx, &s.x, &self.globals, LN0_W * c, LN0_B * c, step.n(), c, LN_EPS)?;
         match &self.layers {
             Layers::V4(blocks) => v4::record(blocks, rec, step),
             Layers::V5(blocks) => v5::record(blocks, rec, step),
             Layers::V6(blocks) => v6::record(blocks, rec, step),
             Layers::V7(blocks) => v7::record(blocks, rec, step),
+            Layers::Transformer(_) => unreachable!("recorded above"),
         }
     }
 
@@ -289,7 +440,16 @@ impl Model {
         let c = self.info.n_embd;
         crate::ops::gather_rows(rec, &s.head_rows, first, &s.x, &s.head_x, rows, c)?;
         let (w, b) = (LNOUT_W * c, LNOUT_B * c);
-        crate::ops::layer_norm(rec, &s.head_x, &s.head_xn, &self.globals, w, b, rows, c, LN_EPS)?;
+        match self.transformer().map(|t| &t.config) {
+            None => crate::ops::layer_norm(rec, &s.head_x, &s.head_xn, &self.globals, w, b, rows, c, LN_EPS)?,
+            Some(cfg) if cfg.family == Family::GptNeoX => {
+                let eps = cfg.norm_eps as f32;
+                crate::ops::layer_norm(rec, &s.head_x, &s.head_xn, &self.globals, w, b, rows, c, eps)?
+            }
+            Some(cfg) => {
+                crate::ops::rms_norm(rec, &s.head_x, &s.head_xn, &self.globals, w, rows, c, cfg.norm_eps as f32)?
+            }
+        }
         self.head.linear(rec, &s.head_xn, 0, &s.logits, 0, rows, crate::gpu::Act::None, false)
     }
 }

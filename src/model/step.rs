@@ -68,6 +68,41 @@ pub struct Scratch {
     /// att's WKV planes and a layer's state as textures for `wkv7_tex.wgsl`
     /// and `wkv5_tex.wgsl` (v5-v7 on CPU adapters, head size 64 only).
     pub wkv_tex: Option<WkvTextures>,
+    /// A Transformer's step buffers (`mixed`, `att` and `lora` are then 1 element).
+    pub transformer: Option<TransformerScratch>,
+}
+
+/// The step buffers only a Transformer uses (its residual, norm outputs and
+/// MLP product are `x`, `xx`/`y` and `ffn` of [`Scratch`]).
+pub struct TransformerScratch {
+    pub qkv: GpuBuffer, // [cap, q_dim + 2 kv_dim]
+    pub att: GpuBuffer, // [cap, q_dim] attention output
+    pub h: GpuBuffer,   // [cap, 2F] gate and up (GPT-NeoX: [cap, F])
+    pub cs: GpuBuffer,  // [cap, rotary_dim / 2] (cos, sin) pairs
+    /// `[part_slots, n_head, 1 + head_dim / 4]` vec4s: the attention's split partials.
+    pub part: GpuBuffer,
+    pub part_slots: usize,
+}
+
+/// The sizes of a Transformer's step buffers, per token.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerDims {
+    pub qkv_dim: usize,
+    pub q_dim: usize,
+    pub h_dim: usize,
+    pub rotary_dim: usize,
+    /// vec4s of the partial buffer per slot.
+    pub part_per_slot: usize,
+    pub part_slots: usize,
+}
+
+/// A sequence's KV cache as a step binds it.
+pub struct KvBind<'a> {
+    /// One `[2, cap, kv_dim]` buffer per layer.
+    pub layers: &'a [GpuBuffer],
+    pub cap: usize,
+    /// Position of the sequence's first token in this step.
+    pub pos0: usize,
 }
 
 impl Scratch {
@@ -83,8 +118,11 @@ impl Scratch {
         d_lora_max: usize,
         capacity: usize,
         batch: usize,
+        transformer: Option<TransformerDims>,
     ) -> Result<Self> {
         let (c, f, v) = (info.n_embd, info.ffn, info.vocab);
+        // RWKV's planes; one element each for a Transformer, which has none.
+        let rwkv = |n: usize| if transformer.is_some() { 1 } else { n };
         // The head runs over at most head_cap rows per pass: all of a batch's
         // last tokens at once, and at least HEAD_ROWS for all-position logits,
         // but never [chunk, vocab] (128 MiB for 512 tokens of a 65536 vocab).
@@ -95,10 +133,11 @@ impl Scratch {
         if ctx.weight_store() == WeightStore::Texture {
             // The x texture of texture matrices at its full size now, so no
             // later step allocates (its widest input is the FFN's).
-            let width = (f.max(c).max(d_lora_max) / 4) as u32;
+            let width = (f.max(c).max(d_lora_max).max(transformer.map_or(0, |d| d.q_dim)) / 4) as u32;
             ws.x_texture(ctx, width, capacity.min(ctx.max_texture_dims().0 as usize) as u32)?;
         }
-        let wkv_tex = info.n_head > 0
+        let wkv_tex = transformer.is_none()
+            && info.n_head > 0
             && ctx.weight_store() == WeightStore::Texture
             && WkvTextures::fit(ctx, info.head_size, c, stride, capacity, batch);
         Ok(Self {
@@ -110,9 +149,9 @@ impl Scratch {
             head_rows: f32s("head rows", capacity)?,
             x: f32s("x", capacity * c)?,
             xx: f32s("xx", capacity * c)?,
-            mixed: f32s("mixed", 6 * capacity * c)?,
-            att: f32s("att", plane::COUNT as usize * capacity * c)?,
-            lora: f32s("lora", LORA_PLANES * capacity * d_lora_max.max(1))?,
+            mixed: f32s("mixed", rwkv(6 * capacity * c))?,
+            att: f32s("att", rwkv(plane::COUNT as usize * capacity * c))?,
+            lora: f32s("lora", rwkv(LORA_PLANES * capacity * d_lora_max.max(1)))?,
             y: f32s("y", capacity * c)?,
             ffn: f32s("ffn", capacity * f)?,
             head_x: f32s("head x", head_cap * c)?,
@@ -120,6 +159,17 @@ impl Scratch {
             logits: f32s("logits", head_cap * v)?,
             staging: ctx.buffer("logits staging", (head_cap * v * 4) as u64, READBACK)?,
             wkv_tex: if wkv_tex { Some(WkvTextures::new(ctx, c, capacity, batch)?) } else { None },
+            transformer: match transformer {
+                Some(d) => Some(TransformerScratch {
+                    qkv: f32s("qkv", capacity * d.qkv_dim)?,
+                    att: f32s("attention out", capacity * d.q_dim)?,
+                    h: f32s("mlp hidden", capacity * d.h_dim)?,
+                    cs: f32s("rope cos sin", capacity * d.rotary_dim.max(2))?,
+                    part: f32s("attention splits", 4 * d.part_slots * d.part_per_slot)?,
+                    part_slots: d.part_slots,
+                }),
+                None => None,
+            },
         })
     }
 
@@ -138,8 +188,10 @@ pub struct Step<'a> {
     /// Columns of the `lora` planes (the widest LoRA, padded).
     pub d_lora_max: usize,
     pub s: &'a Scratch,
-    /// One `[batch, stride]` buffer per layer.
+    /// One `[batch, stride]` buffer per layer (RWKV).
     pub state: &'a [GpuBuffer],
+    /// Each sequence's KV cache (Transformers).
+    pub kv: &'a [KvBind<'a>],
     pub batch: usize,
     pub chunk: &'a Chunk,
 }

@@ -7,14 +7,16 @@
 //! Offsets are in f32 elements. Buffers hold rows of `dim` floats; `dim` is
 //! a multiple of 4 (the kernels read vec4s).
 
+pub mod attention;
 pub mod wkv;
 
+pub use attention::{attention, kv_write, Attention, AttentionShape};
 pub use wkv::{record_wkv4, record_wkv5, record_wkv7, WkvTextures};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    GatherParams, GeluParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, RopeParams,
-    TokenShiftParams, V7PrepParams, WG,
+    AddBiasParams, GatherParams, GeluParams, GroupNormParams, LayerNormParams, MulAddParams, RmsNormParams, RopeParams,
+    SwigluParams, TokenShiftParams, V7PrepParams, WG,
 };
 use crate::gpu::{GpuBuffer, Pipeline, Recorder};
 
@@ -223,6 +225,43 @@ pub fn group_norm<'a>(rec: &mut Recorder<'a>, op: &GroupNorm<'a>, n: usize, dim:
     let key = rec.ctx().plan().group_norm();
     let Pipeline::GroupNorm { tpw } = key else { unreachable!() };
     rec.dispatch(key, &p, &[op.y, op.att, op.vecs], p.groups(tpw))
+}
+
+/// `x[r, c] += b[c]` for the `dim` channels from element `x_offset` of
+/// each of `rows` rows `row_stride` apart; the bias is at `b_offset` of `vecs`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_bias<'a>(
+    rec: &mut Recorder<'a>,
+    x: &'a GpuBuffer, // [rows, row_stride] at x_offset
+    x_offset: usize,
+    row_stride: usize,
+    rows: usize,
+    dim: usize,
+    vecs: &'a GpuBuffer, // b [dim] at b_offset
+    b_offset: usize,
+) -> Result<()> {
+    let p = AddBiasParams {
+        n_rows: rows as u32,
+        dim: dim as u32,
+        row_stride: row_stride as u32,
+        x_offset: x_offset as u32,
+        b_offset: b_offset as u32,
+        _pad: [0; 3],
+    };
+    rec.dispatch(Pipeline::AddBias, &p, &[x, vecs], [(dim as u32 / 4).div_ceil(WG), rows as u32, 1])
+}
+
+/// SwiGLU's product `y[r, i] = silu(h[r, i]) * h[r, F + i]` for `rows`
+/// rows, `h` holding each row's gate and up projections side by side.
+pub fn swiglu<'a>(
+    rec: &mut Recorder<'a>,
+    h: &'a GpuBuffer, // [rows, 2F]
+    y: &'a GpuBuffer, // [rows, F]
+    rows: usize,
+    ffn: usize,
+) -> Result<()> {
+    let p = SwigluParams { n_rows: rows as u32, ffn: ffn as u32, _pad: [0; 2] };
+    rec.dispatch(Pipeline::Swiglu, &p, &[h, y], [(ffn as u32 / 4).div_ceil(WG), rows as u32, 1])
 }
 
 /// `x[t, :] += a[t, :] * b[t, :]` for `n` rows of `dim` (`mul_add.wgsl`).
