@@ -113,7 +113,7 @@ struct Job {
 
 /// What the batch thread is sent.
 enum Msg {
-    Job(Job),
+    Job(Box<Job>),
     /// Finish the sessions in flight, then end.
     Stop,
 }
@@ -197,7 +197,7 @@ impl BatchHandle {
             return refuse(session, error);
         }
         let (reply, rx) = mpsc::channel();
-        if let Err(mpsc::SendError(Msg::Job(job))) = self.tx.send(Msg::Job(Job { session, reply })) {
+        if let Err(mpsc::SendError(Msg::Job(job))) = self.tx.send(Msg::Job(Box::new(Job { session, reply }))) {
             return refuse(job.session, Error::Thread("the batch thread has stopped".into()));
         }
         match rx.recv() {
@@ -220,14 +220,14 @@ fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Msg>) {
                 return;
             }
             match rx.recv() {
-                Ok(Msg::Job(job)) => active.push(job),
+                Ok(Msg::Job(job)) => active.push(*job),
                 Ok(Msg::Stop) | Err(_) => return,
             }
         }
         // Sessions that arrived since the last step join this one.
         for msg in rx.try_iter() {
             match msg {
-                Msg::Job(job) => active.push(job),
+                Msg::Job(job) => active.push(*job),
                 Msg::Stop => stopping = true,
             }
         }

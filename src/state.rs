@@ -248,14 +248,17 @@ impl State {
         let layers = loop {
             match self.alloc_kv(cap) {
                 Ok(l) => break l,
-                Err(Error::MemoryLimit { limit, allocated, .. }) if cap > positions => {
-                    let free = limit.saturating_sub(allocated) / (per_layer * n_layer);
+                Err(Error::MemoryLimit { limit, .. }) if cap > positions => {
+                    // Measured after the failed attempt's layers were freed again.
+                    let free = limit.saturating_sub(self.ctx.allocated_bytes()) / (per_layer * n_layer);
                     cap = (free as usize).max(positions).min(cap - 1);
                 }
-                Err(Error::MemoryLimit { limit, allocated, .. }) => {
-                    // What fits: this cache's current bytes plus what is free.
-                    let mine = cur.cap as u64 * per_layer * n_layer;
-                    let fits = ((limit.saturating_sub(allocated) + mine) / (per_layer * n_layer)) as usize;
+                Err(Error::MemoryLimit { limit, .. }) => {
+                    // What fits: the old cache stays allocated while it is copied into
+                    // the new one, so the longest context reachable now is the larger
+                    // of the current capacity and what the free bytes hold.
+                    let free = limit.saturating_sub(self.ctx.allocated_bytes());
+                    let fits = (cur.cap as u64).max(free / (per_layer * n_layer)) as usize;
                     return Err(Error::ContextTooLong {
                         tokens: positions,
                         fits,

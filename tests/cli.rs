@@ -118,7 +118,7 @@ fn inspect_every_generation_and_convert_pth() {
         let o = rwkv(&["inspect", "--model", file.to_str().unwrap()]);
         assert!(o.status.success(), "{}", stderr(&o));
         let out = String::from_utf8(o.stdout).unwrap();
-        assert!(out.contains(&format!("version         {want}\n")), "{}: want {want}:\n{out}", file.display());
+        assert!(out.contains(&format!("model           {want}\n")), "{}: want {want}:\n{out}", file.display());
     }
 
     let dir = std::env::temp_dir().join(format!("rwkv-convert-{}", std::process::id()));

@@ -32,8 +32,9 @@ use std::path::PathBuf;
 use naga::proc::Layouter;
 use naga::{AddressSpace, ArraySize, Handle, Module, ResourceBinding, Scalar, ScalarKind, Type, TypeInner};
 use rwkv_wgpu::gpu::kernels::{
-    GatherParams, GeluParams, GroupNormParams, LayerNormParams, LinearParams, LinearTexParams, MulAddParams,
-    RmsNormParams, RopeParams, TokenShiftParams, V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
+    AddBiasParams, AttentionCombineParams, AttentionParams, GatherParams, GeluParams, GroupNormParams, KvWriteParams,
+    LayerNormParams, LinearParams, LinearTexParams, MulAddParams, RmsNormParams, RopeParams, SwigluParams,
+    TokenShiftParams, V7PrepParams, Wkv4Params, Wkv5Params, Wkv7Params,
 };
 
 /// Bytes each dispatch's params get in the params arena: `slot_bytes` in
@@ -186,6 +187,26 @@ const WKV4: Mirror = mirror!(Wkv4Params { n_seq, dim, plane, state_stride, state
 const GROUP_NORM: Mirror =
     mirror!(GroupNormParams { n_tok, dim, head_size, plane, lnx_w, lnx_b, r_k, eps, bonus, gate, _pad });
 const MUL_ADD: Mirror = mirror!(MulAddParams { n_tok, dim, a_offset, b_offset });
+const ADD_BIAS: Mirror = mirror!(AddBiasParams { n_rows, dim, row_stride, x_offset, b_offset, _pad });
+const SWIGLU: Mirror = mirror!(SwigluParams { n_rows, ffn, _pad });
+const KV_WRITE: Mirror = mirror!(KvWriteParams { n_tok, row0, qkv_stride, k_offset, kv_dim, pos0, cap, _pad });
+const ATTENTION: Mirror = mirror!(AttentionParams {
+    n_tok,
+    row0,
+    t0,
+    qkv_stride,
+    n_head,
+    n_kv_head,
+    head_dim,
+    pos0,
+    cap,
+    n_splits,
+    split_keys,
+    group_heads,
+    scale,
+    _pad
+});
+const ATTENTION_COMBINE: Mirror = mirror!(AttentionCombineParams { n_tok, row0, n_head, head_dim, n_splits, _pad });
 
 /// One kernel: its shader, the Rust struct mirroring its `Params`, and the
 /// reduce files it is assembled with.
@@ -221,6 +242,11 @@ const CASES: &[Case] = &[
     case!("wkv4.wgsl", WKV4, Either),
     case!("group_norm.wgsl", GROUP_NORM, Either),
     case!("mul_add.wgsl", MUL_ADD, Either),
+    case!("add_bias.wgsl", ADD_BIAS, Either),
+    case!("swiglu.wgsl", SWIGLU, Either),
+    case!("kv_write.wgsl", KV_WRITE, Either),
+    case!("attention.wgsl", ATTENTION, Either),
+    case!("attention_combine.wgsl", ATTENTION_COMBINE, Either),
 ];
 
 /// The files prepended to every kernel. They are not kernels and declare no

@@ -56,6 +56,10 @@ fn golden(name: &str) -> TGolden {
     }
 }
 
+fn kv_f32() -> LoadOptions {
+    LoadOptions { kv_cache: KvDtype::F32, ..Default::default() }
+}
+
 fn model(name: &str, kv: KvDtype) -> Option<Arc<Model>> {
     let ctx = gpu()?;
     let opts = LoadOptions { kv_cache: kv, ..Default::default() };
@@ -107,5 +111,147 @@ fn logits_match_golden_whole() {
 fn logits_match_golden_in_steps_of_7() {
     for name in TRANSFORMER_FIXTURES {
         run_golden(name, 7);
+    }
+}
+
+/// The f16 cache rounds each key and value once (2^-11 relative): measured
+/// 3.5e-4 rel L2 at most over the fixtures; twice that is the bound, still
+/// 14x under what a wrong position or head gives (> 1e-2).
+const F16_CACHE_REL_L2: f64 = 7e-4;
+
+#[test]
+fn f16_cache_stays_close() {
+    for name in TRANSFORMER_FIXTURES {
+        let Some(m) = model(name, KvDtype::F16) else { return };
+        let g = golden(name);
+        let mut engine = Engine::new(m.clone(), &EngineOptions { chunk_tokens: 64 }).unwrap();
+        let mut state = m.new_state(1).unwrap();
+        let logits = engine.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+        let err = rel_l2(&logits, &g.logits);
+        eprintln!("{name} f16 cache: rel L2 {err:.3e}");
+        assert!(err <= F16_CACHE_REL_L2, "{name} f16 cache: relative L2 {err:.3e}");
+        assert_eq!(
+            m.info().kv_bytes_per_token,
+            (m.info().n_layer * 2 * m.info().n_kv_head * m.info().head_size * 2) as u64
+        );
+    }
+}
+
+/// Eight sequences of different lengths in one state, and the same eight
+/// from eight states in gathered steps, each give their solo logits: bit
+/// for bit (a row's arithmetic does not depend on what shares its step).
+#[test]
+fn batched_sequences_equal_solo() {
+    for name in [
+        "llama-L2-D128-H4-KV2-F344-V512-fp32",
+        "gptneox-L2-D64-H2-F256-V512-fp16-seqres",
+        "qwen2-L2-D128-H4-KV2-F320-V512-fp16-tied",
+    ] {
+        let Some(m) = model(name, KvDtype::F32) else { return };
+        let g = golden(name);
+        let lens = [1usize, 64, 7, 33, 2, 50, 17, 9];
+        let seqs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| g.tokens.iter().cycle().skip(i * 5).take(n).copied().collect())
+            .collect();
+        let mut engine = Engine::new(m.clone(), &EngineOptions { chunk_tokens: 40 }).unwrap();
+        let solo: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                let mut st = m.new_state(1).unwrap();
+                engine.forward(&mut st, &[s], LogitsMode::All).unwrap().remove(0)
+            })
+            .collect();
+        // One state of 8 sequences (steps of 40 tokens shared fairly).
+        let mut batch = m.new_state(8).unwrap();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let got = engine.forward(&mut batch, &refs, LogitsMode::All).unwrap();
+        for (i, (a, b)) in got.iter().zip(&solo).enumerate() {
+            assert_close(&format!("{name} batch seq {i}"), a, b, g.vocab, TRANSFORMER_REL_L2);
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: seq {i} differs from solo");
+        }
+        // Eight states, decoding one token each in a gathered step after their prompts.
+        let mut states: Vec<_> = (0..8).map(|_| m.new_state(1).unwrap()).collect();
+        for (st, s) in states.iter_mut().zip(&seqs) {
+            engine.forward(st, &[&s[..s.len() - 1]], LogitsMode::Last).unwrap();
+        }
+        let lasts: Vec<[u32; 1]> = seqs.iter().map(|s| [*s.last().unwrap()]).collect();
+        let mut inputs: Vec<rwkv_wgpu::SeqInput> = states
+            .iter_mut()
+            .zip(&lasts)
+            .map(|(st, t)| rwkv_wgpu::SeqInput { state: st, seq: 0, tokens: t, logits: Some(LogitsMode::Last) })
+            .collect();
+        let got = engine.step(&mut inputs).unwrap();
+        for (i, (a, s)) in got.iter().zip(&solo).enumerate() {
+            let want = &s[s.len() - g.vocab..];
+            assert!(a.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: gathered seq {i} differs");
+        }
+        for (st, s) in states.iter().zip(&seqs) {
+            assert_eq!(st.context_len(0), s.len());
+        }
+    }
+}
+
+/// A state's cache can be read, written back, cloned and reset; a context
+/// past the memory limit is an error naming the length that fits.
+#[test]
+fn kv_state_round_trip_and_limits() {
+    if gpu().is_none() {
+        return;
+    }
+    let name = "llama-L2-D128-H4-KV2-F344-V512-fp32";
+    let m = model(name, KvDtype::F32).unwrap();
+    let g = golden(name);
+    let mut engine = Engine::new(m.clone(), &EngineOptions::default()).unwrap();
+    let mut state = m.new_state(1).unwrap();
+    engine.forward(&mut state, &[&g.tokens[..40]], LogitsMode::Last).unwrap();
+    let saved = state.read(0).unwrap();
+    assert_eq!(saved.fields[0].1, vec![2, 40, 2, 32]);
+    let copy = state.try_clone().unwrap();
+    // Read on, then roll back to the saved cache and read the rest again.
+    engine.forward(&mut state, &[&g.tokens[40..50]], LogitsMode::Last).unwrap();
+    state.write(0, &saved).unwrap();
+    assert_eq!(state.context_len(0), 40);
+    let a = engine.forward(&mut state, &[&g.tokens[40..]], LogitsMode::All).unwrap().remove(0);
+    let mut copy = copy;
+    let b = engine.forward(&mut copy, &[&g.tokens[40..]], LogitsMode::All).unwrap().remove(0);
+    assert_eq!(a, b);
+    assert_close("after rollback", &a, &g.logits[40 * g.vocab..], g.vocab, TRANSFORMER_REL_L2);
+    state.reset(None).unwrap();
+    assert_eq!(state.context_len(0), 0);
+    let a = engine.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+    assert_close("after reset", &a, &g.logits, g.vocab, TRANSFORMER_REL_L2);
+
+    // A context whose memory limit leaves KV_HEADROOM bytes beyond what the model, the
+    // engine and one empty state take (measured in a fresh unlimited context first).
+    const KV_HEADROOM: u64 = 1 << 20;
+    let per_token = m.info().kv_bytes_per_token;
+    let too_many = (KV_HEADROOM / per_token) as usize * 2;
+    let long: Vec<u32> = g.tokens.iter().cycle().take(too_many).copied().collect();
+    let base = {
+        // The engine's scratch grows to its full size on the first long forward;
+        // the state (and its KV cache) is dropped before measuring.
+        let c = rwkv_wgpu::GpuContext::new(&Default::default()).unwrap();
+        let lm = Arc::new(Model::load(&c, folder(name), &kv_f32()).unwrap());
+        let mut e = Engine::new(lm.clone(), &EngineOptions::default()).unwrap();
+        e.forward(&mut lm.new_state(1).unwrap(), &[&long], LogitsMode::Last).unwrap();
+        c.allocated_bytes()
+    };
+    let limited = rwkv_wgpu::GpuContext::new(&rwkv_wgpu::GpuOptions {
+        memory_limit: Some(base + KV_HEADROOM),
+        ..Default::default()
+    })
+    .unwrap();
+    let lm = Arc::new(Model::load(&limited, folder(name), &kv_f32()).unwrap());
+    let mut le = Engine::new(lm.clone(), &EngineOptions::default()).unwrap();
+    let mut st = lm.new_state(1).unwrap();
+    match le.forward(&mut st, &[&long], LogitsMode::Last) {
+        Err(rwkv_wgpu::Error::ContextTooLong { tokens, fits, .. }) => {
+            eprintln!("context {tokens}: {fits} fit");
+            assert!(fits < tokens && fits > 0, "{fits} of {tokens}");
+            assert!(fits as u64 <= KV_HEADROOM / per_token, "{fits} fit in {KV_HEADROOM} bytes?");
+        }
+        other => panic!("expected ContextTooLong, got {:?}", other.map(|_| ())),
     }
 }

@@ -110,7 +110,7 @@ pub(crate) enum Layers {
     V5(Vec<v5::Block>),
     V6(Vec<v6::Block>),
     V7(Vec<v7::Block>),
-    Transformer(transformer::Layers),
+    Transformer(Box<transformer::Layers>),
 }
 
 // Slots of the model-wide vector buffer `globals [4, C]` (a Transformer's
@@ -198,7 +198,7 @@ impl Model {
             emb_name: transformer::embedding_name(cfg.family),
             path: dir.to_path_buf(),
             globals,
-            layers: Layers::Transformer(l.layers),
+            layers: Layers::Transformer(Box::new(l.layers)),
             head: l.head,
         };
         for p in model.pipelines() {

@@ -110,6 +110,7 @@ impl Scratch {
     /// sequences of a model with `info`, whose widest LoRA is `d_lora_max`
     /// and whose state has `stride` floats per layer and sequence. The x
     /// texture of `ws` is grown to its full size now, so no step allocates.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &GpuContext,
         ws: &Workspace,
