@@ -13,8 +13,8 @@ use rwkv_wgpu::gpu::WeightStore;
 use rwkv_wgpu::state::StateData;
 use rwkv_wgpu::tokenizer::HfTokenizer;
 use rwkv_wgpu::{
-    Engine, EngineOptions, GenerateOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile,
-    Sampler, SamplerConfig, Session, StopReason, Tokenizer, DEFAULT_CHUNK_TOKENS,
+    EndTokens, Engine, EngineOptions, GenerateOptions, GpuContext, GpuOptions, KvDtype, LoadOptions, LogitsMode, Model,
+    SafeTensorsFile, Sampler, SamplerConfig, Session, StopReason, Tokenizer, DEFAULT_CHUNK_TOKENS,
 };
 
 /// The built-in demo model: a 4.1M-parameter RWKV-7 trained on Jane Austen
@@ -43,10 +43,15 @@ struct Cli {
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// Model file: .safetensors with the official RWKV tensor names, or an
-    /// official PyTorch .pth (RWKV-4, 5.x, 6 or 7, detected from the tensors).
-    /// Default: the built-in Jane Austen demo model.
+    /// official PyTorch .pth (RWKV-4, 5.x, 6 or 7, detected from the tensors);
+    /// or a Hugging Face folder (config.json, model.safetensors or shards with
+    /// model.safetensors.index.json, tokenizer.json) of a Llama, Qwen2 or
+    /// GPT-NeoX model. Default: the built-in Jane Austen demo model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A Transformer's KV cache element type: f16 (half the memory) or f32.
+    #[arg(long, default_value_t = KvDtype::F16)]
+    kv_cache: KvDtype,
     /// Tokenizer: `world` (the RWKV World vocab, built in), a `rwkv_vocab*.txt`,
     /// or a Hugging Face `tokenizer.json`. Default: tokenizer.json or
     /// rwkv_vocab*.txt next to the model, else World for 65536-token models.
@@ -108,7 +113,8 @@ struct SamplingArgs {
     /// Random seed (default: from the clock). Same seed, model and prompt: same output.
     #[arg(long)]
     seed: Option<u64>,
-    /// Keep going past the end-of-text token (id 0).
+    /// Keep going past the end-of-text token (RWKV: id 0; a Transformer: the
+    /// config's `eos_token_id`).
     #[arg(long)]
     ignore_eos: bool,
 }
@@ -330,7 +336,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<Load
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
-    let mut opts = LoadOptions::default();
+    let mut opts = LoadOptions { kv_cache: args.kv_cache, ..Default::default() };
     let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -346,11 +352,12 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<Load
             bar.set_position(done);
         }));
     }
-    let (file, name) = match &args.model {
-        Some(p) => (SafeTensorsFile::open(p), p.display().to_string()),
-        None => (SafeTensorsFile::from_static(DEMO_NAME, DEMO_MODEL), DEMO_NAME.to_string()),
+    let model = match &args.model {
+        Some(p) => Model::load(ctx, p, &opts).with_context(|| format!("loading {}", p.display()))?,
+        None => SafeTensorsFile::from_static(DEMO_NAME, DEMO_MODEL)
+            .and_then(|f| Model::from_file(ctx, f, &opts))
+            .with_context(|| format!("loading {DEMO_NAME}"))?,
     };
-    let model = file.and_then(|f| Model::from_file(ctx, f, &opts)).with_context(|| format!("loading {name}"))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -406,7 +413,7 @@ fn generate_options(s: &SamplingArgs, extra_stop: &[&str]) -> GenerateOptions {
     GenerateOptions {
         max_tokens: s.max_tokens,
         stop,
-        eos: if s.ignore_eos { None } else { Some(rwkv_wgpu::session::EOS) },
+        eos: if s.ignore_eos { EndTokens::Ignore } else { EndTokens::Model },
     }
 }
 
@@ -705,19 +712,28 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     out!("model           {}", i.arch);
     out!("layers          {}", i.n_layer);
     out!("width           {}", i.n_embd);
-    match i.n_head {
-        0 => out!("heads           none (RWKV-4 mixes per channel)"),
-        h => out!("heads           {h} x {}", i.head_size),
+    match (i.n_head, m.model.is_transformer()) {
+        (0, _) => out!("heads           none (RWKV-4 mixes per channel)"),
+        (h, true) => out!("heads           {h} x {}, {} KV heads", i.head_size, i.n_kv_head),
+        (h, false) => out!("heads           {h} x {}", i.head_size),
     }
     out!("vocab           {}", i.vocab);
     out!("ffn             {}", i.ffn);
-    let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
-    out!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
+    if !m.model.is_transformer() {
+        let lora: Vec<String> = i.lora.iter().map(|(n, d)| format!("{n} {d}")).collect();
+        out!("lora            {}", if lora.is_empty() { "none".into() } else { lora.join(", ") });
+    }
     out!("parameters      {}", i.parameters);
     out!("dtype           {}", i.dtype.name());
     out!("weight bytes    {}", i.weight_bytes);
     out!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
-    out!("state bytes     {} per sequence", i.state_bytes_per_sequence);
+    if m.model.is_transformer() {
+        out!("kv cache        {} bytes per token of context ({})", i.kv_bytes_per_token, model.kv_cache);
+    } else {
+        out!("state bytes     {} per sequence", i.state_bytes_per_sequence);
+    }
+    let eos: Vec<String> = i.eos.iter().map(|t| t.to_string()).collect();
+    out!("end tokens      {}", if eos.is_empty() { "none".into() } else { eos.join(", ") });
     out!("gpu bytes       {}", ctx.allocated_bytes());
     out!("adapter         {}", ctx.adapter());
     out!("kernels         {}", ctx.plan());

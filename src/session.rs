@@ -18,20 +18,33 @@ use crate::state::{State, StateData};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// The end-of-text token of RWKV World and of the NeoX/BPE vocabularies.
-pub const EOS: u32 = 0;
+pub use crate::model::RWKV_EOS as EOS;
+
+/// Which sampled tokens end a generation (they are not read into the state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EndTokens {
+    /// The model's own: [`ModelInfo::eos`](crate::ModelInfo::eos), i.e. a
+    /// Transformer's `eos_token_id`, RWKV's token 0.
+    #[default]
+    Model,
+    /// None: only `max_tokens` and the stop texts end it.
+    Ignore,
+    /// These.
+    Tokens(Vec<u32>),
+}
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_tokens: usize,
     /// Text at which generation stops; the stop text itself is not emitted.
     pub stop: Vec<String>,
-    /// Stop when this token is sampled (it is not read into the state).
-    pub eos: Option<u32>,
+    /// Tokens that end the generation.
+    pub eos: EndTokens,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 200, stop: Vec::new(), eos: Some(EOS) }
+        Self { max_tokens: 200, stop: Vec::new(), eos: EndTokens::Model }
     }
 }
 
@@ -240,6 +253,11 @@ impl Session {
         let mut held = String::new(); // text that might start a stop sequence
         let mut emitted = String::new();
         let mut tokens = Vec::new();
+        let end: Vec<u32> = match &opts.eos {
+            EndTokens::Model => self.model.info().eos.clone(),
+            EndTokens::Ignore => Vec::new(),
+            EndTokens::Tokens(t) => t.clone(),
+        };
         // Passes text on; true when the reader asks to stop.
         let mut emit = |s: &str, emitted: &mut String| -> bool {
             if s.is_empty() {
@@ -255,7 +273,7 @@ impl Session {
                 .as_deref()
                 .ok_or_else(|| Error::InvalidArgument("nothing has been read yet: give a prompt".into()))?;
             let token = sampler.sample(logits)?;
-            if opts.eos == Some(token) {
+            if end.contains(&token) {
                 stop = StopReason::Eos;
                 break;
             }

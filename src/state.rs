@@ -589,6 +589,25 @@ pub fn load(path: &Path, layout: &StateLayout) -> Result<StateData> {
 pub fn load_from(f: &SafeTensorsFile, layout: &StateLayout) -> Result<StateData> {
     let bad = |detail: String| Error::BadState { path: f.path().to_path_buf(), detail };
     let mut fields = Vec::new();
+    if let Some(kv) = &layout.kv {
+        // A KV cache: `key` and `value` [L, len, n_kv_head, head_dim], len from the file.
+        let len = f
+            .shape("key")
+            .and_then(|s| s.get(1).copied())
+            .ok_or_else(|| bad("no `key` tensor: not a KV cache saved from a Transformer".into()))?;
+        if len > kv.max_positions {
+            return Err(bad(format!("{len} positions of KV cache; this model holds at most {}", kv.max_positions)));
+        }
+        for name in ["key", "value"] {
+            let shape = vec![layout.n_layer, len, kv.n_kv_head, kv.head_dim];
+            let t = f.expect(name, &shape).map_err(|e| bad(e.to_string()))?;
+            let values = t.to_f32();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("field `{name}` holds {} at element {i}", values[i])));
+            }
+            fields.push((name.to_string(), shape, values));
+        }
+    }
     for field in &layout.fields {
         let mut shape = vec![layout.n_layer];
         shape.extend_from_slice(&field.shape);
@@ -616,9 +635,11 @@ pub fn load_tuned(path: &Path, layout: &StateLayout) -> Result<StateData> {
 pub fn load_tuned_from(f: &SafeTensorsFile, layout: &StateLayout) -> Result<StateData> {
     let path = f.path();
     let bad = |detail: String| Error::BadState { path: path.to_path_buf(), detail };
-    let kv = layout
-        .field("att_kv")
-        .ok_or_else(|| Error::InvalidArgument("RWKV-4 has no state tuning (no att_kv matrix state)".into()))?;
+    let kv = layout.field("att_kv").ok_or_else(|| {
+        Error::InvalidArgument(
+            "state tuning is for RWKV-5 to 7: this model (RWKV-4 or a Transformer) has no att_kv matrix state".into(),
+        )
+    })?;
     let [h, n, _] = kv.shape[..] else {
         return Err(Error::InvalidArgument(format!("att_kv of shape {:?} is not [H, N, N]", kv.shape)));
     };

@@ -115,8 +115,9 @@ impl Tokenizer {
     }
 }
 
+/// The tokenizer of a model file (beside it) or of a Hugging Face folder (in it).
 fn find_beside(model: &Path) -> Option<PathBuf> {
-    let dir = model.parent()?;
+    let dir = if model.is_dir() { model } else { model.parent()? };
     let json = dir.join("tokenizer.json");
     if json.is_file() {
         return Some(json);

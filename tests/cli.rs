@@ -235,3 +235,91 @@ fn bench_reports_json_on_a_synthetic_model() {
     let o = rwkv(&["bench", "--version", "3", "--shape", "L2-D128-V512"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+/// A Hugging Face folder works through every command as an RWKV file does:
+/// `inspect` names the family and the KV cache, `logits --chunk 7` matches
+/// the float64 golden, `generate` stops at the config's `eos_token_id` (2
+/// here, not RWKV's 0), and a chat `/save`d KV cache is a `--state` later.
+#[test]
+fn transformer_folder_through_the_cli() {
+    if gpu().is_none() {
+        return;
+    }
+    let name = "llama-L2-D128-H4-KV4-F352-V4096-fp16-austen";
+    let folder = fixture(&format!("transformer/models/{name}"));
+    let m = folder.to_str().unwrap();
+
+    // 2 layers x (key + value) x 4 KV heads x 32 x 2 bytes = 1024 bytes per token in f16.
+    for (kv, bytes) in [("f16", 1024), ("f32", 2048)] {
+        let o = rwkv(&["inspect", "--model", m, "--kv-cache", kv]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8(o.stdout).unwrap();
+        assert!(out.contains("model           Llama\n"), "{out}");
+        assert!(out.contains("heads           4 x 32, 4 KV heads\n"), "{out}");
+        assert!(out.contains(&format!("kv cache        {bytes} bytes per token of context ({kv})\n")), "{out}");
+        assert!(out.contains("end tokens      2\n"), "{out}");
+    }
+
+    let g = Golden::load_at(fixture(&format!("transformer/golden/{name}.golden.safetensors")));
+    let tokens: Vec<String> = g.tokens.iter().map(|t| t.to_string()).collect();
+    let dir = std::env::temp_dir().join(format!("rwkv-cli-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("all.npy");
+    let o = rwkv(&[
+        "logits",
+        "--model",
+        m,
+        "--kv-cache",
+        "f32",
+        "--tokens",
+        &tokens.join(","),
+        "--all",
+        "--chunk",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, data) = rwkv_wgpu::npy::decode_f32(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(shape, vec![g.tokens.len(), g.vocab]);
+    let err = rel_l2(&data, &g.logits);
+    assert!(err <= LOGITS_REL_L2, "--all logits of {name} rel L2 {err:.3e}");
+
+    // Token 2 forced: generation ends at once; token 0 forced: it is no end token here.
+    let gen = |bias: &str| {
+        let o = rwkv(&["generate", "It was", "--model", m, "--max-tokens", "5", "--logit-bias", bias]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let e = gen("2=100");
+    assert!(e.contains("generated 0 tokens") && e.contains("stop: end of text"), "{e}");
+    let e = gen("0=100");
+    assert!(e.contains("generated 5 tokens") && e.contains("stop: max tokens"), "{e}");
+
+    // The KV cache saved by chat is read back as a --state.
+    let saved = dir.join("chat.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rwkv"))
+        .args(["chat", "--model", m, "--max-tokens", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "Good morning\n/save {}", saved.display()).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st = rwkv_wgpu::SafeTensorsFile::open(&saved).unwrap();
+    let key = st.shape("key").unwrap().to_vec();
+    assert_eq!((key[0], key[2], key[3]), (2, 4, 32), "key {key:?}");
+    assert!(key[1] > 3, "the chat read its prompt into the cache: {key:?}");
+    let o = rwkv(&["generate", " and", "--model", m, "--state", saved.to_str().unwrap(), "--max-tokens", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // An RWKV state is not a KV cache.
+    let o = rwkv(&["generate", " and", "--model", m, "--state", model_path("v7-L2-C128-V512-fp32").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert_eq!(error_lines(&o).len(), 1, "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

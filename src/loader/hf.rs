@@ -411,7 +411,13 @@ pub struct HfFolder {
 
 impl HfFolder {
     pub fn open(dir: &Path) -> Result<Self> {
-        let config = TransformerConfig::load(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            let detail = "a directory, not a regular file, and no config.json in it: \
+                          not a Hugging Face model folder either";
+            return Err(bad(dir, detail.to_string()));
+        }
+        let config = TransformerConfig::load(&config_path)?;
         let weights = HfWeights::open(dir)?;
         Ok(Self { dir: dir.to_path_buf(), config, weights })
     }

@@ -98,8 +98,8 @@ pub struct ModelInfo {
     pub state_bytes_per_sequence: u64,
     /// A Transformer's KV cache bytes per token of context (all layers); 0 for RWKV.
     pub kv_bytes_per_token: u64,
-    /// Tokens that end generation (a Transformer's `eos_token_id`; empty
-    /// for RWKV, whose end of text is token 0).
+    /// Tokens that end generation: a Transformer's `eos_token_id` (one or
+    /// several; none if the config names none), RWKV's end of text `[0]`.
     pub eos: Vec<u32>,
 }
 

@@ -32,6 +32,9 @@ use crate::tensor::Tensor;
 use load::{BlockLoader, Dims};
 use step::{Scratch, Step};
 
+/// The end-of-text token of RWKV World and of the NeoX/BPE vocabularies RWKV uses.
+pub const RWKV_EOS: u32 = 0;
+
 /// Detects the generation from tensor names and shapes:
 /// `r_k` → 7, `time_maa_x` → 6, `ln_x` without a gate → 5.0,
 /// `time_decay` of shape `[H]` → 5.1, `[H, N]` → 5.2, otherwise 4.
@@ -272,7 +275,7 @@ impl Model {
             gpu_weight_bytes: ld.gpu_bytes,
             state_bytes_per_sequence: layout.bytes_per_sequence(),
             kv_bytes_per_token: 0,
-            eos: Vec::new(),
+            eos: vec![RWKV_EOS],
         };
         let path = file.path().to_path_buf();
         let weights = HfWeights::single(file);
