@@ -193,12 +193,19 @@ fn proc_status_bytes(key: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Starts a new peak for [`peak_rss_bytes`] at the current resident size
+/// (Linux: `/proc/self/clear_refs`; elsewhere nothing). Returns whether
+/// it did.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak resident set size of this process in bytes (Linux; 0 elsewhere).
 pub fn peak_rss_bytes() -> u64 {
     proc_status_bytes("VmHWM:")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         0.0
@@ -208,7 +215,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Deterministic token ids below `vocab`.
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
@@ -230,7 +237,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decode of `n` steps for every sequence of `state`; returns
 /// (seconds, cpu seconds).
-fn decode_run(model: &mut Engine, state: &mut crate::State, n: usize, seed: u64) -> Result<(f64, f64)> {
+pub(crate) fn decode_run(model: &mut Engine, state: &mut crate::State, n: usize, seed: u64) -> Result<(f64, f64)> {
     let b = state.batch();
     let vocab = model.info().vocab;
     let mut next: Vec<u32> = tokens(b, vocab, seed);

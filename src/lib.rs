@@ -74,6 +74,8 @@ pub mod tokenizer;
 #[doc(hidden)]
 pub mod bench;
 #[doc(hidden)]
+pub mod compare;
+#[doc(hidden)]
 pub mod fuzzing;
 #[doc(hidden)]
 pub mod npy;

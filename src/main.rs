@@ -220,6 +220,58 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         soak: usize,
     },
+    /// RWKV and a Transformer side by side as the context grows: decode
+    /// latency, state or KV-cache memory, GPU bytes, peak RSS and prefill
+    /// time, on the same GPU and kernels; offline (synthetic weights by default).
+    Compare {
+        /// The RWKV side: a model file, or a synthetic shape such as
+        /// L12-D768-V65536 (the RWKV-7 0.1B) or L12-D768-V50277 with
+        /// --rwkv-version 4 (the RWKV-4 169M of the RWKV paper).
+        #[arg(long, default_value = "L12-D768-V65536")]
+        rwkv: String,
+        /// RWKV generation of a synthetic --rwkv shape: 4, 5.0, 5.1, 5.2, 6 or 7.
+        #[arg(long, default_value = "7")]
+        rwkv_version: String,
+        /// The Transformer side: a Hugging Face folder, or a synthetic shape:
+        /// smollm2-135m (Llama: 30 layers, hidden 576, 9 heads, 3 KV heads),
+        /// pythia-160m (GPT-NeoX, the RWKV paper's baseline), or e.g.
+        /// llama-L30-D576-H9-KV3-F1536-V49152-tied.
+        #[arg(long, default_value = "smollm2-135m")]
+        transformer: String,
+        /// Context lengths to decode at.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096,16384,32768")]
+        contexts: Vec<usize>,
+        /// Weight dtype of the synthetic models: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// The Transformer's KV cache element type: f16 or f32.
+        #[arg(long, default_value_t = KvDtype::F16)]
+        kv_cache: KvDtype,
+        /// Tokens decoded per measurement.
+        #[arg(long, default_value_t = 16)]
+        tg: usize,
+        /// Longest context reached by a real prefill (timed); longer ones are
+        /// filled with random values of the right shape (rows marked filled).
+        #[arg(long, default_value_t = 4096)]
+        prefill_max: usize,
+        /// Also decode these batch sizes in one step, at --batch-context
+        /// (the serving case, where the KV cache multiplies), e.g. 1,8,32.
+        #[arg(long, value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Context of every sequence of the --batch rows.
+        #[arg(long, default_value_t = 1024)]
+        batch_context: usize,
+        /// Decode measurements per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the chart (decode latency and memory against the
+        /// context, log scales) to this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// Print a model's version, dimensions and memory use.
     Inspect {
         #[command(flatten)]
@@ -444,6 +496,7 @@ fn run(cli: Cli) -> Result<()> {
             logits(&cli, model, &tokens, *all, out, tokens_file.as_deref())
         }
         Command::Bench { .. } => bench(&cli),
+        Command::Compare { .. } => compare(&cli),
         Command::Inspect { model } => inspect(&cli, model),
     }
 }
@@ -655,12 +708,7 @@ fn bench(cli: &Cli) -> Result<()> {
     // Arguments first: a bad shape is an error before any adapter is opened.
     let version: rwkv_wgpu::Version = rwkv_version.parse()?;
     let shape: rwkv_wgpu::synthetic::Shape = shape.parse()?;
-    let dt = match dtype.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
-        "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
-        "bf16" => rwkv_wgpu::Dtype::BF16,
-        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
-    };
+    let dt = weight_dtype(dtype)?;
     let ctx = gpu(cli)?;
     if *soak > 0 {
         let path = model.as_ref().ok_or_else(|| anyhow!("--soak runs on a model file: give --model"))?;
@@ -698,6 +746,149 @@ fn bench(cli: &Cli) -> Result<()> {
     }
     for (k, n, t) in ctx.kernel_profile() {
         eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
+    }
+    Ok(())
+}
+
+/// A synthetic weight dtype named on the command line.
+fn weight_dtype(name: &str) -> Result<rwkv_wgpu::Dtype> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" => rwkv_wgpu::Dtype::F32,
+        "f16" | "fp16" => rwkv_wgpu::Dtype::F16,
+        "bf16" => rwkv_wgpu::Dtype::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    })
+}
+
+/// One side of `compare`: a model on disk, or a synthetic shape.
+enum Side {
+    Path(PathBuf),
+    Rwkv(rwkv_wgpu::Version, rwkv_wgpu::synthetic::Shape),
+    Transformer(rwkv_wgpu::synthetic::TransformerShape),
+}
+
+impl Side {
+    fn load(&self, ctx: &GpuContext, dtype: rwkv_wgpu::Dtype, opts: &LoadOptions) -> Result<(String, Model)> {
+        // Synthetic weights go to an unnamed file in the temporary folder:
+        // nothing is left there whatever ends the process.
+        let unnamed = || {
+            let tmp = std::env::temp_dir();
+            rwkv_wgpu::files::unnamed_file(&tmp)
+                .with_context(|| format!("making a temporary file in {}", tmp.display()))
+        };
+        Ok(match self {
+            Side::Path(p) => (p.display().to_string(), Model::load(ctx, p, opts)?),
+            Side::Rwkv(version, shape) => {
+                let name = format!("synthetic RWKV v{version} {shape} {}", dtype.name());
+                let file = unnamed()?;
+                rwkv_wgpu::synthetic::write_to(&file, Path::new(&name), *version, *shape, dtype, 1)
+                    .context("writing the synthetic RWKV model")?;
+                let m = Model::from_file(ctx, SafeTensorsFile::from_file(file, &name)?, opts)?;
+                (name, m)
+            }
+            Side::Transformer(shape) => {
+                let name = format!("synthetic {shape} {}", dtype.name());
+                let file = unnamed()?;
+                rwkv_wgpu::synthetic::write_transformer_to(&file, Path::new(&name), *shape, dtype, 1)
+                    .context("writing the synthetic Transformer")?;
+                let config = rwkv_wgpu::loader::hf::TransformerConfig::parse(
+                    shape.config_json().as_bytes(),
+                    Path::new(&format!("{name} config.json")),
+                )?;
+                let folder = rwkv_wgpu::loader::hf::HfFolder {
+                    dir: PathBuf::from(&name),
+                    config,
+                    weights: rwkv_wgpu::loader::hf::HfWeights::single(SafeTensorsFile::from_file(file, &name)?),
+                };
+                (name, Model::from_folder(ctx, folder, opts)?)
+            }
+        })
+    }
+}
+
+/// `rwkv compare`: RWKV and a Transformer side by side.
+fn compare(cli: &Cli) -> Result<()> {
+    let Command::Compare {
+        rwkv,
+        rwkv_version,
+        transformer,
+        contexts,
+        dtype,
+        kv_cache,
+        tg,
+        prefill_max,
+        batch,
+        batch_context,
+        repeat,
+        json,
+        svg,
+    } = &cli.command
+    else {
+        unreachable!("called for the compare command")
+    };
+    // Arguments first: a bad shape is an error before any adapter is opened.
+    if contexts.is_empty() || contexts.contains(&0) || batch.contains(&0) || *tg == 0 || *batch_context == 0 {
+        bail!("--contexts, --batch, --batch-context and --tg must be at least 1");
+    }
+    let dt = weight_dtype(dtype)?;
+    let rwkv_side = if Path::new(rwkv).exists() {
+        Side::Path(rwkv.into())
+    } else {
+        let shape = rwkv.parse().with_context(|| format!("--rwkv {rwkv}: no such file, and not a shape"))?;
+        Side::Rwkv(rwkv_version.parse()?, shape)
+    };
+    let transformer_side = if Path::new(transformer).exists() {
+        Side::Path(transformer.into())
+    } else {
+        let shape = transformer
+            .parse()
+            .with_context(|| format!("--transformer {transformer}: no such folder, and not a shape"))?;
+        Side::Transformer(shape)
+    };
+    let cfg = rwkv_wgpu::compare::CompareConfig {
+        contexts: contexts.clone(),
+        decode: *tg,
+        prefill_max: *prefill_max,
+        batches: batch.clone(),
+        batch_context: *batch_context,
+        repeat: *repeat,
+    };
+    let ctx = gpu(cli)?;
+    let opts = LoadOptions { kv_cache: *kv_cache, ..Default::default() };
+    let mut sides = Vec::new();
+    for (spec, which, flag) in [
+        (&rwkv_side, rwkv_wgpu::compare::Side::Rwkv, "--rwkv"),
+        (&transformer_side, rwkv_wgpu::compare::Side::Transformer, "--transformer"),
+    ] {
+        let (name, model) = spec.load(&ctx, dt, &opts).with_context(|| format!("loading {flag}"))?;
+        let is_transformer = which == rwkv_wgpu::compare::Side::Transformer;
+        if model.is_transformer() != is_transformer {
+            bail!(
+                "{flag} {name}: is {}, not {}",
+                model.info().arch,
+                if is_transformer { "a Transformer" } else { "an RWKV model" }
+            );
+        }
+        eprintln!("measuring {name}");
+        sides.push(rwkv_wgpu::compare::measure(&ctx, which, &name, model, &cfg)?);
+    }
+    let (t_info, mut t_rows) = sides.pop().expect("two sides");
+    let (r_info, mut rows) = sides.pop().expect("two sides");
+    rows.append(&mut t_rows);
+    let cmp =
+        rwkv_wgpu::compare::Comparison { adapter: ctx.adapter().to_string(), rwkv: r_info, transformer: t_info, rows };
+    if let Some(path) = svg {
+        let chart = cmp.to_svg()?;
+        rwkv_wgpu::files::write_atomic(path, &[], rwkv_wgpu::files::Overwrite::Replace, |tmp| {
+            std::fs::write(tmp, chart.as_bytes())
+                .map_err(|e| rwkv_wgpu::Error::Io { path: tmp.to_path_buf(), error: e })
+        })?;
+        eprintln!("wrote the chart to {}", path.display());
+    }
+    if *json {
+        out!("{}", cmp.to_json());
+    } else {
+        out!("{}", cmp.to_table().trim_end());
     }
     Ok(())
 }

@@ -228,6 +228,23 @@ impl State {
     /// Past the layout's limit or the GPU memory limit, the error names the
     /// context length that fits.
     pub(crate) fn kv_reserve(&mut self, seq: usize, positions: usize) -> Result<()> {
+        let cap = self.kv.get(seq).map_or(0, |s| s.cap);
+        let grown = (cap + cap / 2).max(positions).next_multiple_of(KV_BLOCK);
+        self.kv_grow(seq, positions, grown)
+    }
+
+    /// Makes room in sequence `seq`'s KV cache for `positions` positions
+    /// now, exactly, so that the steps up to that context neither grow nor
+    /// copy it (an application that knows its context length; a benchmark).
+    /// Nothing for a recurrent state, whose size is fixed.
+    pub fn reserve(&mut self, seq: usize, positions: usize) -> Result<()> {
+        self.check_seq(seq)?;
+        self.kv_grow(seq, positions, positions)
+    }
+
+    /// Grows sequence `seq`'s cache to hold at least `positions` positions,
+    /// to `wanted` of them if the limits allow.
+    fn kv_grow(&mut self, seq: usize, positions: usize, wanted: usize) -> Result<()> {
         let Some(kv) = self.layout.kv.clone() else { return Ok(()) };
         let cur = &self.kv[seq];
         if positions <= cur.cap {
@@ -242,8 +259,7 @@ impl State {
                 why: format!("one layer's KV cache must fit a storage binding ({} bytes per position)", per_layer),
             });
         }
-        let grown = (cur.cap + cur.cap / 2).max(positions).next_multiple_of(KV_BLOCK).min(kv.max_positions);
-        let mut cap = grown;
+        let mut cap = wanted.max(positions).min(kv.max_positions);
         // Grow by as much as the memory limit allows, but at least to `positions`.
         let layers = loop {
             match self.alloc_kv(cap) {
@@ -299,6 +315,79 @@ impl State {
         if let Some(k) = self.kv.get_mut(seq) {
             k.len += n;
         }
+    }
+
+    /// Forgets all but the first `len` tokens sequence `seq`'s KV cache has
+    /// read (its buffers are kept), as if only those had been read: to
+    /// regenerate an answer, or to decode again from the same context.
+    /// A recurrent state cannot go back: an error, unless `len` is 0 (then
+    /// it is a reset).
+    pub fn truncate(&mut self, seq: usize, len: usize) -> Result<()> {
+        self.check_seq(seq)?;
+        if self.layout.kv.is_none() {
+            if len == 0 {
+                return self.reset(Some(seq));
+            }
+            return Err(Error::InvalidArgument(
+                "a recurrent state holds no tokens to go back to: reset it, or keep a clone".into(),
+            ));
+        }
+        let s = &mut self.kv[seq];
+        if len > s.len {
+            return Err(Error::InvalidArgument(format!(
+                "truncating sequence {seq} to {len} tokens: it has read only {}",
+                s.len
+            )));
+        }
+        s.len = len;
+        Ok(())
+    }
+
+    /// Fills sequence `seq`'s state with deterministic pseudo-random values
+    /// in [-1, 1): a KV cache of `context` positions, or a recurrent state
+    /// (whose size does not depend on `context`). For benchmarks: a decode
+    /// step's cost depends on the cache's length, not on its content, and a
+    /// real prefill of a long context takes minutes on a CPU adapter.
+    pub fn fill_random(&mut self, seq: usize, context: usize, seed: u64) -> Result<()> {
+        self.check_seq(seq)?;
+        // Written in pieces of at most this many values (4 MiB of f32).
+        const PIECE: usize = 1 << 20;
+        let mut rng = Rng(seed ^ 0xF111_0000 ^ (seq as u64) << 32);
+        let Some(kv) = self.layout.kv.clone() else {
+            let row = (self.layout.stride * 4) as u64;
+            for buf in &self.layers {
+                let v: Vec<f32> = (0..self.layout.stride).map(|_| rng.uniform()).collect();
+                self.ctx.queue().write_buffer(buf.raw(), seq as u64 * row, bytemuck::cast_slice(&v));
+            }
+            return self.ctx.check();
+        };
+        self.kv[seq].len = 0;
+        self.kv_reserve(seq, context.max(1))?;
+        let s = &mut self.kv[seq];
+        let half = kv.bytes_per_position_layer() / 2;
+        let per_half = context * kv.n_kv_head * kv.head_dim;
+        for buf in &s.layers {
+            for base in [0, s.cap as u64 * half] {
+                let mut done = 0;
+                while done < per_half {
+                    let n = PIECE.min(per_half - done);
+                    let offset = base + (done * kv.dtype.size()) as u64;
+                    let v: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+                    match kv.dtype {
+                        KvDtype::F32 => self.ctx.queue().write_buffer(buf.raw(), offset, bytemuck::cast_slice(&v)),
+                        KvDtype::F16 => {
+                            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                            self.ctx.queue().write_buffer(buf.raw(), offset, bytemuck::cast_slice(&h));
+                        }
+                    }
+                    done += n;
+                }
+            }
+            // Staged uploads of one layer at a time, not of the whole cache.
+            self.ctx.queue().submit([]);
+        }
+        s.len = context;
+        self.ctx.check()
     }
 
     pub fn batch(&self) -> usize {
@@ -543,6 +632,21 @@ impl State {
         self.ctx.queue().submit([enc.finish()]);
         self.ctx.check()?;
         Ok(State { ctx: self.ctx.clone(), layout: self.layout.clone(), batch: self.batch, layers, kv: Vec::new() })
+    }
+}
+
+/// SplitMix64, for `State::fill_random`.
+struct Rng(u64);
+
+impl Rng {
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 }
 

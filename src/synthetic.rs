@@ -10,6 +10,7 @@ use std::str::FromStr;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
+use crate::loader::hf::Family;
 use crate::loader::Dtype;
 use crate::model::Version;
 
@@ -218,6 +219,241 @@ fn v4_to_v6_tensors(s: Shape, version: Version) -> Vec<(String, Vec<usize>, Fill
     t
 }
 
+/// A Transformer of Hugging Face's layout: `smollm2-135m`, `pythia-160m`,
+/// or `FAMILY-L30-D576-H9-KV3-F1536-V49152[-tied]` with FAMILY `llama`,
+/// `qwen2` or `gpt_neox` (KV defaults to H: multi-head attention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransformerShape {
+    pub family: Family,
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    /// The head is the embedding (`tie_word_embeddings`).
+    pub tied: bool,
+}
+
+impl TransformerShape {
+    /// SmolLM2-135M: a Llama of 30 layers, hidden 576, 9 heads of 64, 3 KV
+    /// heads, FFN 1536, vocab 49152, tied head.
+    pub const SMOLLM2_135M: Self = Self {
+        family: Family::Llama,
+        n_layer: 30,
+        hidden: 576,
+        n_head: 9,
+        n_kv_head: 3,
+        ffn: 1536,
+        vocab: 49152,
+        tied: true,
+    };
+    /// Pythia-160M: a GPT-NeoX of 12 layers, hidden 768, 12 heads, FFN
+    /// 3072, vocab 50304, untied head (the RWKV paper's baseline).
+    pub const PYTHIA_160M: Self = Self {
+        family: Family::GptNeoX,
+        n_layer: 12,
+        hidden: 768,
+        n_head: 12,
+        n_kv_head: 12,
+        ffn: 3072,
+        vocab: 50304,
+        tied: false,
+    };
+
+    fn family_name(&self) -> &'static str {
+        match self.family {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::GptNeoX => "gpt_neox",
+        }
+    }
+
+    /// The `config.json` Hugging Face would write for this shape (the rope
+    /// and norm settings of SmolLM2 and Pythia).
+    pub fn config_json(&self) -> String {
+        let common = format!(
+            "\"model_type\":\"{}\",\"num_hidden_layers\":{},\"hidden_size\":{},\"num_attention_heads\":{},\
+             \"intermediate_size\":{},\"vocab_size\":{},\"tie_word_embeddings\":{},\"eos_token_id\":0",
+            self.family_name(),
+            self.n_layer,
+            self.hidden,
+            self.n_head,
+            self.ffn,
+            self.vocab,
+            self.tied
+        );
+        match self.family {
+            Family::GptNeoX => format!(
+                "{{{common},\"rotary_pct\":0.25,\"rotary_emb_base\":10000,\"layer_norm_eps\":1e-5,\
+                 \"use_parallel_residual\":true,\"max_position_embeddings\":2048}}"
+            ),
+            _ => format!(
+                "{{{common},\"num_key_value_heads\":{},\"rope_theta\":100000.0,\"rms_norm_eps\":1e-5,\
+                 \"max_position_embeddings\":8192}}",
+                self.n_kv_head
+            ),
+        }
+    }
+
+    /// Its tensors with Hugging Face's names and shapes.
+    fn tensors(&self) -> Vec<(String, Vec<usize>, Fill)> {
+        let (c, f, v) = (self.hidden, self.ffn, self.vocab);
+        let hd = c / self.n_head;
+        let (q_dim, kv_dim) = (self.n_head * hd, self.n_kv_head * hd);
+        let sc = 1.0 / (c as f32).sqrt();
+        let u = |a: f32| Fill::Uniform(-a, a);
+        let one = Fill::Const(1.0);
+        let zero = Fill::Const(0.0);
+        let mut t = Vec::new();
+        match self.family {
+            Family::Llama | Family::Qwen2 => {
+                t.push(("model.embed_tokens.weight".to_string(), vec![v, c], u(1.0)));
+                for l in 0..self.n_layer {
+                    let p = |n: &str| format!("model.layers.{l}.{n}");
+                    t.push((p("input_layernorm.weight"), vec![c], one));
+                    t.push((p("post_attention_layernorm.weight"), vec![c], one));
+                    for (n, rows) in [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)] {
+                        t.push((p(&format!("self_attn.{n}.weight")), vec![rows, c], u(sc)));
+                        if self.family == Family::Qwen2 {
+                            t.push((p(&format!("self_attn.{n}.bias")), vec![rows], u(0.1)));
+                        }
+                    }
+                    t.push((p("self_attn.o_proj.weight"), vec![c, q_dim], u(1.0 / (q_dim as f32).sqrt())));
+                    t.push((p("mlp.gate_proj.weight"), vec![f, c], u(sc)));
+                    t.push((p("mlp.up_proj.weight"), vec![f, c], u(sc)));
+                    t.push((p("mlp.down_proj.weight"), vec![c, f], u(1.0 / (f as f32).sqrt())));
+                }
+                t.push(("model.norm.weight".into(), vec![c], one));
+                if !self.tied {
+                    t.push(("lm_head.weight".into(), vec![v, c], u(sc)));
+                }
+            }
+            Family::GptNeoX => {
+                t.push(("gpt_neox.embed_in.weight".to_string(), vec![v, c], u(1.0)));
+                for l in 0..self.n_layer {
+                    let p = |n: &str| format!("gpt_neox.layers.{l}.{n}");
+                    for n in ["input_layernorm", "post_attention_layernorm"] {
+                        t.push((p(&format!("{n}.weight")), vec![c], one));
+                        t.push((p(&format!("{n}.bias")), vec![c], zero));
+                    }
+                    t.push((p("attention.query_key_value.weight"), vec![3 * c, c], u(sc)));
+                    t.push((p("attention.query_key_value.bias"), vec![3 * c], u(0.1)));
+                    t.push((p("attention.dense.weight"), vec![c, c], u(sc)));
+                    t.push((p("attention.dense.bias"), vec![c], zero));
+                    t.push((p("mlp.dense_h_to_4h.weight"), vec![f, c], u(sc)));
+                    t.push((p("mlp.dense_h_to_4h.bias"), vec![f], zero));
+                    t.push((p("mlp.dense_4h_to_h.weight"), vec![c, f], u(1.0 / (f as f32).sqrt())));
+                    t.push((p("mlp.dense_4h_to_h.bias"), vec![c], zero));
+                }
+                t.push(("gpt_neox.final_layer_norm.weight".into(), vec![c], one));
+                t.push(("gpt_neox.final_layer_norm.bias".into(), vec![c], zero));
+                t.push(("embed_out.weight".into(), vec![v, c], u(sc)));
+            }
+        }
+        t
+    }
+}
+
+impl FromStr for TransformerShape {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "smollm2-135m" => return Ok(Self::SMOLLM2_135M),
+            "pythia-160m" => return Ok(Self::PYTHIA_160M),
+            _ => {}
+        }
+        let bad = |why: &str| {
+            Error::InvalidArgument(format!(
+                "Transformer shape `{s}`: {why} (expected smollm2-135m, pythia-160m or e.g. \
+                 llama-L30-D576-H9-KV3-F1536-V49152-tied)"
+            ))
+        };
+        let mut parts = s.split('-');
+        let family = match parts.next().unwrap_or("") {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "gpt_neox" | "gptneox" => Family::GptNeoX,
+            other => return Err(bad(&format!("family `{other}` is not llama, qwen2 or gpt_neox"))),
+        };
+        let (mut l, mut d, mut h, mut kv, mut f, mut v, mut tied) = (None, None, None, None, None, None, false);
+        for part in parts {
+            if part == "tied" {
+                tied = true;
+                continue;
+            }
+            let (key, n) = match part.strip_prefix("KV") {
+                Some(n) => ("KV", n),
+                None => part.split_at(part.chars().next().map_or(0, char::len_utf8)),
+            };
+            let n: usize = n.parse().map_err(|_| bad(&format!("`{part}` is not a letter and a number")))?;
+            let slot = match key {
+                "L" => &mut l,
+                "D" => &mut d,
+                "H" => &mut h,
+                "KV" => &mut kv,
+                "F" => &mut f,
+                "V" => &mut v,
+                _ => return Err(bad(&format!("unknown part `{part}`"))),
+            };
+            *slot = Some(n);
+        }
+        let need = |x: Option<usize>, what: &str| x.ok_or_else(|| bad(&format!("no {what}")));
+        let shape = Self {
+            family,
+            n_layer: need(l, "L (layers)")?,
+            hidden: need(d, "D (hidden size)")?,
+            n_head: need(h, "H (heads)")?,
+            n_kv_head: kv.or(h).unwrap_or(0),
+            ffn: need(f, "F (FFN width)")?,
+            vocab: need(v, "V (vocab)")?,
+            tied,
+        };
+        let limits = [
+            ("layers", shape.n_layer, MAX_SHAPE.n_layer),
+            ("hidden size", shape.hidden, MAX_SHAPE.n_embd),
+            ("heads", shape.n_head, shape.hidden),
+            ("KV heads", shape.n_kv_head, shape.n_head),
+            ("FFN width", shape.ffn, MAX_SHAPE.ffn),
+            ("vocab", shape.vocab, MAX_SHAPE.vocab),
+        ];
+        if let Some((what, n, max)) = limits.into_iter().find(|&(_, n, max)| n == 0 || n > max) {
+            return Err(bad(&format!("{what} {n} is outside 1..={max}")));
+        }
+        if !shape.hidden.is_multiple_of(shape.n_head) || !shape.n_head.is_multiple_of(shape.n_kv_head) {
+            return Err(bad("the hidden size must be a multiple of the heads, and the heads of the KV heads"));
+        }
+        if family == Family::GptNeoX && shape.n_kv_head != shape.n_head {
+            return Err(bad("GPT-NeoX has as many KV heads as heads"));
+        }
+        Ok(shape)
+    }
+}
+
+impl std::fmt::Display for TransformerShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-L{}-D{}-H{}", self.family_name(), self.n_layer, self.hidden, self.n_head)?;
+        if self.n_kv_head != self.n_head {
+            write!(f, "-KV{}", self.n_kv_head)?;
+        }
+        write!(f, "-F{}-V{}{}", self.ffn, self.vocab, if self.tied { "-tied" } else { "" })
+    }
+}
+
+/// Writes a synthetic Transformer's weights (Hugging Face names) into an
+/// open file (`path` names it in errors); its config is
+/// [`TransformerShape::config_json`]. Returns the tensor bytes.
+pub fn write_transformer_to(
+    file: &std::fs::File,
+    path: &Path,
+    shape: TransformerShape,
+    dtype: Dtype,
+    seed: u64,
+) -> Result<u64> {
+    let metadata = format!("\"format\":\"pt\",\"synthetic\":\"{shape}\"");
+    write_tensors(file, path, &metadata, &shape.tensors(), dtype, seed)
+}
+
 /// Writes a synthetic RWKV-7 checkpoint; returns its tensor bytes.
 pub fn write_v7(path: &Path, shape: Shape, dtype: Dtype, seed: u64) -> Result<u64> {
     write(path, Version::V7, shape, dtype, seed)
@@ -243,16 +479,28 @@ pub fn write_to(
         Version::V7 => v7_tensors(shape),
         other => v4_to_v6_tensors(shape, other),
     };
+    let metadata = format!("\"rwkv_version\":\"{version}\",\"synthetic\":\"{shape}\"");
+    write_tensors(file, path, &metadata, &tensors, dtype, seed)
+}
+
+/// Writes `tensors` as safetensors with `metadata` (JSON members) in the
+/// header, each filled as it says; returns the tensor bytes.
+fn write_tensors(
+    file: &std::fs::File,
+    path: &Path,
+    metadata: &str,
+    tensors: &[(String, Vec<usize>, Fill)],
+    dtype: Dtype,
+    seed: u64,
+) -> Result<u64> {
     let dname = match dtype {
         Dtype::F32 => "F32",
         Dtype::F16 => "F16",
         Dtype::BF16 => "BF16",
     };
-    let mut header = format!("{{\"__metadata__\":{{\"rwkv_version\":\"{version}\",\"synthetic\":\"");
-    header.push_str(&shape.to_string());
-    header.push_str("\"}");
+    let mut header = format!("{{\"__metadata__\":{{{metadata}}}");
     let mut offset = 0usize;
-    for (name, dims, _) in &tensors {
+    for (name, dims, _) in tensors {
         let bytes = dims.iter().product::<usize>() * dtype.size();
         let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
         header.push_str(&format!(
@@ -272,7 +520,7 @@ pub fn write_to(
     w.write_all(header.as_bytes()).map_err(io)?;
     let mut rng = seed ^ 0x5EED;
     let mut buf = Vec::new();
-    for (_, dims, fill) in &tensors {
+    for (_, dims, fill) in tensors {
         let n: usize = dims.iter().product();
         buf.clear();
         for _ in 0..n {

@@ -22,9 +22,12 @@ const ATTENTION_TOL: f64 = 1e-5;
 
 fn contexts() -> Vec<GpuContext> {
     let Some(default) = gpu() else { return Vec::new() };
-    // Also without subgroups (64-lane shared-memory reductions and shuffles).
-    let opts = GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() };
-    vec![default, GpuContext::new(&opts).unwrap()]
+    // On lavapipe the default plan runs attention_lanes.wgsl; the buffer
+    // plan runs attention.wgsl as GPUs do, with subgroups and without (64-lane
+    // shared-memory reductions and shuffles).
+    let buffers = GpuOptions { weight_store: Some(WeightStore::Buffer), ..Default::default() };
+    let no_subgroups = GpuOptions { no_subgroups: true, ..buffers.clone() };
+    vec![default, GpuContext::new(&buffers).unwrap(), GpuContext::new(&no_subgroups).unwrap()]
 }
 
 fn run<'a>(ctx: &'a GpuContext, ws: &'a Workspace, f: impl FnOnce(&mut Recorder<'a>)) {
@@ -164,9 +167,10 @@ fn check(what: &str, got: &[f32], want: &[f64]) {
     assert!(worst <= ATTENTION_TOL, "{what}: error {worst:.3e}");
 }
 
-fn cases(gs: u32) -> Vec<Case> {
+fn cases(ctx: &GpuContext, dtype: KvDtype) -> Vec<Case> {
     let sk = |shape: (usize, usize, usize), preferred: usize| {
-        ops::attention::split_keys(&AttentionShape::new(shape.0, shape.1, shape.2).unwrap(), gs, preferred)
+        let s = AttentionShape::new(shape.0, shape.1, shape.2).unwrap();
+        ops::attention::split_keys(&s, ctx.plan(), dtype, preferred)
     };
     vec![
         // Multi-head (ratio 1), head dim 32, a fresh cache: one split.
@@ -194,12 +198,19 @@ fn cases(gs: u32) -> Vec<Case> {
 fn attention_matches_cpu_f32_and_f16() {
     for ctx in contexts() {
         let gs = ctx.plan().group_size();
-        for (i, c) in cases(gs).iter().enumerate() {
-            for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            for (i, c) in cases(&ctx, dtype).iter().enumerate() {
                 let (got, want) = attend(&ctx, c, dtype, 100 + i as u64, false);
+                let shape = AttentionShape::new(c.n_head, c.n_kv_head, c.head_dim).unwrap();
                 let what = format!(
-                    "attention H{} KV{} d{} pos0 {} n {} splits of {} {dtype} (group size {gs})",
-                    c.n_head, c.n_kv_head, c.head_dim, c.pos0, c.n, c.split_keys,
+                    "attention H{} KV{} d{} pos0 {} n {} splits of {} {dtype} (group size {gs}, {:?})",
+                    c.n_head,
+                    c.n_kv_head,
+                    c.head_dim,
+                    c.pos0,
+                    c.n,
+                    c.split_keys,
+                    shape.kernel(ctx.plan(), dtype).0
                 );
                 check(&what, &got, &want);
             }
@@ -212,13 +223,15 @@ fn attention_matches_cpu_f32_and_f16() {
 #[test]
 fn attention_rows_do_not_depend_on_their_step() {
     for ctx in contexts() {
-        for (i, c) in cases(ctx.plan().group_size()).iter().enumerate() {
-            let (whole, _) = attend(&ctx, c, KvDtype::F32, 200 + i as u64, false);
-            let (single, _) = attend(&ctx, c, KvDtype::F32, 200 + i as u64, true);
-            assert!(
-                whole.iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "case {i}: rows in one dispatch differ from rows one at a time"
-            );
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            for (i, c) in cases(&ctx, dtype).iter().enumerate() {
+                let (whole, _) = attend(&ctx, c, dtype, 200 + i as u64, false);
+                let (single, _) = attend(&ctx, c, dtype, 200 + i as u64, true);
+                assert!(
+                    whole.iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "case {i} {dtype}: rows in one dispatch differ from rows one at a time"
+                );
+            }
         }
     }
 }

@@ -246,6 +246,7 @@ const CASES: &[Case] = &[
     case!("swiglu.wgsl", SWIGLU, Either),
     case!("kv_write.wgsl", KV_WRITE, Either),
     case!("attention.wgsl", ATTENTION, Either),
+    case!("attention_lanes.wgsl", ATTENTION, Subgroup),
     case!("attention_combine.wgsl", ATTENTION_COMBINE, Either),
 ];
 

@@ -255,3 +255,51 @@ fn kv_state_round_trip_and_limits() {
         other => panic!("expected ContextTooLong, got {:?}", other.map(|_| ())),
     }
 }
+
+/// `reserve` allocates exactly the positions asked and later steps up to
+/// them neither grow nor copy the cache; `truncate` goes back to a shorter
+/// context exactly (the same logits as the first time, bit for bit);
+/// `fill_random` makes a cache of the length asked, with values in [-1, 1).
+#[test]
+fn kv_reserve_truncate_and_fill() {
+    if gpu().is_none() {
+        return;
+    }
+    let name = "llama-L2-D128-H4-KV2-F344-V512-fp32";
+    let m = model(name, KvDtype::F32).unwrap();
+    let g = golden(name);
+    let per_token = m.info().kv_bytes_per_token;
+    let mut engine = Engine::new(m.clone(), &EngineOptions::default()).unwrap();
+    let mut state = m.new_state(2).unwrap();
+    // 77: not a multiple of the growth block.
+    state.reserve(0, 77).unwrap();
+    assert_eq!(state.bytes(), 77 * per_token);
+    let first = engine.forward(&mut state, &[&g.tokens[..40], &[1]], LogitsMode::Last).unwrap();
+    let again_from = engine.forward(&mut state, &[&g.tokens[40..60], &[2]], LogitsMode::Last).unwrap();
+    assert_eq!(state.context_len(0), 60);
+    // Sequence 1 grew on its own (by a block); sequence 0 stayed as reserved.
+    let seq1_bytes = state.bytes() - 77 * per_token;
+    assert!(seq1_bytes > 0 && seq1_bytes.is_multiple_of(per_token));
+    state.truncate(0, 40).unwrap();
+    assert_eq!(state.context_len(0), 40);
+    let replay = engine.forward(&mut state, &[&g.tokens[40..60], &[2]], LogitsMode::Last).unwrap();
+    assert_eq!(replay[0], again_from[0], "the same context, the same logits");
+    assert_eq!(state.bytes(), 77 * per_token + seq1_bytes, "nothing grew");
+    assert_ne!(first[0], replay[0]);
+    assert!(state.truncate(0, 61).is_err(), "past what was read");
+    assert!(state.truncate(2, 0).is_err(), "no sequence 2");
+
+    state.fill_random(1, 300, 9).unwrap();
+    assert_eq!(state.context_len(1), 300);
+    let data = state.read(1).unwrap();
+    assert_eq!(data.fields[0].1, vec![2, 300, 2, 32]);
+    let keys = &data.fields[0].2;
+    assert!(keys.iter().all(|v| (-1.0..1.0).contains(v)));
+    let mean = keys.iter().map(|&v| v as f64).sum::<f64>() / keys.len() as f64;
+    let var = keys.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / keys.len() as f64;
+    // Uniform on [-1, 1): mean 0, variance 1/3; 38400 samples put both within 0.02.
+    assert!(mean.abs() < 0.02 && (var - 1.0 / 3.0).abs() < 0.02, "mean {mean}, variance {var}");
+    let logits = engine.forward(&mut state, &[&[3], &[4]], LogitsMode::Last).unwrap();
+    assert!(logits[1].iter().all(|v| v.is_finite()));
+    assert_eq!(state.context_len(1), 301);
+}

@@ -35,6 +35,7 @@ pub enum Kernel {
     Swiglu,
     KvWrite,
     Attention,
+    AttentionLanes,
     AttentionCombine,
 }
 
@@ -63,6 +64,7 @@ impl Kernel {
             Kernel::Swiglu => include_str!("../../shaders/swiglu.wgsl"),
             Kernel::KvWrite => include_str!("../../shaders/kv_write.wgsl"),
             Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
+            Kernel::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Kernel::AttentionCombine => include_str!("../../shaders/attention_combine.wgsl"),
         }
     }
@@ -134,6 +136,13 @@ pub enum Pipeline {
     KvWrite(KvDtype),
     /// `attention.wgsl` over a cache of this element type (`KVF16`).
     Attention(KvDtype),
+    /// `attention_lanes.wgsl`: a cache of `dtype`, heads of `hd4` vec4s
+    /// (`HD4`), `g` query heads per workgroup (`GH`).
+    AttentionLanes {
+        dtype: KvDtype,
+        hd4: u32,
+        g: u32,
+    },
     AttentionCombine,
     Wkv7,
     Wkv7Tex(WkvEntry),
@@ -171,6 +180,7 @@ impl Pipeline {
             Pipeline::Swiglu => Kernel::Swiglu,
             Pipeline::KvWrite(_) => Kernel::KvWrite,
             Pipeline::Attention(_) => Kernel::Attention,
+            Pipeline::AttentionLanes { .. } => Kernel::AttentionLanes,
             Pipeline::AttentionCombine => Kernel::AttentionCombine,
             Pipeline::Wkv7 => Kernel::Wkv7,
             Pipeline::Wkv7Tex(_) => Kernel::Wkv7Tex,
@@ -203,6 +213,10 @@ impl Pipeline {
             | Pipeline::V7Prep { tpw } => vec![("TPW", tpw as f64)],
             Pipeline::Linear(w) => vec![("WDTYPE", wdtype(w) as f64)],
             Pipeline::KvWrite(d) | Pipeline::Attention(d) => vec![("KVF16", (d == KvDtype::F16) as u32 as f64)],
+            Pipeline::AttentionLanes { dtype, hd4, g } => {
+                need_sg()?;
+                vec![("KVF16", (dtype == KvDtype::F16) as u32 as f64), ("HD4", hd4 as f64), ("GH", g as f64)]
+            }
             Pipeline::LinearSg { weights, tokens } => {
                 vec![("WDTYPE", wdtype(weights) as f64), ("WG", need_sg()? as f64), ("TN", tokens as f64)]
             }
@@ -637,6 +651,10 @@ pub struct AttentionCombineParams {
 pub const ATTENTION_MAX_G: usize = 8;
 pub const ATTENTION_MAX_ACC: usize = 16;
 pub const ATTENTION_QS: usize = 256;
+/// Query heads of one `attention_lanes.wgsl` workgroup at most (`MAX_G`),
+/// and vec4s of outputs each lane accumulates (`MAX_ACC`).
+pub const ATTENTION_LANES_MAX_G: usize = 8;
+pub const ATTENTION_LANES_MAX_ACC: usize = 64;
 /// Largest head dimension the attention kernel takes.
 pub const MAX_ATTENTION_HEAD_DIM: usize = 256;
 

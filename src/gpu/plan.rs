@@ -84,6 +84,16 @@ impl KernelPlan {
         }
     }
 
+    /// Whether attention runs `attention_lanes.wgsl` (each lane owns whole
+    /// keys and its own online softmax; no cross-lane work per key) rather
+    /// than `attention.wgsl` (lanes own channels, reduce every tile): on CPU
+    /// adapters with subgroups, where a storage load is a per-lane loop
+    /// either way and per-key reductions are what costs. On llvmpipe it read
+    /// the KV cache several times faster; GPUs keep the coalesced kernel.
+    pub fn attention_by_lanes(&self) -> bool {
+        self.weights == WeightStore::Texture && self.subgroup_size.is_some()
+    }
+
     pub fn layer_norm(&self) -> Pipeline {
         Pipeline::LayerNorm { tpw: self.elementwise_tokens() }
     }

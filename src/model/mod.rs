@@ -166,7 +166,12 @@ impl Model {
 
     /// Loads a Hugging Face folder of a Llama, Qwen2 or GPT-NeoX model.
     pub fn load_folder(ctx: &GpuContext, dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let folder = HfFolder::open(dir)?;
+        Self::from_folder(ctx, HfFolder::open(dir)?, opts)
+    }
+
+    /// Loads an opened folder (or one made in memory: a config and an
+    /// opened weights file, as `rwkv compare` makes a synthetic one).
+    pub fn from_folder(ctx: &GpuContext, folder: HfFolder, opts: &LoadOptions) -> Result<Self> {
         let cfg = folder.config.clone();
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
         let l = transformer::load(ctx, &folder, opts.kv_cache, max_part, opts.progress.clone())?;
@@ -199,7 +204,7 @@ impl Model {
             d_lora_max: 0,
             weights: folder.weights,
             emb_name: transformer::embedding_name(cfg.family),
-            path: dir.to_path_buf(),
+            path: folder.dir,
             globals,
             layers: Layers::Transformer(Box::new(l.layers)),
             head: l.head,

@@ -334,8 +334,7 @@ pub fn load(
     } else {
         ld.stacked(names.head, &[(names.head, cfg.vocab)], c, None)?
     };
-    let gs = ctx.plan().group_size();
-    let split_keys = ops::attention::split_keys(&shape, gs, SPLIT_KEYS);
+    let split_keys = ops::attention::split_keys(&shape, ctx.plan(), kv_dtype, SPLIT_KEYS);
     // One layer's cache buffer must fit a binding; the splits the partial buffer.
     let kv = KvLayout { n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, dtype: kv_dtype, max_positions: 0 };
     let by_binding = (ctx.max_binding_bytes() / kv.bytes_per_position_layer()) as usize;
@@ -367,7 +366,7 @@ impl Layers {
         let mut v = vec![
             Pipeline::Rope,
             Pipeline::KvWrite(self.kv_dtype),
-            Pipeline::Attention(self.kv_dtype),
+            self.shape.kernel(plan, self.kv_dtype).0,
             Pipeline::AttentionCombine,
         ];
         match self.config.family {

@@ -6,10 +6,10 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    AttentionCombineParams, AttentionParams, KvDtype, KvWriteParams, ATTENTION_MAX_ACC, ATTENTION_MAX_G, ATTENTION_QS,
-    MAX_ATTENTION_HEAD_DIM, WG,
+    AttentionCombineParams, AttentionParams, KvDtype, KvWriteParams, ATTENTION_LANES_MAX_ACC, ATTENTION_LANES_MAX_G,
+    ATTENTION_MAX_ACC, ATTENTION_MAX_G, ATTENTION_QS, MAX_ATTENTION_HEAD_DIM, WG,
 };
-use crate::gpu::{GpuBuffer, Pipeline, Recorder};
+use crate::gpu::{GpuBuffer, KernelPlan, Pipeline, Recorder};
 
 /// The shape of a model's attention: query heads, KV heads, head dim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,15 +51,49 @@ impl AttentionShape {
         self.q_dim() + 2 * self.kv_dim()
     }
 
-    /// Query heads of one workgroup: all heads sharing a KV head where the
-    /// invocation's accumulators and the shared query rows allow.
+    /// Query heads of one `attention.wgsl` workgroup: all heads sharing a
+    /// KV head where the invocation's accumulators and the shared query
+    /// rows allow.
     pub fn group_heads(&self, group_size: u32) -> usize {
         let hd4 = self.head_dim / 4;
         let per_lane = hd4.div_ceil(group_size as usize);
         let g = self.n_head / self.n_kv_head;
         g.min(ATTENTION_MAX_G).min(ATTENTION_MAX_ACC / per_lane).min(ATTENTION_QS / hd4).max(1)
     }
+
+    /// Vec4 accumulators (and query vec4s) per query head per lane of
+    /// `attention_lanes.wgsl`: a whole head row.
+    fn lane_acc_per_head(&self) -> usize {
+        self.head_dim / 4
+    }
+
+    /// Query heads of one `attention_lanes.wgsl` workgroup: the largest
+    /// divisor of the heads per KV head whose accumulators fit a lane's.
+    pub fn lane_group_heads(&self) -> usize {
+        let per_head = self.lane_acc_per_head();
+        let g_all = self.n_head / self.n_kv_head;
+        (1..=g_all.min(ATTENTION_LANES_MAX_G))
+            .rev()
+            .find(|g| g_all.is_multiple_of(*g) && g * per_head <= ATTENTION_LANES_MAX_ACC)
+            .unwrap_or(1)
+    }
+
+    /// The attention pipeline the plan runs for this shape and cache type,
+    /// and its query heads per workgroup.
+    pub fn kernel(&self, plan: &KernelPlan, dtype: KvDtype) -> (Pipeline, usize) {
+        // attention_lanes reads 16 bytes a load: 8 f16 or 4 f32 elements.
+        let whole_slices = dtype == KvDtype::F32 || self.head_dim.is_multiple_of(8);
+        if plan.attention_by_lanes() && whole_slices {
+            let g = self.lane_group_heads();
+            (Pipeline::AttentionLanes { dtype, hd4: (self.head_dim / 4) as u32, g: g as u32 }, g)
+        } else {
+            (Pipeline::Attention(dtype), self.group_heads(plan.group_size()))
+        }
+    }
 }
+
+/// Keys per lane per tile of `attention_lanes.wgsl` (its `KB`).
+const LANES_KB: usize = 4;
 
 /// llvmpipe (lavapipe) silently stops a loop nest after 65535 iterations
 /// in all; a split's tile loop stays below this many.
@@ -68,13 +102,20 @@ const LOOP_BUDGET: usize = 60_000;
 /// Positions per split of `attention.wgsl` for this shape and workgroup
 /// size: `preferred` (a multiple of the group size), lowered where a
 /// split's loop iterations would pass LOOP_BUDGET.
-pub fn split_keys(shape: &AttentionShape, group_size: u32, preferred: usize) -> usize {
-    let gs = group_size as usize;
+pub fn split_keys(shape: &AttentionShape, plan: &KernelPlan, dtype: KvDtype, preferred: usize) -> usize {
+    let gs = plan.group_size() as usize;
     let hd4 = shape.head_dim / 4;
-    let gh = shape.group_heads(group_size);
-    let nj = hd4.div_ceil(gs);
-    // Per tile: the score loop, the softmax update, the p·v loop.
-    let per_tile = hd4 * (gh + 1) + gh * (nj + 1) + gs * (gh + nj * (gh + 1) + 1) + 4;
+    let per_tile = if let (Pipeline::AttentionLanes { g, .. }, _) = shape.kernel(plan, dtype) {
+        // attention_lanes, per tile of LANES_KB keys per lane: the scores
+        // and the p·v loop (head_dim/4 x KB x g each), the softmax update.
+        let g = g as usize;
+        2 * hd4 * (1 + LANES_KB * (g + 1)) + g * (3 * LANES_KB + 4) + 2 * LANES_KB
+    } else {
+        // attention: the score loop, the softmax update, the p·v loop.
+        let gh = shape.group_heads(gs as u32);
+        let nj = hd4.div_ceil(gs);
+        hd4 * (gh + 1) + gh * (nj + 1) + gs * (gh + nj * (gh + 1) + 1) + 4
+    };
     let tiles = (LOOP_BUDGET / per_tile).max(1);
     (tiles * gs).min(preferred.max(gs)) / gs * gs
 }
@@ -153,7 +194,6 @@ pub fn attention<'a>(
     pos0: usize,
 ) -> Result<()> {
     let s = &op.shape;
-    let gs = rec.ctx().plan().group_size();
     let positions = pos0 + n;
     if positions > cap {
         return Err(Error::InvalidArgument(format!("attention: {positions} positions past the cache's {cap}")));
@@ -165,7 +205,7 @@ pub fn attention<'a>(
             op.max_positions()
         )));
     }
-    let gh = s.group_heads(gs);
+    let (pipeline, gh) = s.kernel(rec.ctx().plan(), op.dtype);
     let per_kv = (s.n_head / s.n_kv_head).div_ceil(gh);
     let rows_per = if n_splits == 1 { n } else { (op.part_slots / n_splits).max(1) };
     let mut t0 = 0;
@@ -188,7 +228,7 @@ pub fn attention<'a>(
             _pad: [0; 3],
         };
         let groups = [(s.n_kv_head * per_kv) as u32, m as u32, n_splits as u32];
-        rec.dispatch(Pipeline::Attention(op.dtype), &p, &[op.qkv, cache, op.out, op.part], groups)?;
+        rec.dispatch(pipeline, &p, &[op.qkv, cache, op.out, op.part], groups)?;
         if n_splits > 1 {
             let c = AttentionCombineParams {
                 n_tok: m as u32,
