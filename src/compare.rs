@@ -47,7 +47,7 @@ impl Default for CompareConfig {
             prefill_max: 4096,
             batches: Vec::new(),
             batch_context: 1024,
-            repeat: 3,
+            repeat: 5,
         }
     }
 }
@@ -169,10 +169,12 @@ pub fn measure(
     let info = summary(name, &model);
     let mut engine = Engine::new(Arc::new(model), &EngineOptions::default())?;
     let vocab = engine.info().vocab;
-    // Warm-up: every pipeline a prefill chunk and a decode step use compiled.
+    // Warm-up: every pipeline a prefill chunk and a decode step use
+    // compiled, and one measurement's worth of decoding run (the first
+    // rows after loading read slow on lavapipe without it).
     let mut warm = engine.new_state(1)?;
     engine.forward(&mut warm, &[&tokens(8, vocab, 1)], LogitsMode::Last)?;
-    decode_run(&mut engine, &mut warm, 2, 2)?;
+    decode_run(&mut engine, &mut warm, cfg.decode.max(2), 2)?;
     drop(warm);
 
     let mut rows = Vec::new();
@@ -327,6 +329,9 @@ impl Comparison {
             t0.context,
             tg / rg
         ));
+        if r1.context == r0.context {
+            return out;
+        }
         out.push(format!(
             "RWKV from context {} to {}: decode {:.2} -> {:.2} ms/token ({:+.1} %), state {} -> {} bytes",
             r0.context,
@@ -414,10 +419,13 @@ mod chart {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((x0 / 1.3..x1 * 1.3).log_scale(), (y0 / 2.0..y1 * 2.0).log_scale())
+            .build_cartesian_2d((x0 / 1.3..x1 * 1.3).log_scale(), (y0 / 1.5..y1 * 1.5).log_scale())
             .map_err(err)?;
         chart
             .configure_mesh()
+            .x_labels(8)
+            .y_labels(10)
+            .light_line_style(WHITE)
             .x_desc(x_desc)
             .y_desc(y_desc)
             .x_label_formatter(&|x| format!("{x:.0}"))
@@ -448,11 +456,15 @@ mod chart {
 
     pub(super) fn svg(c: &Comparison) -> Result<String> {
         let batch_axis = c.rows.iter().any(|r| r.sweep == Sweep::Batch);
-        let height = if batch_axis { 800 } else { 420 };
+        let height = if batch_axis { 830 } else { 450 };
         let mut out = String::new();
         {
             let root = SVGBackend::with_string(&mut out, (1000, height)).into_drawing_area();
             root.fill(&WHITE).map_err(err)?;
+            let title = format!("{} vs {}", c.rwkv.name, c.transformer.name);
+            let root = root.titled(&title, ("sans-serif", 16)).map_err(err)?;
+            let adapter = c.adapter.split(" (").next().unwrap_or(&c.adapter).to_string();
+            root.draw(&Text::new(adapter, (10, 0), ("sans-serif", 12))).map_err(err)?;
             let rows = if batch_axis { 2 } else { 1 };
             let areas = root.split_evenly((rows, 2));
             let series = |sweep: Sweep, y: &dyn Fn(&Row) -> f64| -> Series {

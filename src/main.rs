@@ -262,7 +262,7 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         batch_context: usize,
         /// Decode measurements per row; the median is reported.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         repeat: usize,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -871,6 +871,11 @@ fn compare(cli: &Cli) -> Result<()> {
         }
         eprintln!("measuring {name}");
         sides.push(rwkv_wgpu::compare::measure(&ctx, which, &name, model, &cfg)?);
+        // With RWKV_PROFILE: where this side's time went (kernels it ran alone).
+        for (k, n, t) in ctx.kernel_profile() {
+            eprintln!("profile {k:?}: {n} dispatches, {:.3} s, {:.3} ms each", t, t * 1e3 / n as f64);
+        }
+        ctx.clear_kernel_profile();
     }
     let (t_info, mut t_rows) = sides.pop().expect("two sides");
     let (r_info, mut rows) = sides.pop().expect("two sides");

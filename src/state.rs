@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::KvDtype;
 use crate::gpu::{GpuBuffer, GpuContext, READBACK, STORAGE};
 use crate::loader::SafeTensorsFile;
+use crate::sampler::SplitMix64;
 
 /// One field of a layer's state.
 #[derive(Debug, Clone)]
@@ -352,11 +353,11 @@ impl State {
         self.check_seq(seq)?;
         // Written in pieces of at most this many values (4 MiB of f32).
         const PIECE: usize = 1 << 20;
-        let mut rng = Rng(seed ^ 0xF111_0000 ^ (seq as u64) << 32);
+        let mut rng = SplitMix64(seed ^ 0xF111_0000 ^ (seq as u64) << 32);
         let Some(kv) = self.layout.kv.clone() else {
             let row = (self.layout.stride * 4) as u64;
             for buf in &self.layers {
-                let v: Vec<f32> = (0..self.layout.stride).map(|_| rng.uniform()).collect();
+                let v: Vec<f32> = (0..self.layout.stride).map(|_| uniform(&mut rng)).collect();
                 self.ctx.queue().write_buffer(buf.raw(), seq as u64 * row, bytemuck::cast_slice(&v));
             }
             return self.ctx.check();
@@ -372,7 +373,7 @@ impl State {
                 while done < per_half {
                     let n = PIECE.min(per_half - done);
                     let offset = base + (done * kv.dtype.size()) as u64;
-                    let v: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+                    let v: Vec<f32> = (0..n).map(|_| uniform(&mut rng)).collect();
                     match kv.dtype {
                         KvDtype::F32 => self.ctx.queue().write_buffer(buf.raw(), offset, bytemuck::cast_slice(&v)),
                         KvDtype::F16 => {
@@ -635,19 +636,9 @@ impl State {
     }
 }
 
-/// SplitMix64, for `State::fill_random`.
-struct Rng(u64);
-
-impl Rng {
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
+/// Uniform in [-1, 1), for `State::fill_random`.
+fn uniform(rng: &mut SplitMix64) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
 /// The `format` metadata of a saved state.

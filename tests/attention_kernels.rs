@@ -219,7 +219,10 @@ fn attention_matches_cpu_f32_and_f16() {
 }
 
 /// A row's result depends only on its position: the rows in one dispatch
-/// or one at a time (as decoding reads them) give the same bits.
+/// or one at a time (as decoding reads them) give the same bits. On a CPU
+/// adapter a one-row dispatch of few workgroups runs attention_lanes with
+/// one query head per workgroup, the whole step with all heads of a KV
+/// head together (GQA cases here), so this also holds the two to the same bits.
 #[test]
 fn attention_rows_do_not_depend_on_their_step() {
     for ctx in contexts() {

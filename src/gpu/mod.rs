@@ -348,6 +348,13 @@ impl GpuContext {
         }
     }
 
+    /// Starts the profile's counts afresh.
+    pub fn clear_kernel_profile(&self) {
+        if let Some(p) = &self.shared.profile {
+            p.lock().unwrap().clear();
+        }
+    }
+
     /// Per kernel: (dispatches, seconds), with `GpuOptions::profile`; slowest first.
     pub fn kernel_profile(&self) -> Vec<(Kernel, u64, f64)> {
         let Some(p) = &self.shared.profile else {

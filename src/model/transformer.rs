@@ -363,12 +363,8 @@ impl Layers {
     /// The pipelines these layers record, for compiling at load.
     pub fn pipelines(&self, ctx: &GpuContext) -> Vec<Pipeline> {
         let plan = ctx.plan();
-        let mut v = vec![
-            Pipeline::Rope,
-            Pipeline::KvWrite(self.kv_dtype),
-            self.shape.kernel(plan, self.kv_dtype).0,
-            Pipeline::AttentionCombine,
-        ];
+        let mut v = vec![Pipeline::Rope, Pipeline::KvWrite(self.kv_dtype), Pipeline::AttentionCombine];
+        v.extend(self.shape.kernels(plan, self.kv_dtype));
         match self.config.family {
             Family::GptNeoX => v.extend([plan.layer_norm(), Pipeline::AddBias, Pipeline::Gelu]),
             Family::Qwen2 => v.extend([plan.rms_norm(), Pipeline::AddBias, Pipeline::Swiglu]),

@@ -78,6 +78,17 @@ impl AttentionShape {
             .unwrap_or(1)
     }
 
+    /// Every attention pipeline `attention` may record for this shape and
+    /// cache type (for compiling at load).
+    pub fn kernels(&self, plan: &KernelPlan, dtype: KvDtype) -> Vec<Pipeline> {
+        match self.kernel(plan, dtype).0 {
+            Pipeline::AttentionLanes { dtype, hd4, g } if g > 1 => {
+                vec![Pipeline::AttentionLanes { dtype, hd4, g }, Pipeline::AttentionLanes { dtype, hd4, g: 1 }]
+            }
+            p => vec![p],
+        }
+    }
+
     /// The attention pipeline the plan runs for this shape and cache type,
     /// and its query heads per workgroup.
     pub fn kernel(&self, plan: &KernelPlan, dtype: KvDtype) -> (Pipeline, usize) {
@@ -90,6 +101,14 @@ impl AttentionShape {
             (Pipeline::Attention(dtype), self.group_heads(plan.group_size()))
         }
     }
+}
+
+/// The threads a CPU adapter runs workgroups on (llvmpipe starts one per
+/// core): an `attention_lanes` dispatch of fewer than two workgroups per
+/// thread runs one query head per workgroup instead (see `attention`).
+fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(4, |n| n.get()))
 }
 
 /// Keys per lane per tile of `attention_lanes.wgsl` (its `KB`).
@@ -205,9 +224,18 @@ pub fn attention<'a>(
             op.max_positions()
         )));
     }
-    let (pipeline, gh) = s.kernel(rec.ctx().plan(), op.dtype);
-    let per_kv = (s.n_head / s.n_kv_head).div_ceil(gh);
     let rows_per = if n_splits == 1 { n } else { (op.part_slots / n_splits).max(1) };
+    let (mut pipeline, mut gh) = s.kernel(rec.ctx().plan(), op.dtype);
+    if let Pipeline::AttentionLanes { dtype, hd4, g } = pipeline {
+        // Too few workgroups to fill the cores (a short context: one split
+        // per KV head): one query head each instead, reading the keys once
+        // per head. Each head's arithmetic is the same either way.
+        let groups = s.n_kv_head * (s.n_head / s.n_kv_head / g as usize) * rows_per.min(n) * n_splits;
+        if g > 1 && groups < 2 * cpu_threads() {
+            (pipeline, gh) = (Pipeline::AttentionLanes { dtype, hd4, g: 1 }, 1);
+        }
+    }
+    let per_kv = (s.n_head / s.n_kv_head).div_ceil(gh);
     let mut t0 = 0;
     while t0 < n {
         let m = rows_per.min(n - t0);
