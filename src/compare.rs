@@ -443,6 +443,15 @@ mod chart {
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(err)?;
+            // Each point's value beside it: log axes have few labels.
+            let text = |v: f64| if v >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&(x, y)| Text::new(text(y), (x, y), ("sans-serif", 11).into_font().color(&color))),
+                )
+                .map_err(err)?;
         }
         chart
             .configure_series_labels()
