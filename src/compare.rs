@@ -329,19 +329,18 @@ impl Comparison {
             t0.context,
             tg / rg
         ));
-        if r1.context == r0.context {
-            return out;
+        if r1.context > r0.context {
+            out.push(format!(
+                "RWKV from context {} to {}: decode {:.2} -> {:.2} ms/token ({:+.1} %), state {} -> {} bytes",
+                r0.context,
+                r1.context,
+                r0.decode_ms_per_token,
+                r1.decode_ms_per_token,
+                (r1.decode_ms_per_token / r0.decode_ms_per_token - 1.0) * 100.0,
+                r0.memory_bytes,
+                r1.memory_bytes
+            ));
         }
-        out.push(format!(
-            "RWKV from context {} to {}: decode {:.2} -> {:.2} ms/token ({:+.1} %), state {} -> {} bytes",
-            r0.context,
-            r1.context,
-            r0.decode_ms_per_token,
-            r1.decode_ms_per_token,
-            (r1.decode_ms_per_token / r0.decode_ms_per_token - 1.0) * 100.0,
-            r0.memory_bytes,
-            r1.memory_bytes
-        ));
         if t1.context > t0.context {
             let per_token = (t1.memory_bytes - t0.memory_bytes) as f64 / (t1.context - t0.context) as f64;
             // Predicted: the shortest context's time plus the extra cache
