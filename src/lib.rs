@@ -60,6 +60,7 @@ pub mod loader;
 pub mod matrix;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod sampler;
 pub mod session;
 pub mod state;
