@@ -356,6 +356,22 @@ impl Comparison {
                 t0.decode_ms_per_token,
                 t1.decode_ms_per_token
             ));
+            // The slope between the two longest contexts: what each extra
+            // byte of cache costs, as a read rate.
+            let tp = tf[tf.len() - 2];
+            let dt = (t1.decode_ms_per_token - tp.decode_ms_per_token) * 1e-3;
+            if dt > 0.0 {
+                let bytes = (t1.context - tp.context) as f64 * self.transformer.kv_bytes_per_token as f64;
+                out.push(format!(
+                    "Transformer from context {} to {}: each token reads {:.1} MB more cache and takes {:.2} ms more: \
+                     the cache is read at {:.2} GB/s",
+                    tp.context,
+                    t1.context,
+                    bytes / 1e6,
+                    dt * 1e3,
+                    bytes / dt / 1e9
+                ));
+            }
         }
         for r in &tf {
             if let (Some(a), Some(l)) = (r.attention_gb_per_s, r.linear_gb_per_s) {
