@@ -96,6 +96,17 @@ pub struct KvLayout {
     /// Most positions a sequence's cache may hold: one layer's buffer must
     /// fit a storage binding, and the attention's split buffer the splits.
     pub max_positions: usize,
+    /// Which of the two sets `max_positions`.
+    pub limited_by: KvLimit,
+}
+
+/// What bounds a KV cache's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLimit {
+    /// One layer's cache must fit a storage binding.
+    Binding,
+    /// The attention's buffer of split partial results holds that many splits.
+    AttentionSplits,
 }
 
 impl KvLayout {
@@ -257,7 +268,12 @@ impl State {
             return Err(Error::ContextTooLong {
                 tokens: positions,
                 fits: kv.max_positions,
-                why: format!("one layer's KV cache must fit a storage binding ({} bytes per position)", per_layer),
+                why: match kv.limited_by {
+                    KvLimit::Binding => {
+                        format!("one layer's KV cache must fit a storage binding ({per_layer} bytes per position)")
+                    }
+                    KvLimit::AttentionSplits => "the attention kernel's split buffer holds no more positions".into(),
+                },
             });
         }
         let mut cap = wanted.max(positions).min(kv.max_positions);

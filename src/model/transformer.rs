@@ -29,7 +29,7 @@ use crate::matrix::Matrix;
 use crate::model::info::Progress;
 use crate::model::step::Step;
 use crate::ops::{self, Attention, AttentionShape};
-use crate::state::{KvLayout, StateLayout};
+use crate::state::{KvLayout, KvLimit, StateLayout};
 use crate::tensor::{Dtype, Tensor};
 
 /// Positions per split of the attention kernel where the loop budget of
@@ -336,10 +336,18 @@ pub fn load(
     };
     let split_keys = ops::attention::split_keys(&shape, ctx.plan(), kv_dtype, SPLIT_KEYS);
     // One layer's cache buffer must fit a binding; the splits the partial buffer.
-    let kv = KvLayout { n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, dtype: kv_dtype, max_positions: 0 };
+    let kv = KvLayout {
+        n_kv_head: cfg.n_kv_head,
+        head_dim: cfg.head_dim,
+        dtype: kv_dtype,
+        max_positions: 0,
+        limited_by: KvLimit::Binding,
+    };
     let by_binding = (ctx.max_binding_bytes() / kv.bytes_per_position_layer()) as usize;
-    let max_positions = by_binding.min(split_keys * PART_SLOTS);
-    let layout = StateLayout::kv_cache(cfg.n_layer, KvLayout { max_positions, ..kv });
+    let by_splits = split_keys * PART_SLOTS;
+    let (max_positions, limited_by) =
+        if by_binding <= by_splits { (by_binding, KvLimit::Binding) } else { (by_splits, KvLimit::AttentionSplits) };
+    let layout = StateLayout::kv_cache(cfg.n_layer, KvLayout { max_positions, limited_by, ..kv });
     let layers =
         Layers { config: cfg.clone(), shape, kv_dtype, split_keys, inv_freq: cfg.rope.inv_freq(), width, blocks };
     Ok(Loaded { layers, head, final_norm, parameters: ld.parameters, gpu_bytes: ld.gpu_bytes, dtype, layout })
