@@ -276,9 +276,14 @@ impl fmt::Display for KernelPlan {
             MatrixKernel::Plain => "linear (weights in buffers; 64 lanes)".into(),
         };
         let wkv = if self.wkv_textures(64) { "wkv7_tex/wkv5_tex (head size 64), else buffers" } else { "buffers" };
+        let attention = if self.attention_by_lanes() {
+            "attention_lanes (lanes own keys; attention for an f16 cache whose head dim is not a multiple of 8)"
+        } else {
+            "attention (lanes own channels, splits of positions)"
+        };
         write!(
             f,
-            "{sg}; matrices: {matrix}; WKV: {wkv}; element-wise: {} token(s) per invocation",
+            "{sg}; matrices: {matrix}; WKV: {wkv}; attention: {attention}; element-wise: {} token(s) per invocation",
             self.elementwise_tokens()
         )
     }
