@@ -884,7 +884,9 @@ fn compare(cli: &Cli) -> Result<()> {
         rwkv_wgpu::compare::Comparison { adapter: ctx.adapter().to_string(), rwkv: r_info, transformer: t_info, rows };
     if let Some(path) = svg {
         let chart = cmp.to_svg()?;
-        rwkv_wgpu::files::write_atomic(path, &[], rwkv_wgpu::files::Overwrite::Replace, |tmp| {
+        // Never over a model file the run read.
+        let inputs: Vec<&Path> = [rwkv.as_str(), transformer.as_str()].into_iter().map(Path::new).collect();
+        rwkv_wgpu::files::write_atomic(path, &inputs, rwkv_wgpu::files::Overwrite::Replace, |tmp| {
             std::fs::write(tmp, chart.as_bytes())
                 .map_err(|e| rwkv_wgpu::Error::Io { path: tmp.to_path_buf(), error: e })
         })?;

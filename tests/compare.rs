@@ -130,6 +130,14 @@ fn compare_reports_rows_memory_and_chart() {
     }
     let dir = std::env::temp_dir().join(format!("rwkv-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed however the test ends.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     let svg = dir.join("chart.svg");
     let tg = 3;
     let o = rwkv(&[
@@ -212,7 +220,27 @@ fn compare_reports_rows_memory_and_chart() {
     for s in ["weights read at context 8", "RWKV from context 8 to 40", "memory grows 256 bytes per token"] {
         assert!(table.contains(s), "{s}:\n{table}");
     }
-    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--svg` never replaces a model file the run read.
+#[test]
+fn the_chart_never_replaces_an_input() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = std::env::temp_dir().join(format!("rwkv-compare-input-{}.safetensors", std::process::id()));
+    std::fs::copy(model_path("v7-L2-C128-V512-fp32"), &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let m = model.to_str().unwrap();
+    let o =
+        rwkv(&["compare", "--rwkv", m, "--transformer", "llama-L1-D64-H2-F128-V256", "--contexts", "8", "--svg", m]);
+    let after = std::fs::read(&model).unwrap();
+    std::fs::remove_file(&model).ok();
+    assert!(!o.status.success());
+    let e = error_lines(&o);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("same file"), "{}", e[0]);
+    assert!(after == before, "the model file changed");
 }
 
 #[test]
