@@ -43,7 +43,10 @@ fn time_state_file(name: &str, transpose: bool) -> (std::path::PathBuf, Vec<f32>
             )
         })
         .collect();
-    let path = std::env::temp_dir().join(format!("rwkv-time-state-{}-{name}.safetensors", std::process::id()));
+    // One file per call: the tests run in parallel and write the same model's file.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("rwkv-time-state-{}-{call}-{name}.safetensors", std::process::id()));
     std::fs::write(&path, safetensors::serialize(views, None::<HashMap<String, String>>).unwrap()).unwrap();
     (path, kv)
 }
