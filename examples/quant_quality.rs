@@ -39,7 +39,7 @@ fn main() {
         }
     };
     let mut schemes = vec![None];
-    for format in [Format::Int8, Format::Q4, Format::Nf4] {
+    for format in [Format::Int8, Format::Q4] {
         for block in [32, 64] {
             schemes.push(Some(Scheme { format, block }));
         }

@@ -1,50 +1,38 @@
-//! Block quantization of weight matrices (issue 14, first step: the CPU
-//! quantizers and their exact dequantization; the GPU kernels that read
-//! the blocks are to come).
+//! Block quantization of weight matrices: the CPU quantizers, their exact
+//! dequantization, and the row layout the GPU kernels
+//! (`linear_q_tex.wgsl`, `linear_q.wgsl`) read.
 //!
 //! A `[rows, cols]` matrix is cut along its input dimension (`cols`) into
 //! blocks of `block` weights; each block keeps one f16 scale `s` and one
-//! code per weight, and a weight reads back as `code_value · s`:
-//! - `Int8`: symmetric absmax, codes −127..=127, `s ≥ absmax / 127`;
-//! - `Q4`: symmetric absmax, codes −7..=7 (two per byte), `s ≥ absmax / 7`;
-//! - `Nf4`: the 16 NormalFloat levels of QLoRA (Dettmers et al. 2023: the
-//!   quantiles of a normal distribution, scaled to [−1, 1], with an exact
-//!   0), `s ≥ absmax`, codes index the levels (two per byte).
+//! code per weight, and a weight reads back as `code · s` (exact in f32: a
+//! code times an f16 fits f32's mantissa):
+//! - `Int8`: symmetric absmax, codes −127..=127, `s ≥ absmax / 127` (the
+//!   f16 nearest the ideal, rounded up when nearest is below it, so no code
+//!   is clamped and every weight is within half a step);
+//! - `Q4`: llama.cpp's Q4_0 codes −8..=7 (two per byte, stored as `c + 8`)
+//!   with a signed scale: the block's largest-magnitude weight `m` maps near
+//!   code −8, and of the scales `m / t` for t on a grid from −6.5 to −9.5
+//!   (steps of 1/8; beyond −8 a few outliers are clamped to −8 or 7) the
+//!   one with the least squared error is kept.
 //!
-//! The scale is the f16 value nearest its ideal, rounded up when nearest
-//! is below it, so no code is ever clamped: every weight is within half a
-//! step of its code (`max_error`).
+//! Why these (Austen RWKV-7 perplexity, f16 44.818; `docs/performance.md`):
+//! int8 with blocks of 32 or 64 costs nothing measurable; for 4 bits,
+//! symmetric absmax −7..7 cost +1.7 %, NF4 (QLoRA's normal-quantile levels)
+//! +0.65 %, Q4_0 with the signed absmax scale +0.5 % and with the searched
+//! scale −0.1 % (blocks of 32) / +0.2 % (64). Q4's codes also decode with a
+//! shift, a mask and a conversion, where NF4 needs a 16-entry table lookup
+//! per weight (a gather per lane on CPU adapters).
 
 use half::f16;
 
 use crate::error::{Error, Result};
-
-/// The 16 NF4 levels, ascending.
-pub const NF4_LEVELS: [f32; 16] = [
-    -1.0,
-    -0.696_192_8,
-    -0.525_073_05,
-    -0.394_917_5,
-    -0.284_441_38,
-    -0.184_773_43,
-    -0.091_050_036,
-    0.0,
-    0.079_580_3,
-    0.160_930_2,
-    0.246_112_3,
-    0.337_915_24,
-    0.440_709_83,
-    0.562_617,
-    0.722_956_84,
-    1.0,
-];
+use crate::tensor::Dtype;
 
 /// A code format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     Int8,
     Q4,
-    Nf4,
 }
 
 impl Format {
@@ -52,7 +40,15 @@ impl Format {
         match self {
             Format::Int8 => "int8",
             Format::Q4 => "q4",
-            Format::Nf4 => "nf4",
+        }
+    }
+
+    /// The format a `--quant`/`--to` argument names: `int8`, or `4bit`/`q4`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "int8" | "i8" | "q8" => Ok(Format::Int8),
+            "4bit" | "q4" | "q4_0" => Ok(Format::Q4),
+            _ => Err(Error::InvalidArgument(format!("unknown weight format {s:?}: int8 or 4bit (q4) are available"))),
         }
     }
 
@@ -60,53 +56,28 @@ impl Format {
     pub fn bits(self) -> usize {
         match self {
             Format::Int8 => 8,
-            Format::Q4 | Format::Nf4 => 4,
+            Format::Q4 => 4,
         }
     }
 
-    /// The largest code value in scale units (`s` is absmax / this).
-    fn top(self) -> f32 {
-        match self {
-            Format::Int8 => 127.0,
-            Format::Q4 => 7.0,
-            Format::Nf4 => 1.0,
-        }
+    /// The block size this runtime uses for the format (see `Scheme::new`).
+    pub fn default_block(self) -> usize {
+        64
     }
 
     /// The value of code `c` in scale units.
     fn value(self, c: u8) -> f32 {
         match self {
             Format::Int8 => c as i8 as f32,
-            Format::Q4 => c as f32 - 8.0,
-            Format::Nf4 => NF4_LEVELS[c as usize & 15],
+            Format::Q4 => (c & 15) as f32 - 8.0,
         }
     }
 
-    /// The code nearest `v` (in scale units, |v| ≤ top).
+    /// The code nearest `v` (in scale units), clamped to the format's range.
     fn code(self, v: f32) -> u8 {
         match self {
             Format::Int8 => v.round().clamp(-127.0, 127.0) as i8 as u8,
-            Format::Q4 => (v.round().clamp(-7.0, 7.0) + 8.0) as u8,
-            Format::Nf4 => {
-                // The levels ascend: the nearest is at the first midpoint above v.
-                let mut c = 15;
-                for i in 0..15 {
-                    if v < (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) * 0.5 {
-                        c = i;
-                        break;
-                    }
-                }
-                c as u8
-            }
-        }
-    }
-
-    /// Largest distance from a weight to its code's value, in scale units:
-    /// half the widest step between neighbouring code values.
-    pub fn half_step(self) -> f32 {
-        match self {
-            Format::Int8 | Format::Q4 => 0.5,
-            Format::Nf4 => NF4_LEVELS.windows(2).map(|w| w[1] - w[0]).fold(0.0, f32::max) * 0.5,
+            Format::Q4 => (v.round().clamp(-8.0, 7.0) + 8.0) as u8,
         }
     }
 }
@@ -116,6 +87,19 @@ impl Format {
 pub struct Scheme {
     pub format: Format,
     pub block: usize,
+}
+
+impl Scheme {
+    /// The scheme a matrix of `cols` inputs gets in `format`: the format's
+    /// block where it divides the input, else blocks of 32 (a v7 LoRA's
+    /// rank of 32 under blocks of 64); `None` where 32 does not divide it
+    /// either (the matrix then stays in floats).
+    pub fn for_cols(format: Format, cols: usize) -> Option<Self> {
+        [format.default_block(), 32]
+            .into_iter()
+            .find(|&b| cols > 0 && cols.is_multiple_of(b))
+            .map(|block| Self { format, block })
+    }
 }
 
 impl std::fmt::Display for Scheme {
@@ -183,7 +167,7 @@ pub fn input_axis(name: &str, shape: &[usize]) -> Option<usize> {
 /// layout, if it is a matrix (see [`input_axis`]); `None` otherwise. Blocks
 /// run along the input; an input the block does not divide (a v7 LoRA's 32
 /// under blocks of 64) takes blocks of 32. For measuring a scheme's quality
-/// with the float kernels before reading blocks on the GPU.
+/// with the float kernels (`examples/quant_quality.rs`).
 pub fn round_trip(scheme: Scheme, name: &str, shape: &[usize], values: &[f32]) -> Result<Option<Vec<f32>>> {
     let Some(axis) = input_axis(name, shape) else { return Ok(None) };
     let (rows, cols) = if axis == 1 { (shape[0], shape[1]) } else { (shape[1], shape[0]) };
@@ -204,7 +188,7 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// The smallest f16 at least `x` (x finite, ≥ 0), or an error past f16's range.
+/// The smallest f16 at least `x` (x finite, ≥ 0), or `None` past f16's range.
 fn scale_up(x: f32) -> Option<f16> {
     let h = f16::from_f32(x);
     if !h.is_finite() {
@@ -215,6 +199,41 @@ fn scale_up(x: f32) -> Option<f16> {
     }
     let up = f16::from_bits(h.to_bits() + 1);
     up.is_finite().then_some(up)
+}
+
+/// Squared error of a block read back with scale `s` (codes by `f.code`).
+fn block_error(f: Format, blk: &[f32], s: f32) -> f32 {
+    let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
+    blk.iter().map(|&v| (f.value(f.code(v * inv)) * s - v).powi(2)).sum()
+}
+
+/// Divisors of the Q4 scale search (`m / t`): −6.5 down to −9.5 in eighths.
+const Q4_DIVISORS: std::ops::RangeInclusive<u32> = 52..=76;
+
+/// The scale of one block (see the module notes).
+fn block_scale(f: Format, k: usize, blk: &[f32]) -> Result<f16> {
+    if blk.iter().any(|v| !v.is_finite()) {
+        return Err(Error::InvalidArgument(format!("block {k} of the matrix holds a non-finite weight")));
+    }
+    let m = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let too_large = || Error::InvalidArgument(format!("block {k}: weights up to {m} need a scale past f16's range"));
+    match f {
+        Format::Int8 => scale_up(m.abs() / 127.0).ok_or_else(too_large),
+        Format::Q4 => {
+            let mut best: Option<(f32, f16)> = None;
+            for eighths in Q4_DIVISORS {
+                let s = f16::from_f32(m / -(eighths as f32 / 8.0));
+                if !s.is_finite() {
+                    return Err(too_large());
+                }
+                let e = block_error(f, blk, s.to_f32());
+                if best.is_none_or(|(b, _)| e < b) {
+                    best = Some((e, s));
+                }
+            }
+            Ok(best.expect("a non-empty grid").1)
+        }
+    }
 }
 
 /// Quantizes a `[rows, cols]` matrix; `cols` must be a multiple of the block.
@@ -230,15 +249,9 @@ pub fn quantize(scheme: Scheme, values: &[f32], rows: usize, cols: usize) -> Res
     let mut scales = Vec::with_capacity(rows * cols / b);
     let mut codes = vec![0u8; (rows * cols * f.bits()).div_ceil(8)];
     for (k, blk) in values.chunks_exact(b).enumerate() {
-        let absmax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if blk.iter().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidArgument(format!("block {k} of the matrix holds a non-finite weight")));
-        }
-        let s = scale_up(absmax / f.top()).ok_or_else(|| {
-            Error::InvalidArgument(format!("block {k}: weights up to {absmax} need a scale past f16's range"))
-        })?;
+        let s = block_scale(f, k, blk)?;
         scales.push(s);
-        let inv = if s.to_f32() > 0.0 { 1.0 / s.to_f32() } else { 0.0 };
+        let inv = if s.to_f32() != 0.0 { 1.0 / s.to_f32() } else { 0.0 };
         for (j, &v) in blk.iter().enumerate() {
             let c = f.code(v * inv);
             let i = k * b + j;
@@ -249,6 +262,68 @@ pub fn quantize(scheme: Scheme, values: &[f32], rows: usize, cols: usize) -> Res
         }
     }
     Ok(Quantized { scheme, rows, cols, codes, scales })
+}
+
+/// Quantizes a row-major `[rows, cols]` matrix of `dtype` read from `bytes`
+/// (a checkpoint tensor), a row block at a time: the f32 copy never holds
+/// more than one block of rows.
+pub fn quantize_bytes(scheme: Scheme, dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Result<Quantized> {
+    if bytes.len() != rows * cols * dtype.size() {
+        return Err(Error::InvalidArgument(format!(
+            "quantizing [{rows}, {cols}] {}: {} bytes",
+            dtype.name(),
+            bytes.len()
+        )));
+    }
+    const ROWS_AT_ONCE: usize = 256;
+    let mut out = Quantized { scheme, rows, cols, codes: Vec::new(), scales: Vec::new() };
+    out.codes.reserve_exact(rows * cols * scheme.format.bits() / 8);
+    out.scales.reserve_exact(rows * cols / scheme.block.max(1));
+    let row_bytes = cols * dtype.size();
+    for r0 in (0..rows).step_by(ROWS_AT_ONCE) {
+        let n = ROWS_AT_ONCE.min(rows - r0);
+        let v = crate::tensor::widen(dtype, &bytes[r0 * row_bytes..(r0 + n) * row_bytes]);
+        let q = quantize(scheme, &v, n, cols)?;
+        out.codes.extend_from_slice(&q.codes);
+        out.scales.extend_from_slice(&q.scales);
+    }
+    Ok(out)
+}
+
+/// The kernels' row layout of a quantized matrix: each row holds its codes
+/// (`cols · bits / 8` bytes), then its f16 scales, padded to 16 bytes (one
+/// texel or `vec4<u32>`; the codes of a row whose columns are a multiple of
+/// 32 fill whole 16-byte words too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLayout {
+    pub code_bytes: usize,
+    pub scale_bytes: usize,
+}
+
+impl RowLayout {
+    pub fn new(scheme: Scheme, cols: usize) -> Self {
+        let code_bytes = cols * scheme.format.bits() / 8;
+        Self { code_bytes, scale_bytes: (2 * cols / scheme.block).next_multiple_of(16) }
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.code_bytes + self.scale_bytes
+    }
+}
+
+impl Quantized {
+    /// The rows in the kernels' layout ([`RowLayout`]).
+    pub fn gpu_rows(&self) -> Vec<u8> {
+        let layout = RowLayout::new(self.scheme, self.cols);
+        let per_row = self.cols / self.scheme.block;
+        let mut out = vec![0u8; self.rows * layout.row_bytes()];
+        for (r, row) in out.chunks_exact_mut(layout.row_bytes()).enumerate() {
+            row[..layout.code_bytes].copy_from_slice(&self.codes[r * layout.code_bytes..(r + 1) * layout.code_bytes]);
+            let scales = &self.scales[r * per_row..(r + 1) * per_row];
+            row[layout.code_bytes..layout.code_bytes + 2 * per_row].copy_from_slice(bytemuck::cast_slice(scales));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -270,36 +345,47 @@ mod tests {
             .collect()
     }
 
-    const SCHEMES: [Scheme; 6] = [
+    const SCHEMES: [Scheme; 4] = [
         Scheme { format: Format::Int8, block: 32 },
         Scheme { format: Format::Int8, block: 64 },
         Scheme { format: Format::Q4, block: 32 },
         Scheme { format: Format::Q4, block: 64 },
-        Scheme { format: Format::Nf4, block: 32 },
-        Scheme { format: Format::Nf4, block: 64 },
     ];
 
     /// f32's rounding of x / s, relative to the largest code value (a few ulps:
     /// it can only move a weight at a rounding tie to the neighbouring code).
     const DIVISION_ULPS: f32 = 1e-6;
 
-    /// Every weight reads back within half a step of its scale, and codes
-    /// re-quantized from the values they stand for are the same codes.
+    /// int8 reads every weight back within half a step; Q4's searched scale
+    /// never does worse (squared error per block) than the plain signed
+    /// absmax scale `m / -8`; and codes re-quantized from the values they
+    /// stand for are the same codes.
     #[test]
-    fn round_trip_within_half_a_step_and_stable() {
+    fn round_trip_error_and_stability() {
         let (rows, cols) = (5, 192);
         let w = weights(rows * cols, 7);
         for scheme in SCHEMES {
             let q = quantize(scheme, &w, rows, cols).unwrap();
             assert_eq!(q.bytes(), rows * cols * scheme.format.bits() / 8 + 2 * rows * cols / scheme.block);
             let d = q.dequantize();
-            for (i, (&x, &y)) in w.iter().zip(&d).enumerate() {
-                let s = q.scales[i / scheme.block].to_f32();
-                let bound = s * (scheme.format.half_step() + DIVISION_ULPS * scheme.format.top());
-                assert!((x - y).abs() <= bound, "{scheme} weight {i}: {x} read back as {y} (scale {s})");
+            for (k, (blk, back)) in w.chunks(scheme.block).zip(d.chunks(scheme.block)).enumerate() {
+                let s = q.scales[k].to_f32();
+                match scheme.format {
+                    Format::Int8 => {
+                        for (&x, &y) in blk.iter().zip(back) {
+                            let bound = s * (0.5 + DIVISION_ULPS * 127.0);
+                            assert!((x - y).abs() <= bound, "{scheme} block {k}: {x} read back as {y} (scale {s})");
+                        }
+                    }
+                    Format::Q4 => {
+                        let m = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                        let plain = f16::from_f32(m / -8.0).to_f32();
+                        let e: f32 = blk.iter().zip(back).map(|(x, y)| (x - y).powi(2)).sum();
+                        assert!(e <= block_error(Format::Q4, blk, plain), "{scheme} block {k}");
+                    }
+                }
             }
             let again = quantize(scheme, &d, rows, cols).unwrap();
-            assert_eq!(again.codes, q.codes, "{scheme}: codes of the read-back values");
             assert_eq!(again.dequantize(), d, "{scheme}: read back twice");
         }
     }
@@ -311,13 +397,54 @@ mod tests {
             assert!(s.to_f32() >= x && f16::from_bits(s.to_bits() - 1).to_f32() < x, "{x} -> {s}");
         }
         assert!(scale_up(1e6).is_none());
-        let q = quantize(SCHEMES[0], &[0.0; 64], 2, 32).unwrap();
-        assert!(q.dequantize().iter().all(|&v| v == 0.0));
-        // The NF4 levels ascend and the nearest is chosen.
-        assert!(NF4_LEVELS.windows(2).all(|w| w[0] < w[1]));
-        for (i, &l) in NF4_LEVELS.iter().enumerate() {
-            assert_eq!(Format::Nf4.code(l) as usize, i);
+        for scheme in SCHEMES {
+            let q = quantize(scheme, &[0.0; 128], 2, 64).unwrap();
+            assert!(q.dequantize().iter().all(|&v| v == 0.0));
         }
+        // Q4: every code value is reachable and reads back exactly.
+        let levels: Vec<f32> = (-8..8).map(|c| c as f32 * 0.25).collect();
+        let mut v = levels.clone();
+        v.extend(&levels);
+        let q = quantize(Scheme { format: Format::Q4, block: 32 }, &v, 1, 32).unwrap();
+        assert_eq!(q.dequantize(), v);
+    }
+
+    #[test]
+    fn gpu_rows_hold_codes_then_scales() {
+        let (rows, cols) = (3, 96);
+        let w = weights(rows * cols, 11);
+        for scheme in [Scheme { format: Format::Int8, block: 32 }, Scheme { format: Format::Q4, block: 32 }] {
+            let q = quantize(scheme, &w, rows, cols).unwrap();
+            let layout = RowLayout::new(scheme, cols);
+            assert_eq!(layout.scale_bytes, 16, "3 scales padded to 16 bytes");
+            let g = q.gpu_rows();
+            assert_eq!(g.len(), rows * layout.row_bytes());
+            for r in 0..rows {
+                let row = &g[r * layout.row_bytes()..(r + 1) * layout.row_bytes()];
+                assert_eq!(&row[..layout.code_bytes], &q.codes[r * layout.code_bytes..(r + 1) * layout.code_bytes]);
+                for b in 0..3 {
+                    let s = f16::from_le_bytes([row[layout.code_bytes + 2 * b], row[layout.code_bytes + 2 * b + 1]]);
+                    assert_eq!(s, q.scales[r * 3 + b]);
+                }
+                assert!(row[layout.code_bytes + 6..].iter().all(|&b| b == 0));
+            }
+        }
+        // Quantizing from checkpoint bytes row block by row block is the same.
+        let bytes: Vec<u8> = w.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        let wide: Vec<f32> = w.iter().map(|v| f16::from_f32(*v).to_f32()).collect();
+        let s = Scheme { format: Format::Q4, block: 32 };
+        assert_eq!(quantize_bytes(s, Dtype::F16, &bytes, rows, cols).unwrap(), quantize(s, &wide, rows, cols).unwrap());
+        assert!(quantize_bytes(s, Dtype::F16, &bytes[2..], rows, cols).is_err());
+    }
+
+    #[test]
+    fn schemes_by_input_width_and_names() {
+        assert_eq!(Scheme::for_cols(Format::Q4, 768), Some(Scheme { format: Format::Q4, block: 64 }));
+        assert_eq!(Scheme::for_cols(Format::Int8, 32), Some(Scheme { format: Format::Int8, block: 32 }));
+        assert_eq!(Scheme::for_cols(Format::Int8, 48), None);
+        assert_eq!(Format::parse("4bit").unwrap(), Format::Q4);
+        assert_eq!(Format::parse("int8").unwrap(), Format::Int8);
+        assert!(Format::parse("nf3").unwrap_err().to_string().contains("nf3"));
     }
 
     #[test]
@@ -346,6 +473,7 @@ mod tests {
         assert!(quantize(s, &[0.0; 32], 2, 32).is_err(), "too few values");
         assert!(quantize(s, &[f32::NAN; 32], 1, 32).is_err());
         assert!(quantize(s, &[1e9; 32], 1, 32).is_err(), "scale past f16");
+        assert!(quantize(SCHEMES[2], &[1e9; 32], 1, 32).is_err(), "q4 scale past f16");
         assert!(quantize(Scheme { format: Format::Q4, block: 0 }, &[0.0; 32], 1, 32).is_err());
     }
 }

@@ -28,6 +28,15 @@ impl Dtype {
     }
 }
 
+/// Little-endian elements of `dtype` widened to f32 (exact).
+pub fn widen(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
+}
+
 /// A borrowed view of one tensor in the mapping.
 #[derive(Clone, Copy)]
 pub struct Tensor<'a> {

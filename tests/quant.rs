@@ -71,7 +71,7 @@ fn quantized_austen_perplexity_within_the_bars() {
     let base = perplexity(&ctx, fake_quantized(None), &ids);
     eprintln!("f16 (as f32): perplexity {base:.3}");
     assert!((base - F16_PERPLEXITY).abs() < F16_PRINTED, "the f16 baseline moved: {base}");
-    for (format, max) in [(Format::Int8, INT8_MAX), (Format::Nf4, FOUR_BIT_MAX)] {
+    for (format, max) in [(Format::Int8, INT8_MAX), (Format::Q4, FOUR_BIT_MAX)] {
         for block in [32, 64] {
             let scheme = Scheme { format, block };
             let p = perplexity(&ctx, fake_quantized(Some(scheme)), &ids);
