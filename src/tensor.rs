@@ -68,7 +68,7 @@ impl Tensor<'_> {
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
-        (0..self.len()).map(|i| self.at(i)).collect()
+        widen(self.dtype, self.bytes)
     }
 
     pub fn to_f64(&self) -> Vec<f64> {
