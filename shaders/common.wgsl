@@ -33,6 +33,28 @@ fn unpack_hi4(q: vec4<u32>) -> vec4<f32> {
     return bitcast<vec4<f32>>(vec4<u32>(q.z << 16u, q.z & 0xffff0000u, q.w << 16u, q.w & 0xffff0000u));
 }
 
+// Block-quantized codes (quant.rs) widened to f32 (exact). int8: the 4
+// codes of a word in byte order, sign-extended.
+fn i8x4(q: u32) -> vec4<f32> {
+    let v = vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u), bitcast<i32>(q << 8u), bitcast<i32>(q));
+    return vec4<f32>(v >> vec4<u32>(24u));
+}
+
+// Q4: nibbles 0..3 and 4..7 of a word (codes + 8, 0..15).
+fn u4lo(q: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(q & 15u, (q >> 4u) & 15u, (q >> 8u) & 15u, (q >> 12u) & 15u));
+}
+
+fn u4hi(q: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>((q >> 16u) & 15u, (q >> 20u) & 15u, (q >> 24u) & 15u, q >> 28u));
+}
+
+// acc + w . a as a chain of fused multiply-adds (one instruction each on
+// llvmpipe with FMA hardware, where dot() is four multiplies and three adds).
+fn fdot(w: vec4<f32>, a: vec4<f32>, acc: f32) -> f32 {
+    return fma(w.w, a.w, fma(w.z, a.z, fma(w.y, a.y, fma(w.x, a.x, acc))));
+}
+
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
 }

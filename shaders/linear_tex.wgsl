@@ -70,12 +70,6 @@ fn wt(k: u32, o: u32, layer: u32) -> vec4<u32> {
     return textureLoad(w, vec2<u32>(k, row), layer);
 }
 
-// acc + w . a as a chain of fused multiply-adds (one instruction each on
-// llvmpipe with FMA hardware, where dot() is four multiplies and three adds).
-fn fdot(w: vec4<f32>, a: vec4<f32>, acc: f32) -> f32 {
-    return fma(w.w, a.w, fma(w.z, a.z, fma(w.y, a.y, fma(w.x, a.x, acc))));
-}
-
 // acc + the weights of texel q times x texels a, b.
 fn wdot(q: vec4<u32>, a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
     if (WDTYPE == 0u) {

@@ -8,6 +8,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::model::{LoadOptions, LogitsMode, Model};
+use crate::quant::{Encoding, Format};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -20,11 +21,13 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// Also measure decode after this many tokens of context (0: skip).
     pub deep_context: usize,
+    /// Quantize the weights at load (`--quant`).
+    pub quant: Option<Format>,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        Self { prefill: 512, decode: 128, batches: vec![1, 8, 32], repeat: 3, deep_context: 0 }
+        Self { prefill: 512, decode: 128, batches: vec![1, 8, 32], repeat: 3, deep_context: 0, quant: None }
     }
 }
 
@@ -41,13 +44,21 @@ pub struct BenchReport {
     pub model: String,
     pub adapter: String,
     pub weight_bytes: u64,
+    /// The format the matrices were quantized to at load, if any.
+    pub quant: Option<Format>,
+    /// GPU bytes of the weights alone (matrices and vectors; the embedding
+    /// stays in the file).
+    pub gpu_weight_bytes: u64,
+    /// GPU bytes of the matrices by encoding.
+    pub matrix_bytes: Vec<(Encoding, u64)>,
     pub load_s: f64,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub prefill_cpu_ms_per_token: f64,
     pub decode: Vec<DecodeFigure>,
     pub dispatches_per_token: f64,
-    /// Weight bytes one decoded token reads at batch 1 (all but the embedding table).
+    /// Weight bytes one decoded token reads at batch 1: the GPU weights and
+    /// one embedding row.
     pub weight_bytes_per_token: u64,
     pub gpu_bytes: u64,
     pub peak_rss_bytes: u64,
@@ -88,6 +99,13 @@ impl BenchReport {
             self.gpu_bytes,
             self.peak_rss_bytes
         );
+        let quant = self.quant.map_or("null".to_string(), |f| format!("{:?}", f.name()));
+        let by: Vec<String> = self.matrix_bytes.iter().map(|(e, b)| format!("{:?}:{b}", e.to_string())).collect();
+        s.push_str(&format!(
+            ",\"quant\":{quant},\"gpu_weight_bytes\":{},\"matrix_bytes\":{{{}}}",
+            self.gpu_weight_bytes,
+            by.join(",")
+        ));
         for d in &self.decode {
             if d.batch != 1 {
                 s.push_str(&format!(
@@ -120,6 +138,14 @@ impl BenchReport {
         t.push_str(&format!("model              {}\n", self.model));
         t.push_str(&format!("adapter            {}\n", self.adapter));
         t.push_str(&format!("weights            {:.3} GiB, loaded in {:.2} s\n", gb(self.weight_bytes), self.load_s));
+        let by: Vec<String> =
+            self.matrix_bytes.iter().map(|(e, b)| format!("{e} {:.1} MiB", *b as f64 / (1 << 20) as f64)).collect();
+        t.push_str(&format!(
+            "on the GPU         {:.1} MiB of weights{}; matrices: {}\n",
+            self.gpu_weight_bytes as f64 / (1 << 20) as f64,
+            self.quant.map_or(String::new(), |f| format!(" (quantized to {} at load)", f.name())),
+            by.join(", ")
+        ));
         t.push_str(&format!(
             "prefill pp{}       {:.2} tokens/s ({:.2} CPU ms/token)\n",
             self.prefill_tokens, self.prefill_tokens_per_s, self.prefill_cpu_ms_per_token
@@ -259,7 +285,7 @@ pub fn run(
     load: impl FnOnce(&LoadOptions) -> Result<Model>,
 ) -> Result<BenchReport> {
     // Default options, as users get them: prompts run in chunks of 128 tokens.
-    let opts = LoadOptions::default();
+    let opts = LoadOptions { quant: cfg.quant, ..Default::default() };
     let t0 = Instant::now();
     let mut model = Engine::new(std::sync::Arc::new(load(&opts)?), &EngineOptions::default())?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -341,18 +367,20 @@ pub fn run(
     }
 
     let emb_row_bytes = (info.n_embd * info.dtype.size()) as u64;
-    let emb_bytes = (info.vocab * info.n_embd * info.dtype.size()) as u64;
     Ok(BenchReport {
         model: name.to_string(),
         adapter: ctx.adapter().to_string(),
         weight_bytes: info.weight_bytes,
+        quant: info.quant,
+        gpu_weight_bytes: info.gpu_weight_bytes,
+        matrix_bytes: info.matrix_bytes.clone(),
         load_s,
         prefill_tokens: cfg.prefill,
         prefill_tokens_per_s: median(pp),
         prefill_cpu_ms_per_token: median(pp_cpu),
         decode,
         dispatches_per_token,
-        weight_bytes_per_token: info.weight_bytes - emb_bytes + emb_row_bytes,
+        weight_bytes_per_token: info.gpu_weight_bytes + emb_row_bytes,
         gpu_bytes,
         peak_rss_bytes: peak_rss_bytes(),
         deep_context: cfg.deep_context,

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use rwkv_wgpu::files::{write_atomic, Overwrite};
 use rwkv_wgpu::gpu::WeightStore;
+use rwkv_wgpu::quant::Format;
 use rwkv_wgpu::state::StateData;
 use rwkv_wgpu::tokenizer::HfTokenizer;
 use rwkv_wgpu::{
@@ -52,6 +53,12 @@ struct ModelArgs {
     /// A Transformer's KV cache element type: f16 (half the memory) or f32.
     #[arg(long, default_value_t = KvDtype::F16)]
     kv_cache: KvDtype,
+    /// Quantize the weight matrices (the head and LoRAs too) as they load:
+    /// `int8` (one f16 scale per block of 64 weights) or `4bit` (also `q4`:
+    /// llama.cpp's Q4_0 codes, a searched f16 scale per block of 64).
+    /// Matrices whose inputs no block of 32 or 64 divides stay as stored.
+    #[arg(long)]
+    quant: Option<Format>,
     /// Tokenizer: `world` (the RWKV World vocab, built in), a `rwkv_vocab*.txt`,
     /// or a Hugging Face `tokenizer.json`. Default: tokenizer.json or
     /// rwkv_vocab*.txt next to the model, else World for 65536-token models.
@@ -215,6 +222,12 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Quantize the weight matrices (the head and LoRAs too) as they load:
+        /// `int8` (one f16 scale per block of 64 weights) or `4bit` (also `q4`:
+        /// llama.cpp's Q4_0 codes, a searched f16 scale per block of 64).
+        /// Matrices whose inputs no block of 32 or 64 divides stay as stored.
+        #[arg(long)]
+        quant: Option<Format>,
         /// Instead of the figures: generate this many tokens (e.g. 100000)
         /// and print RSS and GPU bytes every 10,000 (a long-run check).
         #[arg(long, default_value_t = 0)]
@@ -247,6 +260,12 @@ enum Command {
         /// The Transformer's KV cache element type: f16 or f32.
         #[arg(long, default_value_t = KvDtype::F16)]
         kv_cache: KvDtype,
+        /// Quantize the weight matrices (the head and LoRAs too) as they load:
+        /// `int8` (one f16 scale per block of 64 weights) or `4bit` (also `q4`:
+        /// llama.cpp's Q4_0 codes, a searched f16 scale per block of 64).
+        /// Matrices whose inputs no block of 32 or 64 divides stay as stored.
+        #[arg(long)]
+        quant: Option<Format>,
         /// Tokens decoded per measurement.
         #[arg(long, default_value_t = 16)]
         tg: usize,
@@ -388,7 +407,7 @@ fn load(ctx: &GpuContext, args: &ModelArgs, need_tokenizer: bool) -> Result<Load
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
-    let mut opts = LoadOptions { kv_cache: args.kv_cache, ..Default::default() };
+    let mut opts = LoadOptions { kv_cache: args.kv_cache, quant: args.quant, ..Default::default() };
     let bar = (std::io::stdout().is_terminal() && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -691,7 +710,7 @@ fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path, i
 
 /// `rwkv bench`: speed and memory on a model file or a synthetic model.
 fn bench(cli: &Cli) -> Result<()> {
-    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json, soak } = &cli.command
+    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json, quant, soak } = &cli.command
     else {
         unreachable!("called for the bench command")
     };
@@ -704,6 +723,7 @@ fn bench(cli: &Cli) -> Result<()> {
         batches: batch.clone(),
         repeat: *repeat,
         deep_context: *deep,
+        quant: *quant,
     };
     // Arguments first: a bad shape is an error before any adapter is opened.
     let version: rwkv_wgpu::Version = rwkv_version.parse()?;
@@ -712,7 +732,7 @@ fn bench(cli: &Cli) -> Result<()> {
     let ctx = gpu(cli)?;
     if *soak > 0 {
         let path = model.as_ref().ok_or_else(|| anyhow!("--soak runs on a model file: give --model"))?;
-        let m = Arc::new(Model::load(&ctx, path, &LoadOptions::default())?);
+        let m = Arc::new(Model::load(&ctx, path, &LoadOptions { quant: *quant, ..Default::default() })?);
         let mut engine = Engine::new(m, &EngineOptions::default())?;
         out!("{:>10}  {:>12}  {:>12}  {:>10}", "tokens", "RSS bytes", "GPU bytes", "tokens/s");
         rwkv_wgpu::bench::soak(&ctx, &mut engine, *soak, 10_000, |s| {
@@ -815,6 +835,7 @@ fn compare(cli: &Cli) -> Result<()> {
         contexts,
         dtype,
         kv_cache,
+        quant,
         tg,
         prefill_max,
         batch,
@@ -854,7 +875,7 @@ fn compare(cli: &Cli) -> Result<()> {
         repeat: *repeat,
     };
     let ctx = gpu(cli)?;
-    let opts = LoadOptions { kv_cache: *kv_cache, ..Default::default() };
+    let opts = LoadOptions { kv_cache: *kv_cache, quant: *quant, ..Default::default() };
     let mut sides = Vec::new();
     for (spec, which, flag) in [
         (&rwkv_side, rwkv_wgpu::compare::Side::Rwkv, "--rwkv"),
@@ -925,6 +946,9 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     out!("dtype           {}", i.dtype.name());
     out!("weight bytes    {}", i.weight_bytes);
     out!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
+    let by: Vec<String> = i.matrix_bytes.iter().map(|(e, b)| format!("{e} {b}")).collect();
+    let how = i.quant.map_or(String::new(), |f| format!(" (quantized to {f} at load)"));
+    out!("matrices        {}{how}", by.join(", "));
     if m.model.is_transformer() {
         out!("kv cache        {} bytes per token of context ({})", i.kv_bytes_per_token, model.kv_cache);
     } else {

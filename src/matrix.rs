@@ -1,7 +1,7 @@
 //! The weight-matrix type. Model code only ever asks a `Matrix` to multiply;
-//! how the weights are encoded stays in here, so int8 and
-//! 4-bit block encodings can be added as new `Encoding`s without touching
-//! any model file.
+//! how the weights are encoded (checkpoint floats, or int8 / 4-bit blocks
+//! quantized at load: [`Encoding`]) stays in here and in the kernel plan,
+//! so no model file knows about quantization.
 //!
 //! Where the weights live is chosen per adapter ([`WeightStore`]):
 //! - storage buffers: a matrix larger than one binding (lavapipe allows
@@ -14,20 +14,16 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{Act, LinearParams, LinearTexParams, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG};
+use crate::gpu::kernels::{
+    Act, LinearParams, LinearTexParams, LINEAR_Q_ROWS, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
+};
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, KernelPlan, Pipeline, Recorder, Release, WeightStore, XSource, STORAGE,
     UPLOAD_SLICE, WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
+pub use crate::quant::Encoding;
+use crate::quant::{gpu_rows_from_bytes, Format, Quantized};
 use crate::tensor::{Dtype, Tensor};
-
-/// How the elements of a matrix are stored on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// Plain floats as in the checkpoint (f32, f16, bf16), widened exactly
-    /// to f32 inside the kernels.
-    Float(Dtype),
-}
 
 struct Part {
     row0: usize,
@@ -81,9 +77,70 @@ impl Matrix {
         max_part_bytes: u64,
         release: Release,
     ) -> Result<Self> {
-        let row_bytes = cols * dtype.size();
+        Self::upload_encoded(ctx, store, name, None, dtype, rows, cols, bytes, max_part_bytes, release)
+    }
+
+    /// As [`Matrix::upload_to`], quantized to `quant` where the columns
+    /// allow it ([`Encoding::choose`]; else in the checkpoint's floats). The
+    /// quantized rows are made a block of rows at a time from `bytes`, which
+    /// are released as soon as they are read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upload_encoded(
+        ctx: &GpuContext,
+        store: WeightStore,
+        name: &str,
+        quant: Option<Format>,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_part_bytes: u64,
+        release: Release,
+    ) -> Result<Self> {
+        let encoding = Encoding::choose(quant, dtype, cols);
+        match encoding {
+            Encoding::Float(_) => Self::place(ctx, store, name, encoding, rows, cols, bytes, max_part_bytes, release),
+            Encoding::Blocks(scheme) => {
+                let gpu = gpu_rows_from_bytes(scheme, dtype, bytes, rows, cols)?;
+                if let Some(r) = release {
+                    r(bytes);
+                }
+                Self::place(ctx, store, name, encoding, rows, cols, &gpu, max_part_bytes, None)
+            }
+        }
+    }
+
+    /// Uploads a matrix quantized already (a pre-quantized file's tensor),
+    /// in `store` where the shape allows it.
+    pub fn upload_quantized(
+        ctx: &GpuContext,
+        store: WeightStore,
+        name: &str,
+        q: &Quantized,
+        max_part_bytes: u64,
+    ) -> Result<Self> {
+        let encoding = Encoding::Blocks(q.scheme);
+        Self::place(ctx, store, name, encoding, q.rows, q.cols, &q.gpu_rows(), max_part_bytes, None)
+    }
+
+    /// Uploads rows already in `encoding`'s GPU layout.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        ctx: &GpuContext,
+        store: WeightStore,
+        name: &str,
+        encoding: Encoding,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_part_bytes: u64,
+        release: Release,
+    ) -> Result<Self> {
+        let row_bytes = encoding.row_bytes(cols);
         if store == WeightStore::Texture && ctx.subgroup_size().is_some() {
-            if let Some(m) = Self::upload_texture(ctx, name, dtype, rows, cols, bytes, max_part_bytes, release)? {
+            if let Some(m) =
+                Self::upload_texture(ctx, name, encoding, rows, cols, bytes, max_part_bytes, release)?
+            {
                 return Ok(m);
             }
         }
@@ -97,7 +154,7 @@ impl Matrix {
             parts.push(Part { row0, rows: n, buffer });
             row0 += n;
         }
-        Ok(Self { rows, cols, encoding: Encoding::Float(dtype), store: Store::Buffers(parts) })
+        Ok(Self { rows, cols, encoding, store: Store::Buffers(parts) })
     }
 
     /// The texture store, or `None` where the shape does not fit one.
@@ -105,7 +162,7 @@ impl Matrix {
     fn upload_texture(
         ctx: &GpuContext,
         name: &str,
-        dtype: Dtype,
+        encoding: Encoding,
         rows: usize,
         cols: usize,
         bytes: &[u8],
@@ -114,7 +171,7 @@ impl Matrix {
     ) -> Result<Option<Self>> {
         let (max_dim, max_layers) = ctx.max_texture_dims();
         let (max_dim, max_layers) = (max_dim as usize, max_layers as usize);
-        let row_bytes = cols * dtype.size();
+        let row_bytes = encoding.row_bytes(cols);
         let texels = row_bytes / 16;
         if rows == 0 || !cols.is_multiple_of(64) || texels > max_dim {
             return Ok(None);
@@ -168,7 +225,7 @@ impl Matrix {
         Ok(Some(Self {
             rows,
             cols,
-            encoding: Encoding::Float(dtype),
+            encoding,
             store: Store::Texture { texture: Arc::new(texture), layer_rows },
         }))
     }
@@ -176,10 +233,17 @@ impl Matrix {
     /// A checkpoint tensor `[out, in]` used as `x @ W.T`; `release` is
     /// called with each slice of its bytes once uploaded (the loader lets
     /// the OS drop those pages of the file mapping).
-    pub fn from_tensor(ctx: &GpuContext, t: &Tensor, max_part_bytes: u64, release: Release) -> Result<Self> {
+    /// Quantized to `quant` where its columns allow ([`Encoding::choose`]).
+    pub fn from_tensor(
+        ctx: &GpuContext,
+        t: &Tensor,
+        quant: Option<Format>,
+        max_part_bytes: u64,
+        release: Release,
+    ) -> Result<Self> {
         let store = ctx.weight_store();
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        Self::upload_to(ctx, store, t.name, t.dtype, rows, cols, t.bytes, max_part_bytes, release)
+        Self::upload_encoded(ctx, store, t.name, quant, t.dtype, rows, cols, t.bytes, max_part_bytes, release)
     }
 
     /// A checkpoint LoRA tensor `[in, out]` used as `x @ W`: stored transposed
@@ -192,10 +256,11 @@ impl Matrix {
         t: &Tensor,
         rows: usize,
         cols: usize,
+        quant: Option<Format>,
         max_part: u64,
     ) -> Result<Self> {
         let bytes = t.transposed_bytes_padded(rows, cols);
-        Self::upload(ctx, t.name, t.dtype, rows, cols, &bytes, max_part)
+        Self::upload_encoded(ctx, ctx.weight_store(), t.name, quant, t.dtype, rows, cols, &bytes, max_part, None)
     }
 
     pub fn bytes(&self) -> u64 {
@@ -221,12 +286,6 @@ impl Matrix {
         }
     }
 
-    fn dtype(&self) -> Dtype {
-        match self.encoding {
-            Encoding::Float(d) => d,
-        }
-    }
-
     /// Records `Y[n, :] (+)= act(X[n, :] @ W.T)` for `n_rows` rows.
     /// `x_offset`/`y_offset` are element offsets; Y has row stride `rows`.
     #[allow(clippy::too_many_arguments)]
@@ -247,6 +306,11 @@ impl Matrix {
                 return self.linear_tex(rec, texture, *layer_rows, x, x_offset, y, y_offset, n_rows, act, accumulate)
             }
         };
+        if matches!(self.encoding, Encoding::Blocks(_)) && !x_offset.is_multiple_of(4) {
+            return Err(Error::InvalidArgument(format!(
+                "quantized matrix: x offset {x_offset} is not a multiple of 4 elements"
+            )));
+        }
         for part in parts {
             let params = LinearParams {
                 n_rows: n_rows as u32,
@@ -260,12 +324,16 @@ impl Matrix {
                 accumulate: accumulate as u32,
                 _pad: [0; 3],
             };
-            let key = rec.ctx().plan().buffer_linear(self.dtype(), self.cols, n_rows, x_offset);
+            let key = rec.ctx().plan().buffer_linear(self.encoding, self.cols, n_rows, x_offset);
             let groups = match key {
                 // One subgroup-sized workgroup per LINEAR_SG_ROWS output rows
                 // and `tokens` tokens.
                 Pipeline::LinearSg { tokens, .. } => {
                     [(part.rows as u32).div_ceil(LINEAR_SG_ROWS), (n_rows as u32).div_ceil(tokens), 1]
+                }
+                // One workgroup per LINEAR_Q_ROWS rows and `tokens` tokens.
+                Pipeline::LinearQ { tokens, .. } => {
+                    [(part.rows as u32).div_ceil(LINEAR_Q_ROWS), (n_rows as u32).div_ceil(tokens), 1]
                 }
                 _ => [(part.rows as u32).div_ceil(WG), (n_rows as u32).div_ceil(LINEAR_TN), 1],
             };
@@ -337,7 +405,7 @@ impl Matrix {
             };
             let lanes = ctx.subgroup_size().unwrap_or(1);
             let source = if uniform { XSource::Window } else { XSource::Texture };
-            let key = plan.texture_linear(self.dtype(), self.rows, nb, source);
+            let key = plan.texture_linear(self.encoding, self.rows, nb, source);
             let Pipeline::LinearTex { tile, .. } = key else { unreachable!() };
             let row_tiles = (self.rows as u32).div_ceil(KernelPlan::lane_rows(tile) * lanes);
             let groups =
@@ -347,5 +415,14 @@ impl Matrix {
             n0 += nb;
         }
         Ok(())
+    }
+}
+
+/// Adds `m`'s GPU bytes to its encoding's entry of `tally` (the weight
+/// bytes by format that `inspect` and `bench` report).
+pub fn tally(tally: &mut Vec<(Encoding, u64)>, m: &Matrix) {
+    match tally.iter_mut().find(|(e, _)| *e == m.encoding) {
+        Some((_, b)) => *b += m.bytes(),
+        None => tally.push((m.encoding, m.bytes())),
     }
 }

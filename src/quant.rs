@@ -82,6 +82,19 @@ impl Format {
     }
 }
 
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Format::parse(s)
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A format and its block size along the input dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scheme {
@@ -105,6 +118,45 @@ impl Scheme {
 impl std::fmt::Display for Scheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.format.name(), self.block)
+    }
+}
+
+/// How the elements of a weight matrix are stored on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// Plain floats as in the checkpoint (f32, f16, bf16), widened exactly
+    /// to f32 inside the kernels.
+    Float(Dtype),
+    /// Block-quantized codes and f16 scales, in the kernels' [`RowLayout`].
+    Blocks(Scheme),
+}
+
+impl Encoding {
+    /// The encoding a `[_, cols]` matrix of `dtype` gets when loaded with
+    /// `quant`: that format's [`Scheme::for_cols`], else (no format, or
+    /// columns no block divides) the checkpoint's floats.
+    pub fn choose(quant: Option<Format>, dtype: Dtype, cols: usize) -> Self {
+        match quant.and_then(|f| Scheme::for_cols(f, cols)) {
+            Some(s) => Encoding::Blocks(s),
+            None => Encoding::Float(dtype),
+        }
+    }
+
+    /// Bytes of one row of `cols` weights on the GPU.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Encoding::Float(d) => cols * d.size(),
+            Encoding::Blocks(s) => RowLayout::new(s, cols).row_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Encoding::Float(d) => f.write_str(d.name()),
+            Encoding::Blocks(s) => write!(f, "{s}"),
+        }
     }
 }
 
@@ -286,6 +338,28 @@ pub fn quantize_bytes(scheme: Scheme, dtype: Dtype, bytes: &[u8], rows: usize, c
         let q = quantize(scheme, &v, n, cols)?;
         out.codes.extend_from_slice(&q.codes);
         out.scales.extend_from_slice(&q.scales);
+    }
+    Ok(out)
+}
+
+/// A row-major `[rows, cols]` matrix of `dtype` from `bytes`, quantized
+/// in the kernels' row layout ([`Quantized::gpu_rows`]) a block of rows at
+/// a time: besides the result, at most one block of rows is held.
+pub fn gpu_rows_from_bytes(scheme: Scheme, dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
+    const ROWS_AT_ONCE: usize = 1024;
+    let row_bytes = cols * dtype.size();
+    if bytes.len() != rows * row_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "quantizing [{rows}, {cols}] {}: {} bytes",
+            dtype.name(),
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(rows * RowLayout::new(scheme, cols).row_bytes());
+    for r0 in (0..rows).step_by(ROWS_AT_ONCE) {
+        let n = ROWS_AT_ONCE.min(rows - r0);
+        let q = quantize_bytes(scheme, dtype, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], n, cols)?;
+        out.extend_from_slice(&q.gpu_rows());
     }
     Ok(out)
 }

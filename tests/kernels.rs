@@ -16,6 +16,7 @@ use rwkv_wgpu::gpu::{
 use rwkv_wgpu::ops::{record_wkv5, record_wkv7, WkvTextures};
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Dtype;
+use rwkv_wgpu::quant::{quantize, Format, Scheme};
 use rwkv_wgpu::Matrix;
 
 /// Largest |gpu − cpu| / (1 + |cpu|) allowed for a single kernel in f32.
@@ -269,6 +270,99 @@ fn linear_subgroup_kernel() {
                     }
                 }
                 check(&format!("linear_sg {dtype:?} n={n} {act:?}"), &ctx.read_f32(&yb).unwrap(), &want);
+            }
+        }
+    }
+}
+
+/// The block-quantized matrix kernels (`linear_q.wgsl` on buffers,
+/// `linear_q_tex.wgsl` on textures) against the CPU product with
+/// `Quantized::dequantize`'s exact weights: int8 and q4, blocks of 32 and
+/// 64, one token and several (not multiples of either kernel's token tile),
+/// rows not a multiple of a row tile and split over three parts or layers,
+/// X at an offset, Y accumulated, and x read through the x texture and the
+/// uniform window. Each token's row of a batched product must equal the
+/// product of that token alone, bit for bit (batch == single).
+#[test]
+fn linear_quantized_kernels() {
+    let Some(ctx) = gpu() else { return };
+    let ws = Workspace::new();
+    let mut stores = vec![WeightStore::Buffer];
+    if ctx.subgroup_size().is_some() {
+        stores.push(WeightStore::Texture);
+    } else if std::env::var_os("CI").is_some() {
+        panic!("CI runs on lavapipe, which has fixed-size subgroups: the texture kernel must be tested");
+    }
+    let mut rng = Rng::new(31);
+    let tile = ctx.plan().texture_tile_rows();
+    for store in stores {
+        for format in [Format::Int8, Format::Q4] {
+            for block in [32, 64] {
+                let scheme = Scheme { format, block };
+                // (tokens, d_in, d_out, act, accumulate, windowed)
+                let mut cases = vec![
+                    (1, 192, 2 * tile + 7, Act::None, false, false),
+                    (1, 192, 150, Act::Tanh, true, true),
+                    (2, 192, 150, Act::Sigmoid, false, true),
+                    (7, 256, 2 * tile + 7, Act::ReluSq, true, false),
+                    (9, 192, 37, Act::None, false, true),
+                    (17, 64, 150, Act::Silu, false, false),
+                    // 12 blocks of 64 (768 wide): a scale texel and a half.
+                    (3, 768, 20, Act::None, true, true),
+                ];
+                if block == 32 {
+                    // Columns that are whole blocks of 32 but not 64 wide
+                    // (texture matrices fall back to buffers).
+                    cases.push((5, 96, 40, Act::None, false, false));
+                }
+                for (n, d_in, d_out, act, accumulate, windowed) in cases {
+                    let w = rng.vec(d_out * d_in, 0.3);
+                    let q = quantize(scheme, &w, d_out, d_in).unwrap();
+                    let wv = q.dequantize();
+                    let row_bytes = q.bytes() / d_out;
+                    let part = (tile * row_bytes) as u64;
+                    let m = Matrix::upload_quantized(&ctx, store, "w", &q, part).unwrap();
+                    let want_store = if d_in % 64 == 0 { store } else { WeightStore::Buffer };
+                    assert_eq!(m.store(), want_store, "{scheme} [{d_out}, {d_in}]");
+                    assert_eq!(m.part_count(), d_out.div_ceil(tile));
+                    let x_off = 8;
+                    let x = rng.vec(x_off + n * d_in, 1.0);
+                    let y0 = rng.vec(5 + n * d_out, 1.0);
+                    let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
+                    let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
+                    let (xb, yb) = (ctx.storage_f32("x", &xs).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+                    run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
+                    let got = ctx.read_f32(&yb).unwrap();
+                    let mut want = f64s(&y0);
+                    for t in 0..n {
+                        for o in 0..d_out {
+                            let acc: f64 =
+                                (0..d_in).map(|i| wv[o * d_in + i] as f64 * x[x_off + t * d_in + i] as f64).sum();
+                            let v = act_ref(act, acc);
+                            let yi = 5 + t * d_out + o;
+                            want[yi] = if accumulate { want[yi] + v } else { v };
+                        }
+                    }
+                    let what = format!("{store:?} {scheme} n={n} [{d_out}, {d_in}] {act:?} windowed={windowed}");
+                    check(&what, &got, &want);
+                    // Batch == single: token t alone, from its own x row.
+                    if n > 1 {
+                        for t in [0, n / 2, n - 1] {
+                            let y1 = ctx.storage_f32("y1", &y0[5 + t * d_out..5 + (t + 1) * d_out]).unwrap();
+                            let x1: Vec<f32> = x[x_off + t * d_in..x_off + (t + 1) * d_in]
+                                .iter()
+                                .copied()
+                                .chain(std::iter::repeat_n(0.0, slack))
+                                .collect();
+                            let xb1 = ctx.storage_f32("x1", &x1).unwrap();
+                            run(&ctx, &ws, |rec| m.linear(rec, &xb1, 0, &y1, 0, 1, act, accumulate).unwrap());
+                            let solo = ctx.read_f32(&y1).unwrap();
+                            let batched = &got[5 + t * d_out..5 + (t + 1) * d_out];
+                            let same = solo.iter().zip(batched).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{what}: token {t} alone differs from its row of the batch");
+                        }
+                    }
+                }
             }
         }
     }

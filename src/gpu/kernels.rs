@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
+use crate::quant::{Encoding, Format, Scheme};
 use crate::tensor::Dtype;
 
 /// Shared WGSL helpers prepended to every kernel (WGSL has no includes).
@@ -23,6 +24,8 @@ pub enum Kernel {
     Linear,
     LinearSg,
     LinearTex,
+    LinearQ,
+    LinearQTex,
     V7Prep,
     Wkv7,
     Wkv7Tex,
@@ -52,6 +55,8 @@ impl Kernel {
             Kernel::Linear => include_str!("../../shaders/linear.wgsl"),
             Kernel::LinearSg => include_str!("../../shaders/linear_sg.wgsl"),
             Kernel::LinearTex => include_str!("../../shaders/linear_tex.wgsl"),
+            Kernel::LinearQ => include_str!("../../shaders/linear_q.wgsl"),
+            Kernel::LinearQTex => include_str!("../../shaders/linear_q_tex.wgsl"),
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Wkv7Tex => include_str!("../../shaders/wkv7_tex.wgsl"),
@@ -156,9 +161,15 @@ pub enum Pipeline {
         weights: Dtype,
         tokens: u32,
     },
-    /// `linear_tex.wgsl`.
+    /// `linear_q.wgsl`: block-quantized weights (`QF`, `QB`), `tokens` per
+    /// workgroup (`TN`: 1 or LINEAR_TN).
+    LinearQ {
+        scheme: Scheme,
+        tokens: u32,
+    },
+    /// `linear_tex.wgsl` for float weights, `linear_q_tex.wgsl` for blocks.
     LinearTex {
-        weights: Dtype,
+        weights: Encoding,
         tile: TexTile,
         x: XSource,
     },
@@ -189,7 +200,9 @@ impl Pipeline {
             Pipeline::Wkv4 => Kernel::Wkv4,
             Pipeline::Linear(_) => Kernel::Linear,
             Pipeline::LinearSg { .. } => Kernel::LinearSg,
-            Pipeline::LinearTex { .. } => Kernel::LinearTex,
+            Pipeline::LinearQ { .. } => Kernel::LinearQ,
+            Pipeline::LinearTex { weights: Encoding::Float(_), .. } => Kernel::LinearTex,
+            Pipeline::LinearTex { weights: Encoding::Blocks(_), .. } => Kernel::LinearQTex,
         }
     }
 
@@ -220,7 +233,10 @@ impl Pipeline {
             Pipeline::LinearSg { weights, tokens } => {
                 vec![("WDTYPE", wdtype(weights) as f64), ("WG", need_sg()? as f64), ("TN", tokens as f64)]
             }
-            Pipeline::LinearTex { weights, tile, x } => {
+            Pipeline::LinearQ { scheme, tokens } => {
+                vec![("QF", qf(scheme.format) as f64), ("QB", scheme.block as f64), ("TN", tokens as f64)]
+            }
+            Pipeline::LinearTex { weights: Encoding::Float(weights), tile, x } => {
                 let pr = match tile {
                     TexTile::PrefillSmall => LINEAR_TEX_PREFILL_LANE_ROWS_SMALL,
                     _ => LINEAR_TEX_PREFILL_LANE_ROWS,
@@ -232,6 +248,14 @@ impl Pipeline {
                     ("PR", pr as f64),
                 ]
             }
+            // One tile of 8 rows per lane for any number of tokens (`decode`
+            // or `prefill`): the plan never asks for `TexTile::Prefill`.
+            Pipeline::LinearTex { weights: Encoding::Blocks(scheme), x, .. } => vec![
+                ("WG", need_sg()? as f64),
+                ("XU", (x == XSource::Window) as u32 as f64),
+                ("QF", qf(scheme.format) as f64),
+                ("QB", scheme.block as f64),
+            ],
             _ => Vec::new(),
         })
     }
@@ -268,6 +292,17 @@ pub fn wdtype(d: Dtype) -> u32 {
         Dtype::BF16 => 2,
     }
 }
+
+/// `QF` override value for a block format.
+pub fn qf(f: Format) -> u32 {
+    match f {
+        Format::Int8 => 0,
+        Format::Q4 => 1,
+    }
+}
+
+/// Output rows per workgroup of `linear_q.wgsl` (its `ROWS`).
+pub const LINEAR_Q_ROWS: u32 = 4;
 
 /// Activation applied by `linear.wgsl` before storing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

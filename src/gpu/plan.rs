@@ -10,6 +10,7 @@ use super::kernels::{
     Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
     LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, X_WINDOW_BYTES,
 };
+use crate::quant::Encoding;
 use crate::tensor::Dtype;
 
 /// Where matrix weights are stored, chosen per adapter.
@@ -134,8 +135,15 @@ impl KernelPlan {
     /// `cols` columns of `weights`, x at element `x_offset`: the subgroup
     /// kernel where subgroups have a fixed size and rows are whole vec4 words
     /// (8 weights of 16 bits or 4 of f32), with 4 tokens per workgroup (1 for
-    /// a single token: decode); else `linear.wgsl`.
-    pub fn buffer_linear(&self, weights: Dtype, cols: usize, n_rows: usize, x_offset: usize) -> Pipeline {
+    /// a single token: decode); else `linear.wgsl`. Block-quantized weights
+    /// take `linear_q.wgsl` (any group size), 1 or LINEAR_TN tokens per workgroup.
+    pub fn buffer_linear(&self, weights: Encoding, cols: usize, n_rows: usize, x_offset: usize) -> Pipeline {
+        let weights = match weights {
+            Encoding::Blocks(scheme) => {
+                return Pipeline::LinearQ { scheme, tokens: if n_rows == 1 { 1 } else { LINEAR_TN } }
+            }
+            Encoding::Float(d) => d,
+        };
         let words = match weights {
             Dtype::F32 => cols.is_multiple_of(4),
             Dtype::F16 | Dtype::BF16 => cols.is_multiple_of(8),
@@ -151,11 +159,14 @@ impl KernelPlan {
     /// The texture-store matrix kernel for a window of `n_tokens` tokens of
     /// a `rows`-row matrix: `decode` for one token, else the prefill tile,
     /// whose 8-row variant serves matrices of at most 8 rows per lane (LoRA
-    /// ranks, which the 16-row tile would leave half idle).
-    pub fn texture_linear(&self, weights: Dtype, rows: usize, n_tokens: usize, x: XSource) -> Pipeline {
+    /// ranks, which the 16-row tile would leave half idle). Block-quantized
+    /// weights always take the 8-row tile: `linear_q_tex.wgsl`'s prefill
+    /// holds 8 rows by 8 tokens (its per-block sums take the registers a
+    /// 16-row tile would need).
+    pub fn texture_linear(&self, weights: Encoding, rows: usize, n_tokens: usize, x: XSource) -> Pipeline {
         let tile = if n_tokens == 1 {
             TexTile::Decode
-        } else if self.small_rows(rows) {
+        } else if self.small_rows(rows) || matches!(weights, Encoding::Blocks(_)) {
             TexTile::PrefillSmall
         } else {
             TexTile::Prefill
@@ -182,7 +193,7 @@ impl KernelPlan {
     /// compiling ahead of time (the 8-row tile of small matrices is in
     /// [`KernelPlan::small_tile`]). Derived from the functions recording
     /// uses, at the token counts that select each variant.
-    pub fn linear_pipelines(&self, weights: Dtype) -> Vec<Pipeline> {
+    pub fn linear_pipelines(&self, weights: Encoding) -> Vec<Pipeline> {
         match self.matrix_kernel() {
             MatrixKernel::Plain => vec![self.buffer_linear(weights, 8, 1, 0)],
             MatrixKernel::Subgroup => {
@@ -218,7 +229,7 @@ impl KernelPlan {
     /// Only a model knows whether it has such matrices, and each compiled
     /// variant keeps MiBs of JIT memory on llvmpipe, so it is not among
     /// [`KernelPlan::linear_pipelines`].
-    pub fn small_tile(&self, weights: Dtype, rows: usize, d_in: usize) -> Option<Pipeline> {
+    pub fn small_tile(&self, weights: Encoding, rows: usize, d_in: usize) -> Option<Pipeline> {
         (self.matrix_kernel() == MatrixKernel::Texture && self.small_rows(rows)).then(|| {
             let tokens = LINEAR_TEX_TOKENS as usize;
             self.texture_linear(weights, rows, tokens, Self::x_source(d_in, tokens))

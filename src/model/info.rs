@@ -6,6 +6,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 pub use crate::loader::hf::Family;
+use crate::quant::{Encoding, Format};
 use crate::tensor::Dtype;
 
 /// RWKV generations, as ChatRWKV tells them apart.
@@ -94,6 +95,11 @@ pub struct ModelInfo {
     /// GPU bytes of the uploaded weights (all but the embedding, which is
     /// read from the file; LoRAs may be padded for the adapter's kernels).
     pub gpu_weight_bytes: u64,
+    /// The format the matrices were quantized to at load, if any.
+    pub quant: Option<Format>,
+    /// GPU bytes of the weight matrices by encoding (with `quant`, a matrix
+    /// whose columns no block divides stays in the checkpoint's floats).
+    pub matrix_bytes: Vec<(Encoding, u64)>,
     /// RWKV: the whole state. A Transformer: 0 (see `kv_bytes_per_token`).
     pub state_bytes_per_sequence: u64,
     /// A Transformer's KV cache bytes per token of context (all layers); 0 for RWKV.

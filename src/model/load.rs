@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::MAX_HEAD_SIZE;
 use crate::gpu::GpuContext;
 use crate::loader::SafeTensorsFile;
-use crate::matrix::Matrix;
+use crate::matrix::{tally, Matrix};
+use crate::quant::{Encoding, Format};
 use crate::model::info::Progress;
 use crate::state::StateLayout;
 use crate::tensor::{Dtype, Tensor};
@@ -66,12 +67,16 @@ pub struct BlockLoader<'f> {
     pub ctx: &'f GpuContext,
     pub f: &'f SafeTensorsFile,
     pub c: usize,
+    /// Quantize matrices to this format (`LoadOptions::quant`).
+    pub quant: Option<Format>,
     /// Split matrices into parts of at most this many bytes.
     pub max_part: u64,
     /// Parameters read so far (every element of every tensor read).
     pub parameters: u64,
     /// GPU bytes of everything uploaded so far.
     pub gpu_bytes: u64,
+    /// GPU bytes of the matrices by encoding.
+    pub matrices: Vec<(Encoding, u64)>,
     total: u64,
     done: Cell<u64>,
     progress: Option<Progress>,
@@ -82,10 +87,11 @@ impl<'f> BlockLoader<'f> {
         ctx: &'f GpuContext,
         f: &'f SafeTensorsFile,
         c: usize,
+        quant: Option<Format>,
         max_part: u64,
         progress: Option<Progress>,
     ) -> Self {
-        Self { ctx, f, c, max_part, parameters: 0, gpu_bytes: 0, total: f.data_bytes(), done: Cell::new(0), progress }
+        Self { ctx, f, c, quant, max_part, parameters: 0, gpu_bytes: 0, matrices: Vec::new(), total: f.data_bytes(), done: Cell::new(0), progress }
     }
 
     /// Called once a tensor has been read: reports progress, lets the OS
@@ -121,8 +127,9 @@ impl<'f> BlockLoader<'f> {
         let t = f.expect(name, &[rows, cols])?;
         self.parameters += t.len() as u64;
         let release = |b: &[u8]| f.release_bytes(b);
-        let m = Matrix::from_tensor(self.ctx, &t, self.max_part, Some(&release))?;
+        let m = Matrix::from_tensor(self.ctx, &t, self.quant, self.max_part, Some(&release))?;
         self.gpu_bytes += m.bytes();
+        tally(&mut self.matrices, &m);
         self.done(&t)?;
         Ok(m)
     }
@@ -142,9 +149,10 @@ impl<'f> BlockLoader<'f> {
         let c = self.c;
         let plan = self.ctx.plan();
         let pad = |d: usize| if d == c { d } else { plan.lora_rank(d) };
-        let m = Matrix::from_tensor_transposed(self.ctx, t, pad(rows), pad(cols), self.max_part)?;
+        let m = Matrix::from_tensor_transposed(self.ctx, t, pad(rows), pad(cols), self.quant, self.max_part)?;
         self.parameters += t.len() as u64;
         self.gpu_bytes += m.bytes();
+        tally(&mut self.matrices, &m);
         Ok(m)
     }
 

@@ -27,6 +27,7 @@ use crate::gpu::{GpuBuffer, GpuContext, Pipeline, Recorder};
 use crate::loader::hf::{HfFolder, HfWeights};
 use crate::loader::SafeTensorsFile;
 use crate::matrix::Matrix;
+use crate::quant::{Encoding, Format};
 use crate::state::{State, StateLayout};
 use crate::tensor::Tensor;
 use load::{BlockLoader, Dims};
@@ -105,6 +106,9 @@ pub struct LoadOptions {
     pub progress: Option<Progress>,
     /// A Transformer's KV cache element type (f16 unless set).
     pub kv_cache: KvDtype,
+    /// Quantize the weight matrices (the head and LoRAs included) to this
+    /// format as they are uploaded; `None` keeps the checkpoint's floats.
+    pub quant: Option<Format>,
 }
 
 /// The layers of each generation.
@@ -174,7 +178,7 @@ impl Model {
     pub fn from_folder(ctx: &GpuContext, folder: HfFolder, opts: &LoadOptions) -> Result<Self> {
         let cfg = folder.config.clone();
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
-        let l = transformer::load(ctx, &folder, opts.kv_cache, max_part, opts.progress.clone())?;
+        let l = transformer::load(ctx, &folder, opts.kv_cache, opts.quant, max_part, opts.progress.clone())?;
         let c = cfg.hidden;
         let mut g = vec![0f32; 4 * c];
         g[LNOUT_W * c..(LNOUT_W + 2) * c].copy_from_slice(&l.final_norm);
@@ -193,6 +197,8 @@ impl Model {
             parameters: l.parameters,
             weight_bytes: folder.weights.files().iter().map(|f| f.data_bytes()).sum(),
             gpu_weight_bytes: l.gpu_bytes + globals.size(),
+            quant: opts.quant,
+            matrix_bytes: l.matrices,
             state_bytes_per_sequence: 0,
             kv_bytes_per_token: l.layout.kv_bytes_per_position(),
             eos: cfg.eos.clone(),
@@ -230,10 +236,10 @@ impl Model {
             Version::V7 => v7::heads(f, d.c)?,
         };
         let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(d.c);
-        compile_pipelines(ctx, version, &d, head_size, ffn)?;
+        compile_pipelines(ctx, version, &d, head_size, ffn, opts.quant)?;
 
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
-        let mut ld = BlockLoader::new(ctx, f, d.c, max_part, opts.progress.clone());
+        let mut ld = BlockLoader::new(ctx, f, d.c, opts.quant, max_part, opts.progress.clone());
         // The embedding stays in the file (see `Model::file`); its pages are
         // dropped now and read back row by row as tokens use them.
         ld.skip("emb.weight")?;
@@ -278,6 +284,8 @@ impl Model {
             parameters: ld.parameters,
             weight_bytes: f.data_bytes(),
             gpu_weight_bytes: ld.gpu_bytes,
+            quant: opts.quant,
+            matrix_bytes: ld.matrices.clone(),
             state_bytes_per_sequence: layout.bytes_per_sequence(),
             kv_bytes_per_token: 0,
             eos: vec![RWKV_EOS],
@@ -332,15 +340,16 @@ impl Model {
                 dtype: self.info.dtype,
             };
             let version = self.info.version().expect("an RWKV model");
-            return pipelines(&self.ctx, version, &d, self.info.head_size, self.info.ffn);
+            return pipelines(&self.ctx, version, &d, self.info.head_size, self.info.ffn, self.info.quant);
         };
         let mut v = vec![Pipeline::GatherRows];
         v.extend(t.pipelines(&self.ctx));
-        v.extend(plan.linear_pipelines(self.info.dtype));
         let mut shapes = t.matrix_shapes();
         shapes.push((self.info.vocab, self.info.n_embd));
         for (rows, cols) in shapes {
-            v.extend(plan.small_tile(self.info.dtype, rows, cols));
+            let e = Encoding::choose(self.info.quant, self.info.dtype, cols);
+            v.extend(plan.linear_pipelines(e));
+            v.extend(plan.small_tile(e, rows, cols));
         }
         let mut seen = std::collections::HashSet::new();
         v.retain(|p| seen.insert(*p));
@@ -465,7 +474,14 @@ impl Model {
 /// The pipelines a model of `version` uses on this adapter, asked of the
 /// kernel plan as recording asks it (`tests/golden.rs` checks that steps of
 /// every generation on each kernel path compile nothing more).
-fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn: usize) -> Vec<Pipeline> {
+fn pipelines(
+    ctx: &GpuContext,
+    version: Version,
+    d: &Dims,
+    head_size: usize,
+    ffn: usize,
+    quant: Option<Format>,
+) -> Vec<Pipeline> {
     let plan = ctx.plan();
     let mut v = vec![plan.layer_norm(), plan.token_shift(), Pipeline::GatherRows];
     let tex = plan.wkv_textures(head_size);
@@ -475,17 +491,25 @@ fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn
         Version::V4 => v.extend([Pipeline::Wkv4, Pipeline::MulAdd]),
         _ => v.extend([plan.wkv5(tex), plan.group_norm(), Pipeline::MulAdd]),
     }
-    v.extend(plan.linear_pipelines(d.dtype));
-    // The 8-row prefill tile, for the matrices small enough to take it, by
-    // their input width: LoRA down-projections (v6, v7: rank <= 64, from C),
-    // and every matrix of a model that narrow ([C, C], [C, F] and [F, C]).
+    // The matrix kernels of each encoding the matrices get (by their input
+    // width, with `quant`), and the 8-row prefill tile for the matrices
+    // small enough to take it: LoRA down-projections (v6, v7: rank <= 64,
+    // from C), and every matrix of a model that narrow ([C, C], [C, F] and
+    // [F, C]). LoRA up-projections take a rank as input: padded to 64 on
+    // the texture store; on buffers a rank of 32 takes blocks of 32, one of
+    // 16 (no block divides it) stays in floats.
     let c = d.c;
     let mut rows_and_inputs = vec![(c, c), (ffn, c), (c, ffn), (d.vocab, c)];
     if matches!(version, Version::V6 | Version::V7) {
         rows_and_inputs.push((64, c));
+        if quant.is_some() {
+            rows_and_inputs.extend([(c, plan.lora_rank(32)), (c, plan.lora_rank(16))]);
+        }
     }
     for (rows, cols) in rows_and_inputs {
-        v.extend(plan.small_tile(d.dtype, rows, cols));
+        let e = Encoding::choose(quant, d.dtype, cols);
+        v.extend(plan.linear_pipelines(e));
+        v.extend(plan.small_tile(e, rows, cols));
     }
     let mut seen = std::collections::HashSet::new();
     v.retain(|p| seen.insert(*p));
@@ -497,8 +521,15 @@ fn pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn
 /// memory, which then overlaps a small process instead of the loaded model,
 /// and is handed back to the OS afterwards. Anything missed compiles on
 /// first use.
-fn compile_pipelines(ctx: &GpuContext, version: Version, d: &Dims, head_size: usize, ffn: usize) -> Result<()> {
-    for p in pipelines(ctx, version, d, head_size, ffn) {
+fn compile_pipelines(
+    ctx: &GpuContext,
+    version: Version,
+    d: &Dims,
+    head_size: usize,
+    ffn: usize,
+    quant: Option<Format>,
+) -> Result<()> {
+    for p in pipelines(ctx, version, d, head_size, ffn, quant) {
         ctx.pipeline(p)?;
     }
     crate::gpu::trim_heap();

@@ -25,7 +25,8 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::{Act, KvDtype, Pipeline};
 use crate::gpu::{GpuBuffer, GpuContext, Recorder};
 use crate::loader::hf::{Family, HfFolder, HfWeights, TransformerConfig};
-use crate::matrix::Matrix;
+use crate::matrix::{tally, Matrix};
+use crate::quant::{Encoding, Format};
 use crate::model::info::Progress;
 use crate::model::step::Step;
 use crate::ops::{self, Attention, AttentionShape};
@@ -91,6 +92,8 @@ pub struct Loaded {
     pub final_norm: Vec<f32>,
     pub parameters: u64,
     pub gpu_bytes: u64,
+    /// GPU bytes of the matrices by encoding.
+    pub matrices: Vec<(Encoding, u64)>,
     pub dtype: Dtype,
     pub layout: StateLayout,
 }
@@ -129,9 +132,11 @@ struct HfLoader<'f> {
     ctx: &'f GpuContext,
     w: &'f HfWeights,
     dtype: Dtype,
+    quant: Option<Format>,
     max_part: u64,
     parameters: u64,
     gpu_bytes: u64,
+    matrices: Vec<(Encoding, u64)>,
     done: u64,
     total: u64,
     progress: Option<Progress>,
@@ -194,8 +199,10 @@ impl<'f> HfLoader<'f> {
                 bytes.extend_from_slice(&src[i * b..(i + 1) * b]);
             }
         }
-        let m = Matrix::upload(self.ctx, what, self.dtype, rows, cols, &bytes, self.max_part)?;
+        let store = self.ctx.weight_store();
+        let m = Matrix::upload_encoded(self.ctx, store, what, self.quant, self.dtype, rows, cols, &bytes, self.max_part, None)?;
         self.gpu_bytes += m.bytes();
+        tally(&mut self.matrices, &m);
         Ok(m)
     }
 
@@ -224,6 +231,7 @@ pub fn load(
     ctx: &GpuContext,
     folder: &HfFolder,
     kv_dtype: KvDtype,
+    quant: Option<Format>,
     max_part: u64,
     progress: Option<Progress>,
 ) -> Result<Loaded> {
@@ -240,7 +248,7 @@ pub fn load(
     let names = cfg.family.names();
     let dtype = w.get(names.embed)?.dtype;
     let total = w.files().iter().map(|f| f.data_bytes()).sum();
-    let mut ld = HfLoader { ctx, w, dtype, max_part, parameters: 0, gpu_bytes: 0, done: 0, total, progress };
+    let mut ld = HfLoader { ctx, w, dtype, quant, max_part, parameters: 0, gpu_bytes: 0, matrices: Vec::new(), done: 0, total, progress };
     // The embedding stays in the files (read by row, see `Model::embed`).
     let emb = ld.tensor(names.embed, &[cfg.vocab, c])?;
     ld.finish(&emb);
@@ -327,9 +335,11 @@ pub fn load(
     let head = if cfg.tied {
         // The head is the embedding: uploaded (once more) as a matrix.
         let t = w.get(names.embed)?;
-        let m = Matrix::upload(ctx, "head (tied)", dtype, cfg.vocab, c, t.bytes, max_part)?;
+        let (store, v) = (ctx.weight_store(), cfg.vocab);
+        let m = Matrix::upload_encoded(ctx, store, "head (tied)", quant, dtype, v, c, t.bytes, max_part, None)?;
         w.release(&t);
         ld.gpu_bytes += m.bytes();
+        tally(&mut ld.matrices, &m);
         m
     } else {
         ld.stacked(names.head, &[(names.head, cfg.vocab)], c, None)?
@@ -350,7 +360,8 @@ pub fn load(
     let layout = StateLayout::kv_cache(cfg.n_layer, KvLayout { max_positions, limited_by, ..kv });
     let layers =
         Layers { config: cfg.clone(), shape, kv_dtype, split_keys, inv_freq: cfg.rope.inv_freq(), width, blocks };
-    Ok(Loaded { layers, head, final_norm, parameters: ld.parameters, gpu_bytes: ld.gpu_bytes, dtype, layout })
+    let (parameters, gpu_bytes, matrices) = (ld.parameters, ld.gpu_bytes, ld.matrices);
+    Ok(Loaded { layers, head, final_norm, parameters, gpu_bytes, matrices, dtype, layout })
 }
 
 impl Layers {
