@@ -26,6 +26,7 @@ fn main() {
         batches: vec![1, 8],
         repeat: 3,
         deep_context: 0,
+        quant: std::env::var("RWKV_BENCH_QUANT").ok().map(|q| q.parse().expect("RWKV_BENCH_QUANT: int8 or 4bit")),
     };
     let file = std::env::temp_dir().join(format!("rwkv-bench-e2e-{}.safetensors", std::process::id()));
     write_v7(&file, shape, Dtype::F16, 1).expect("writing the synthetic model");
