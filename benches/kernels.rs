@@ -10,6 +10,7 @@ use rwkv_wgpu::bench::cpu_seconds;
 use rwkv_wgpu::gpu::kernels::{Act, LayerNormParams, Wkv7Params, WKV_TOKENS_PER_DISPATCH};
 use rwkv_wgpu::gpu::{GpuContext, GpuOptions, ParamArena, Pipeline, Recorder, Workspace, STORAGE, X_WINDOW_BYTES};
 use rwkv_wgpu::ops::{record_wkv7, WkvTextures};
+use rwkv_wgpu::quant::Format;
 use rwkv_wgpu::{Dtype, Matrix};
 
 /// Timed runs per figure (the median is printed): 5, or $RWKV_BENCH_RUNS
@@ -75,7 +76,8 @@ fn main() {
     if wanted("bandwidth") {
         bandwidth(&ctx, &mut arena);
     }
-    if wanted("linear ") {
+    // "linear", or a shape such as 768x768x1 (every format at that shape).
+    if wanted("linear ") || std::env::args().skip(1).any(|a| a.contains('x') && !a.starts_with("--")) {
         linear(&ctx, &mut arena);
     }
     if wanted("wkv7_buffer") || wanted("wkv7_tex") {
@@ -118,14 +120,22 @@ fn bandwidth(ctx: &GpuContext, arena: &mut ParamArena) {
 }
 
 fn linear(ctx: &GpuContext, arena: &mut ParamArena) {
-    // Matrix kernels, f16 weights, shapes of the 0.1B model (C 768, LoRA ranks
-    // padded to 64, F 3072, V 65536).
-    for (rows, cols) in [(768usize, 768usize), (64, 768), (768, 64), (3072, 768), (768, 3072), (65536, 768)] {
+    // Matrix kernels, f16 weights and quantized from them (int8, q4), shapes
+    // of the 0.1B model (C 768, LoRA ranks padded to 64, F 3072, V 65536).
+    let shapes = [(768usize, 768usize), (64, 768), (768, 64), (3072, 768), (768, 3072), (65536, 768)];
+    for ((rows, cols), quant) in
+        shapes.into_iter().flat_map(|s| [(s, None), (s, Some(Format::Int8)), (s, Some(Format::Q4))])
+    {
+        let name = quant.map_or("f16", Format::name);
+        if !(0..3).any(|i| wanted(&format!("linear {name} {rows}x{cols}x{}", [1, 8, 64][i]))) {
+            continue;
+        }
         let bytes: Vec<u8> =
             (0..rows * cols).flat_map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) / 64.0).to_le_bytes()).collect();
-        let m = Matrix::upload(ctx, "w", Dtype::F16, rows, cols, &bytes, ctx.max_binding_bytes()).unwrap();
+        let (store, part) = (ctx.weight_store(), ctx.max_binding_bytes());
+        let m = Matrix::upload_encoded(ctx, store, "w", quant, Dtype::F16, rows, cols, &bytes, part, None).unwrap();
         for tokens in [1usize, 8, 64] {
-            if !wanted(&format!("linear {rows}x{cols}x{tokens}")) {
+            if !wanted(&format!("linear {name} {rows}x{cols}x{tokens}")) {
                 continue;
             }
             // With a uniform window of slack, as the model's activation buffers
@@ -141,10 +151,10 @@ fn linear(ctx: &GpuContext, arena: &mut ParamArena) {
                 })
             });
             let (t, cpu) = (t / reps as f64, cpu / reps as f64);
-            let gbs = (rows * cols * 2) as f64 / t / 1e9;
+            let gbs = m.bytes() as f64 / t / 1e9;
             let gflops = 2.0 * (rows * cols * tokens) as f64 / t / 1e9;
             println!(
-                "linear f16 [{rows}x{cols}] x {tokens:>2} tokens: {:8.3} ms ({:8.3} CPU ms)  {gbs:6.2} GB/s weights  {gflops:6.2} GFLOP/s",
+                "linear {name:>4} [{rows}x{cols}] x {tokens:>2} tokens: {:8.3} ms ({:8.3} CPU ms)  {gbs:6.2} GB/s weights  {gflops:6.2} GFLOP/s",
                 t * 1e3,
                 cpu * 1e3
             );

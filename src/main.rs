@@ -710,7 +710,8 @@ fn logits(cli: &Cli, model: &ModelArgs, tokens: &[u32], all: bool, out: &Path, i
 
 /// `rwkv bench`: speed and memory on a model file or a synthetic model.
 fn bench(cli: &Cli) -> Result<()> {
-    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json, quant, soak } = &cli.command
+    let Command::Bench { model, shape, dtype, rwkv_version, pp, tg, batch, repeat, deep, json, quant, soak } =
+        &cli.command
     else {
         unreachable!("called for the bench command")
     };

@@ -138,9 +138,7 @@ impl Matrix {
     ) -> Result<Self> {
         let row_bytes = encoding.row_bytes(cols);
         if store == WeightStore::Texture && ctx.subgroup_size().is_some() {
-            if let Some(m) =
-                Self::upload_texture(ctx, name, encoding, rows, cols, bytes, max_part_bytes, release)?
-            {
+            if let Some(m) = Self::upload_texture(ctx, name, encoding, rows, cols, bytes, max_part_bytes, release)? {
                 return Ok(m);
             }
         }
@@ -222,12 +220,7 @@ impl Matrix {
                 r0 += n;
             }
         }
-        Ok(Some(Self {
-            rows,
-            cols,
-            encoding,
-            store: Store::Texture { texture: Arc::new(texture), layer_rows },
-        }))
+        Ok(Some(Self { rows, cols, encoding, store: Store::Texture { texture: Arc::new(texture), layer_rows } }))
     }
 
     /// A checkpoint tensor `[out, in]` used as `x @ W.T`; `release` is

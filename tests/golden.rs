@@ -291,7 +291,9 @@ fn cpu_reference_matches_golden() {
 
 /// What loading precompiles is what the steps record: prefill, decode, an
 /// uneven batch and a gathered step of two sessions compile nothing more,
-/// for every generation on each kernel path (the plan picks both).
+/// for every generation on each kernel path (the plan picks both), with
+/// float weights and quantized at load (q4; int8 takes the same kernels
+/// with another format constant).
 #[test]
 fn steps_compile_no_pipeline_that_loading_did_not() {
     use rwkv_wgpu::gpu::{GpuContext, GpuOptions, WeightStore};
@@ -304,10 +306,11 @@ fn steps_compile_no_pipeline_that_loading_did_not() {
         GpuOptions { weight_store: Some(WeightStore::Buffer), ..Default::default() },
         GpuOptions { weight_store: Some(WeightStore::Buffer), no_subgroups: true, ..Default::default() },
     ];
-    for opts in paths {
+    let quants = [None, Some(rwkv_wgpu::quant::Format::Q4)];
+    for (opts, quant) in paths.iter().flat_map(|p| quants.map(|q| (p, q))) {
         for name in ALL_FIXTURES {
-            let ctx = GpuContext::new(&opts).unwrap();
-            let mut e = engine_with(&ctx, model_path(name), &LoadOptions::default(), 16);
+            let ctx = GpuContext::new(opts).unwrap();
+            let mut e = engine_with(&ctx, model_path(name), &LoadOptions { quant, ..Default::default() }, 16);
             let compiled = ctx.pipeline_count();
             let t: Vec<u32> = (0..40).map(|i| (i * 7 % 500) as u32).collect();
             let mut s = e.new_state(1).unwrap();
@@ -325,7 +328,7 @@ fn steps_compile_no_pipeline_that_loading_did_not() {
             assert_eq!(
                 ctx.pipeline_count(),
                 compiled,
-                "{name} ({}): steps compiled pipelines loading did not",
+                "{name} ({}, quant {quant:?}): steps compiled pipelines loading did not",
                 ctx.plan()
             );
         }

@@ -14,9 +14,9 @@ use rwkv_wgpu::gpu::{
     GpuBuffer, GpuContext, ParamArena, Pipeline, Recorder, WeightStore, Workspace, STORAGE, X_WINDOW_BYTES,
 };
 use rwkv_wgpu::ops::{record_wkv5, record_wkv7, WkvTextures};
+use rwkv_wgpu::quant::{quantize, Format, Scheme};
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Dtype;
-use rwkv_wgpu::quant::{quantize, Format, Scheme};
 use rwkv_wgpu::Matrix;
 
 /// Largest |gpu − cpu| / (1 + |cpu|) allowed for a single kernel in f32.

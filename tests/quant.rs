@@ -42,10 +42,16 @@ fn fake_quantized(scheme: Option<Scheme>) -> Vec<u8> {
 
 /// Perplexity of the validation text, read in one stream from the zero state.
 fn perplexity(ctx: &rwkv_wgpu::GpuContext, checkpoint: Vec<u8>, ids: &[u32]) -> f64 {
+    perplexity_with(ctx, checkpoint, ids, None)
+}
+
+/// As `perplexity`, the checkpoint quantized at load to `quant`.
+fn perplexity_with(ctx: &rwkv_wgpu::GpuContext, checkpoint: Vec<u8>, ids: &[u32], quant: Option<Format>) -> f64 {
     let mut file = rwkv_wgpu::files::unnamed_file(&std::env::temp_dir()).unwrap();
     file.write_all(&checkpoint).unwrap();
     let f = SafeTensorsFile::from_file(file, "quantized").unwrap();
-    let model = std::sync::Arc::new(Model::from_file(ctx, f, &LoadOptions::default()).unwrap());
+    let opts = LoadOptions { quant, ..Default::default() };
+    let model = std::sync::Arc::new(Model::from_file(ctx, f, &opts).unwrap());
     let mut engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
     let mut state = model.new_state(1).unwrap();
     let vocab = model.info().vocab;
@@ -78,5 +84,78 @@ fn quantized_austen_perplexity_within_the_bars() {
             eprintln!("{scheme}: perplexity {p:.3} ({:+.2} %)", (p / base - 1.0) * 100.0);
             assert!(p <= max, "{scheme}: perplexity {p:.3} > {max}");
         }
+    }
+}
+
+/// Relative L2 distance of the logits of every fixture model (each
+/// generation; fp32, fp16 and bf16 checkpoints) quantized at load, from the
+/// float64 golden logits at every position. The fixtures' weights are
+/// random (no trained model's outliers and smooth rows), which 4 bits
+/// represent coarsely: measured on lavapipe, int8 6.6e-3 .. 1.19e-2 and q4
+/// 9.9e-2 .. 2.08e-1 (v5.0 fp16 the worst of both). The bounds are those
+/// maxima with a quarter of headroom; a kernel or layout error gives
+/// differences of order 1.
+const INT8_FIXTURE_REL_L2: f64 = 1.5e-2;
+const Q4_FIXTURE_REL_L2: f64 = 2.6e-1;
+
+#[test]
+fn quantized_fixture_logits_stay_close_and_batch_equals_single() {
+    let Some(ctx) = gpu() else { return };
+    for (format, bound) in [(Format::Int8, INT8_FIXTURE_REL_L2), (Format::Q4, Q4_FIXTURE_REL_L2)] {
+        let mut worst = 0f64;
+        for name in ALL_FIXTURES {
+            let opts = LoadOptions { quant: Some(format), ..Default::default() };
+            let mut engine = engine_with(&ctx, model_path(name), &opts, 256);
+            let info = engine.info().clone();
+            assert_eq!(info.quant, Some(format));
+            assert!(
+                info.matrix_bytes.iter().any(|(e, _)| matches!(e, quant::Encoding::Blocks(s) if s.format == format)),
+                "{name}: no matrix was quantized to {format}: {:?}",
+                info.matrix_bytes
+            );
+            let g = Golden::load(name);
+            let mut state = engine.new_state(1).unwrap();
+            let logits = engine.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+            let err = rel_l2(&logits, &g.logits);
+            eprintln!("{name} {format}: rel L2 {err:.3e} from the golden logits");
+            assert!(err <= bound, "{name} {format}: rel L2 {err:.3e} > {bound:e}");
+            worst = worst.max(err);
+            // Batch == single, bit for bit: three sequences of different
+            // lengths in one step, each against its own run.
+            let lens = [g.tokens.len(), 5, 1];
+            let seqs: Vec<&[u32]> = lens.iter().map(|&n| &g.tokens[..n]).collect();
+            let mut batch_state = engine.new_state(seqs.len()).unwrap();
+            let batched = engine.forward(&mut batch_state, &seqs, LogitsMode::Last).unwrap();
+            for (i, s) in seqs.iter().enumerate() {
+                let mut solo_state = engine.new_state(1).unwrap();
+                let solo = engine.forward(&mut solo_state, &[s], LogitsMode::Last).unwrap().remove(0);
+                let same = solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name} {format}: sequence {i} of the batch differs from its own run");
+            }
+        }
+        eprintln!("{format}: worst rel L2 {worst:.3e}");
+    }
+}
+
+/// The Austen model quantized on the GPU at load (`--quant`, blocks of 64)
+/// computes what the round-tripped f32 checkpoint of the same weights does:
+/// the perplexities differ only by f32 summation order (measured equal to
+/// 4 decimals: int8 44.8165, q4 44.9035; 1e-4 relative allows for the
+/// order and catches any weight read wrong, which moves the third decimal).
+const SAME_WEIGHTS_PPL: f64 = 1e-4;
+
+#[test]
+fn quantized_at_load_austen_perplexity() {
+    let Some(ctx) = gpu() else { return };
+    let tok = Tokenizer::from_file(&Path::new(ASSETS).join("tokenizer.json")).unwrap();
+    let ids = tok.encode(&std::fs::read(Path::new(ASSETS).join("val.txt")).unwrap()).unwrap();
+    let f16 = std::fs::read(Path::new(ASSETS).join("austen-rwkv7-fp16.safetensors")).unwrap();
+    for (format, max) in [(Format::Int8, INT8_MAX), (Format::Q4, FOUR_BIT_MAX)] {
+        let p = perplexity_with(&ctx, f16.clone(), &ids, Some(format));
+        let scheme = Scheme { format, block: format.default_block() };
+        let round_trip = perplexity(&ctx, fake_quantized(Some(scheme)), &ids);
+        eprintln!("{format} at load: perplexity {p:.4} (round-tripped weights: {round_trip:.4})");
+        assert!(p <= max, "{format}: perplexity {p:.3} > {max}");
+        assert!((p / round_trip - 1.0).abs() <= SAME_WEIGHTS_PPL, "{format}: {p} vs {round_trip}");
     }
 }

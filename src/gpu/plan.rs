@@ -195,7 +195,9 @@ impl KernelPlan {
     /// uses, at the token counts that select each variant.
     pub fn linear_pipelines(&self, weights: Encoding) -> Vec<Pipeline> {
         match self.matrix_kernel() {
-            MatrixKernel::Plain => vec![self.buffer_linear(weights, 8, 1, 0)],
+            // linear.wgsl runs any token count; linear_q.wgsl has a decode variant.
+            MatrixKernel::Plain if matches!(weights, Encoding::Float(_)) => vec![self.buffer_linear(weights, 8, 1, 0)],
+            MatrixKernel::Plain => vec![self.buffer_linear(weights, 8, 1, 0), self.buffer_linear(weights, 8, 2, 0)],
             MatrixKernel::Subgroup => {
                 vec![self.buffer_linear(weights, 8, 1, 0), self.buffer_linear(weights, 8, 2, 0)]
             }

@@ -10,8 +10,8 @@ use crate::gpu::kernels::MAX_HEAD_SIZE;
 use crate::gpu::GpuContext;
 use crate::loader::SafeTensorsFile;
 use crate::matrix::{tally, Matrix};
-use crate::quant::{Encoding, Format};
 use crate::model::info::Progress;
+use crate::quant::{Encoding, Format};
 use crate::state::StateLayout;
 use crate::tensor::{Dtype, Tensor};
 
@@ -91,7 +91,19 @@ impl<'f> BlockLoader<'f> {
         max_part: u64,
         progress: Option<Progress>,
     ) -> Self {
-        Self { ctx, f, c, quant, max_part, parameters: 0, gpu_bytes: 0, matrices: Vec::new(), total: f.data_bytes(), done: Cell::new(0), progress }
+        Self {
+            ctx,
+            f,
+            c,
+            quant,
+            max_part,
+            parameters: 0,
+            gpu_bytes: 0,
+            matrices: Vec::new(),
+            total: f.data_bytes(),
+            done: Cell::new(0),
+            progress,
+        }
     }
 
     /// Called once a tensor has been read: reports progress, lets the OS

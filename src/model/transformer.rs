@@ -26,10 +26,10 @@ use crate::gpu::kernels::{Act, KvDtype, Pipeline};
 use crate::gpu::{GpuBuffer, GpuContext, Recorder};
 use crate::loader::hf::{Family, HfFolder, HfWeights, TransformerConfig};
 use crate::matrix::{tally, Matrix};
-use crate::quant::{Encoding, Format};
 use crate::model::info::Progress;
 use crate::model::step::Step;
 use crate::ops::{self, Attention, AttentionShape};
+use crate::quant::{Encoding, Format};
 use crate::state::{KvLayout, KvLimit, StateLayout};
 use crate::tensor::{Dtype, Tensor};
 
@@ -200,7 +200,18 @@ impl<'f> HfLoader<'f> {
             }
         }
         let store = self.ctx.weight_store();
-        let m = Matrix::upload_encoded(self.ctx, store, what, self.quant, self.dtype, rows, cols, &bytes, self.max_part, None)?;
+        let m = Matrix::upload_encoded(
+            self.ctx,
+            store,
+            what,
+            self.quant,
+            self.dtype,
+            rows,
+            cols,
+            &bytes,
+            self.max_part,
+            None,
+        )?;
         self.gpu_bytes += m.bytes();
         tally(&mut self.matrices, &m);
         Ok(m)
@@ -248,7 +259,19 @@ pub fn load(
     let names = cfg.family.names();
     let dtype = w.get(names.embed)?.dtype;
     let total = w.files().iter().map(|f| f.data_bytes()).sum();
-    let mut ld = HfLoader { ctx, w, dtype, quant, max_part, parameters: 0, gpu_bytes: 0, matrices: Vec::new(), done: 0, total, progress };
+    let mut ld = HfLoader {
+        ctx,
+        w,
+        dtype,
+        quant,
+        max_part,
+        parameters: 0,
+        gpu_bytes: 0,
+        matrices: Vec::new(),
+        done: 0,
+        total,
+        progress,
+    };
     // The embedding stays in the files (read by row, see `Model::embed`).
     let emb = ld.tensor(names.embed, &[cfg.vocab, c])?;
     ld.finish(&emb);
