@@ -3,7 +3,7 @@
 // its codes, then one f16 scale per block of QB weights; a weight is
 // code * scale. Codes are decoded to f32 in the kernel and every sum is f32:
 // per row and token, the codes of one block times x are summed (d), then
-// s += scale * d (Q4: scale * (d - 8 xsum), its codes being stored as c + 8).
+// s += scale * (d - OFFSET xsum) (the codes read as c + OFFSET; see lo_codes).
 // `decode` (1 token, 8 rows per lane) and `prefill` (8 tokens, 8 rows per
 // lane) run every (row, token) sum in the same order, so a token's logits do
 // not depend on the batch or kernel it ran in. Lanes own rows, as in
@@ -70,25 +70,60 @@ fn scale(g: vec4<u32>, i: u32) -> f32 {
     return select(h.x, h.y, (i & 1u) == 1u);
 }
 
-// acc + the codes of word q times x: int8 a (4 values), Q4 a then b (8).
+// The codes of word q as exact f32 without shifting them down: each code
+// plus OFFSET (int8: c + 128 by flipping its sign bit; Q4: stored as c + 8)
+// is masked in place, so code k reads as (c + OFFSET) * 2^(8k) (int8) or
+// 2^(4k) (Q4), and the x it meets is pre-scaled by 2^-(8k) or 2^-(4k)
+// (exact: powers of two). That is a mask and a conversion per weight where
+// shifting down and sign-extending took two or three operations more, and
+// the products are the same floats as c * x. The highest code is shifted
+// down instead (a u32 beyond 2^31 does not convert as a signed integer).
+// lo: int8 codes 0..3 and Q4 codes 0..3; hi: Q4 codes 4..7.
+fn lo_codes(q: u32) -> vec4<f32> {
+    if (QF == 0u) {
+        let u = q ^ 0x80808080u;
+        return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(u & 0xffu, u & 0xff00u, u & 0xff0000u, u >> 24u)));
+    }
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q & 0xfu, q & 0xf0u, q & 0xf00u, q & 0xf000u)));
+}
+
+fn hi_codes(q: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q & 0xf0000u, q & 0xf00000u, q & 0xf000000u, q >> 28u)));
+}
+
+// The code offset subtracted once per block: sum (c + OFFSET) x - OFFSET sum x.
+fn offset() -> f32 {
+    return select(128.0, 8.0, QF == 1u);
+}
+
+// An x texel pre-scaled for the codes it meets: int8, and Q4's even texels,
+// meet `lo_codes`; Q4's odd texels `hi_codes`.
+fn prescale(x: vec4<f32>, odd: bool) -> vec4<f32> {
+    if (QF == 0u) {
+        return x * vec4<f32>(1.0, 0.00390625, 1.52587890625e-05, 1.0);
+    }
+    if (odd) {
+        return x * vec4<f32>(1.52587890625e-05, 9.5367431640625e-07, 5.9604644775390625e-08, 1.0);
+    }
+    return x * vec4<f32>(1.0, 0.0625, 0.00390625, 0.000244140625);
+}
+
+// acc + the codes of word q times pre-scaled x: int8 a (4 values), Q4 a then b (8).
 fn wdot(q: u32, a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
     if (QF == 0u) {
-        return fdot(i8x4(q), a, acc);
+        return fdot(lo_codes(q), a, acc);
     }
-    return fdot(u4hi(q), b, fdot(u4lo(q), a, acc));
+    return fdot(hi_codes(q), b, fdot(lo_codes(q), a, acc));
 }
 
-// acc + the x values of word a, b (Q4's offset: sum of x over the block).
-fn xsum(a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
-    return acc + a.x + a.y + a.z + a.w + b.x + b.y + b.z + b.w;
+// acc + the 4 x values of a texel (the offset's sum of x, in x order).
+fn xsum1(a: vec4<f32>, acc: f32) -> f32 {
+    return acc + a.x + a.y + a.z + a.w;
 }
 
-// A row's sum after one block: s + scale * d (Q4: d - 8 xs).
+// A row's sum after one block: s + scale * (d - OFFSET xs).
 fn block_end(s: f32, g: vec4<u32>, i: u32, d: f32, xs: f32) -> f32 {
-    if (QF == 0u) {
-        return fma(scale(g, i), d, s);
-    }
-    return fma(scale(g, i), fma(-8.0, xs, d), s);
+    return fma(scale(g, i), fma(-offset(), xs, d), s);
 }
 
 // Lane-owned result (no reduction): y[n, o].
@@ -143,12 +178,15 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
             for (var t = 0u; t < tb; t++) {
                 let k = b * tb + t;
                 let xb = k * (per_texel() / 4u); // the code texel's first x texel
-                let x0 = xv(xb, 0u); let x1 = xv(xb + 1u, 0u); let x2 = xv(xb + 2u, 0u); let x3 = xv(xb + 3u, 0u);
+                var x0 = xv(xb, 0u); var x1 = xv(xb + 1u, 0u); var x2 = xv(xb + 2u, 0u); var x3 = xv(xb + 3u, 0u);
                 var x4 = vec4<f32>(0.0); var x5 = vec4<f32>(0.0); var x6 = vec4<f32>(0.0); var x7 = vec4<f32>(0.0);
+                xs = xsum1(x3, xsum1(x2, xsum1(x1, xsum1(x0, xs))));
                 if (QF == 1u) {
                     x4 = xv(xb + 4u, 0u); x5 = xv(xb + 5u, 0u); x6 = xv(xb + 6u, 0u); x7 = xv(xb + 7u, 0u);
-                    xs = xsum(x6, x7, xsum(x4, x5, xsum(x2, x3, xsum(x0, x1, xs))));
+                    xs = xsum1(x7, xsum1(x6, xsum1(x5, xsum1(x4, xs))));
                 }
+                x0 = prescale(x0, false); x1 = prescale(x1, true); x2 = prescale(x2, false); x3 = prescale(x3, true);
+                x4 = prescale(x4, false); x5 = prescale(x5, true); x6 = prescale(x6, false); x7 = prescale(x7, true);
                 d0 = tdot(wt(k, o, l), x0, x1, x2, x3, x4, x5, x6, x7, d0);
                 d1 = tdot(wt(k, o + WG, l), x0, x1, x2, x3, x4, x5, x6, x7, d1);
                 d2 = tdot(wt(k, o + 2u * WG, l), x0, x1, x2, x3, x4, x5, x6, x7, d2);
@@ -172,12 +210,11 @@ fn decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
 // acc + word q of a row against the x words of four tokens (acc.x: token 0, ..).
 fn wdot4(q: u32, a0: vec4<f32>, b0: vec4<f32>, a1: vec4<f32>, b1: vec4<f32>,
          a2: vec4<f32>, b2: vec4<f32>, a3: vec4<f32>, b3: vec4<f32>, acc: vec4<f32>) -> vec4<f32> {
+    let lo = lo_codes(q);
     if (QF == 0u) {
-        let v = i8x4(q);
-        return vec4<f32>(fdot(v, a0, acc.x), fdot(v, a1, acc.y), fdot(v, a2, acc.z), fdot(v, a3, acc.w));
+        return vec4<f32>(fdot(lo, a0, acc.x), fdot(lo, a1, acc.y), fdot(lo, a2, acc.z), fdot(lo, a3, acc.w));
     }
-    let lo = u4lo(q);
-    let hi = u4hi(q);
+    let hi = hi_codes(q);
     return vec4<f32>(fdot(hi, b0, fdot(lo, a0, acc.x)), fdot(hi, b1, fdot(lo, a1, acc.y)),
                      fdot(hi, b2, fdot(lo, a2, acc.z)), fdot(hi, b3, fdot(lo, a3, acc.w)));
 }
@@ -185,11 +222,6 @@ fn wdot4(q: u32, a0: vec4<f32>, b0: vec4<f32>, a1: vec4<f32>, b1: vec4<f32>,
 fn block_end4(s: vec4<f32>, g: vec4<u32>, i: u32, d: vec4<f32>, xs: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(block_end(s.x, g, i, d.x, xs.x), block_end(s.y, g, i, d.y, xs.y),
                      block_end(s.z, g, i, d.z, xs.z), block_end(s.w, g, i, d.w, xs.w));
-}
-
-fn xsum4(a0: vec4<f32>, b0: vec4<f32>, a1: vec4<f32>, b1: vec4<f32>,
-         a2: vec4<f32>, b2: vec4<f32>, a3: vec4<f32>, b3: vec4<f32>, acc: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(xsum(a0, b0, acc.x), xsum(a1, b1, acc.y), xsum(a2, b2, acc.z), xsum(a3, b3, acc.w));
 }
 
 fn store4(v: vec4<f32>, n: u32, o: u32) {
@@ -234,18 +266,22 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             var d4a = vec4<f32>(0.0); var d5a = vec4<f32>(0.0); var d6a = vec4<f32>(0.0); var d7a = vec4<f32>(0.0);
             var d0b = vec4<f32>(0.0); var d1b = vec4<f32>(0.0); var d2b = vec4<f32>(0.0); var d3b = vec4<f32>(0.0);
             var d4b = vec4<f32>(0.0); var d5b = vec4<f32>(0.0); var d6b = vec4<f32>(0.0); var d7b = vec4<f32>(0.0);
-            var xsa = vec4<f32>(0.0); var xsb = vec4<f32>(0.0);
+            var xs = 0.0; // this lane's token's sum of x over the block
             for (var t = 0u; t < tb; t++) {
                 let k = b * tb + t;
                 let q0 = wt(k, o, l); let q1 = wt(k, o + WG, l); let q2 = wt(k, o + 2u * WG, l); let q3 = wt(k, o + 3u * WG, l);
                 let q4 = wt(k, o + 4u * WG, l); let q5 = wt(k, o + 5u * WG, l); let q6 = wt(k, o + 6u * WG, l); let q7 = wt(k, o + 7u * WG, l);
                 for (var c = 0u; c < 4u; c++) {
                     let xi = xa_index(k, c);
-                    let al = xv(xi, nl);
+                    var al = xv(xi, nl);
                     var bl = vec4<f32>(0.0);
+                    xs = xsum1(al, xs);
                     if (QF == 1u) {
                         bl = xv(xi + 1u, nl);
+                        xs = xsum1(bl, xs);
                     }
+                    al = prescale(al, false);
+                    bl = prescale(bl, true);
                     let a0 = subgroupBroadcast(al, 0u); let b0 = subgroupBroadcast(bl, 0u);
                     let a1 = subgroupBroadcast(al, 1u); let b1 = subgroupBroadcast(bl, 1u);
                     let a2 = subgroupBroadcast(al, 2u); let b2 = subgroupBroadcast(bl, 2u);
@@ -254,10 +290,6 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                     let a5 = subgroupBroadcast(al, 5u); let b5 = subgroupBroadcast(bl, 5u);
                     let a6 = subgroupBroadcast(al, 6u); let b6 = subgroupBroadcast(bl, 6u);
                     let a7 = subgroupBroadcast(al, 7u); let b7 = subgroupBroadcast(bl, 7u);
-                    if (QF == 1u) {
-                        xsa = xsum4(a0, b0, a1, b1, a2, b2, a3, b3, xsa);
-                        xsb = xsum4(a4, b4, a5, b5, a6, b6, a7, b7, xsb);
-                    }
                     let w0 = word(q0, c);
                     d0a = wdot4(w0, a0, b0, a1, b1, a2, b2, a3, b3, d0a); d0b = wdot4(w0, a4, b4, a5, b5, a6, b6, a7, b7, d0b);
                     let w1 = word(q1, c);
@@ -276,6 +308,10 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                     d7a = wdot4(w7, a0, b0, a1, b1, a2, b2, a3, b3, d7a); d7b = wdot4(w7, a4, b4, a5, b5, a6, b6, a7, b7, d7b);
                 }
             }
+            let xsa = vec4<f32>(subgroupBroadcast(xs, 0u), subgroupBroadcast(xs, 1u),
+                                subgroupBroadcast(xs, 2u), subgroupBroadcast(xs, 3u));
+            let xsb = vec4<f32>(subgroupBroadcast(xs, 4u), subgroupBroadcast(xs, 5u),
+                                subgroupBroadcast(xs, 6u), subgroupBroadcast(xs, 7u));
             let i = b - j;
             s0a = block_end4(s0a, g0, i, d0a, xsa); s0b = block_end4(s0b, g0, i, d0b, xsb);
             s1a = block_end4(s1a, g1, i, d1a, xsa); s1b = block_end4(s1b, g1, i, d1b, xsb);
