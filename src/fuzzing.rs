@@ -42,6 +42,28 @@ pub fn pth(data: &[u8]) {
     }
 }
 
+/// A pre-quantized checkpoint (`rwkv quantize`): its metadata's format and
+/// version, then every quantized matrix's scheme, codes and scales read into
+/// the kernels' row layout, as `BlockLoader::mat` does.
+pub fn quant_file(data: &[u8]) {
+    let Ok(f) = SafeTensorsFile::from_vec("fuzz.safetensors", data.to_vec()) else { return };
+    let Ok(Some(format)) = crate::quant::file_format(f.metadata()) else { return };
+    let mut names: Vec<String> = f.names().filter(|n| !n.ends_with(".scales")).map(String::from).collect();
+    names.sort();
+    for name in names {
+        let (Some(codes), Some(scales)) = (f.shape(&name), f.shape(&format!("{name}.scales"))) else { continue };
+        let [rows, code_cols] = codes[..] else { continue };
+        let cols = code_cols * 8 / format.bits();
+        let Ok(scheme) = crate::quant::file_scheme(format, &name, rows, cols, scales) else { continue };
+        let (Ok(c), Ok(s)) = (f.expect_u8(&name, &[rows, code_cols]), f.get(&format!("{name}.scales"))) else {
+            continue;
+        };
+        if let Ok(rows) = crate::quant::gpu_rows_from_parts(scheme, rows, cols, c, s.bytes) {
+            assert_eq!(rows.len(), codes[0] * crate::quant::Encoding::Blocks(scheme).row_bytes(cols));
+        }
+    }
+}
+
 /// A World vocab (`rwkv_vocab*.txt`), then the tokenizer used on its own text.
 pub fn world_vocab(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -103,7 +125,8 @@ pub fn hf_config(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
+    ("quant_file", quant_file),
     ("safetensors", safetensors),
     ("pth", pth),
     ("world_vocab", world_vocab),

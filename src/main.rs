@@ -291,10 +291,28 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+    /// Write an RWKV checkpoint with its matrices quantized (int8 or 4bit),
+    /// to load with no float pass and half or a quarter of the memory.
+    Quantize {
+        /// The float checkpoint to read (.pth or .safetensors).
+        input: PathBuf,
+        /// The .safetensors file to write (never the input itself).
+        output: PathBuf,
+        /// The weight format: int8, or 4bit (also q4).
+        #[arg(long)]
+        to: Format,
+        /// Replace the output if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a model's version, dimensions and memory use.
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
+        /// Also list every tensor of the file: name, shape and format (its
+        /// element type, or the block format of a pre-quantized matrix).
+        #[arg(long)]
+        tensors: bool,
     },
     /// Write a checkpoint (.pth or .safetensors) as .safetensors, official
     /// tensor names, dtypes and values unchanged.
@@ -501,6 +519,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { model, state, sampling } => chat(&cli, model, state, sampling),
         Command::Convert { input, output, force } => convert(input, output, *force),
+        Command::Quantize { input, output, to, force } => quantize(input, output, *to, *force),
         Command::Tokenize { tokenizer } => tokenize(tokenizer.as_deref()),
         Command::Detokenize { tokenizer } => detokenize(tokenizer.as_deref()),
         Command::Perplexity { file, model } => perplexity_cmd(&cli, file, model),
@@ -516,7 +535,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { .. } => bench(&cli),
         Command::Compare { .. } => compare(&cli),
-        Command::Inspect { model } => inspect(&cli, model),
+        Command::Inspect { model, tensors } => inspect(&cli, model, *tensors),
     }
 }
 
@@ -605,6 +624,29 @@ fn convert(input: &Path, output: &Path, force: bool) -> Result<()> {
         "wrote {n} tensors ({}) to {}",
         version.unwrap_or_else(|e| format!("not recognised as RWKV: {e}")),
         output.display()
+    );
+    Ok(())
+}
+
+/// `rwkv quantize`: a pre-quantized copy of an RWKV checkpoint.
+fn quantize(input: &Path, output: &Path, to: Format, force: bool) -> Result<()> {
+    let src = SafeTensorsFile::open(input).with_context(|| format!("reading {}", input.display()))?;
+    let version =
+        rwkv_wgpu::detect_version(&src).with_context(|| format!("{} is no RWKV checkpoint", input.display()))?;
+    let overwrite = if force { Overwrite::Replace } else { Overwrite::Refuse };
+    let s = rwkv_wgpu::loader::quantize_file(&src, output, to, overwrite)?;
+    if !s.skipped.is_empty() {
+        eprintln!("skipped {} tensors that are not f32/f16/bf16: {}", s.skipped.len(), s.skipped.join(", "));
+    }
+    let by: Vec<String> = s.quantized.iter().map(|(scheme, n)| format!("{n} as {scheme}")).collect();
+    eprintln!(
+        "wrote RWKV-{version} to {}: {} matrices quantized ({}), {} tensors as they were; {:.1} MiB -> {:.1} MiB",
+        output.display(),
+        s.quantized.iter().map(|(_, n)| n).sum::<usize>(),
+        by.join(", "),
+        s.copied,
+        s.bytes_in as f64 / (1 << 20) as f64,
+        s.bytes_out as f64 / (1 << 20) as f64
     );
     Ok(())
 }
@@ -923,7 +965,7 @@ fn compare(cli: &Cli) -> Result<()> {
 }
 
 /// `rwkv inspect`: version, dimensions, memory and the kernel plan.
-fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
+fn inspect(cli: &Cli, model: &ModelArgs, tensors: bool) -> Result<()> {
     let ctx = gpu(cli)?;
     let m = load(&ctx, model, false)?;
     let i = m.model.info();
@@ -948,8 +990,30 @@ fn inspect(cli: &Cli, model: &ModelArgs) -> Result<()> {
     out!("weight bytes    {}", i.weight_bytes);
     out!("on the GPU      {} (the embedding is read from the file)", i.gpu_weight_bytes);
     let by: Vec<String> = i.matrix_bytes.iter().map(|(e, b)| format!("{e} {b}")).collect();
-    let how = i.quant.map_or(String::new(), |f| format!(" (quantized to {f} at load)"));
+    // A single-file RWKV checkpoint: whether it is pre-quantized, and its tensors.
+    let file = model.model.as_deref().filter(|p| p.is_file()).map(SafeTensorsFile::open).transpose()?;
+    let stored = file.as_ref().map(|f| rwkv_wgpu::quant::file_format(f.metadata())).transpose()?.flatten();
+    let how = match (stored, i.quant) {
+        (Some(f), _) => format!(" (a pre-quantized {f} file)"),
+        (None, Some(f)) => format!(" (quantized to {f} at load)"),
+        (None, None) => String::new(),
+    };
     out!("matrices        {}{how}", by.join(", "));
+    if tensors {
+        let Some(f) = &file else { bail!("--tensors lists the tensors of a model file: give --model FILE") };
+        let mut names: Vec<&str> = f.names().collect();
+        names.sort_unstable();
+        for name in names {
+            let shape = f.shape(name).unwrap_or_default();
+            let dtype = f.dtype_name(name).unwrap_or_default();
+            let what = match (stored, f.contains(&format!("{name}.scales"))) {
+                (Some(fmt), true) => format!("{fmt} codes ({dtype})"),
+                (Some(_), false) if name.ends_with(".scales") => format!("{dtype} block scales"),
+                _ => dtype,
+            };
+            out!("tensor          {name} {shape:?} {what}");
+        }
+    }
     if m.model.is_transformer() {
         out!("kv cache        {} bytes per token of context ({})", i.kv_bytes_per_token, model.kv_cache);
     } else {

@@ -99,13 +99,15 @@ impl Matrix {
     ) -> Result<Self> {
         let encoding = Encoding::choose(quant, dtype, cols);
         match encoding {
-            Encoding::Float(_) => Self::place(ctx, store, name, encoding, rows, cols, bytes, max_part_bytes, release),
+            Encoding::Float(_) => {
+                Self::upload_rows(ctx, store, name, encoding, rows, cols, bytes, max_part_bytes, release)
+            }
             Encoding::Blocks(scheme) => {
                 let gpu = gpu_rows_from_bytes(scheme, dtype, bytes, rows, cols)?;
                 if let Some(r) = release {
                     r(bytes);
                 }
-                Self::place(ctx, store, name, encoding, rows, cols, &gpu, max_part_bytes, None)
+                Self::upload_rows(ctx, store, name, encoding, rows, cols, &gpu, max_part_bytes, None)
             }
         }
     }
@@ -120,12 +122,13 @@ impl Matrix {
         max_part_bytes: u64,
     ) -> Result<Self> {
         let encoding = Encoding::Blocks(q.scheme);
-        Self::place(ctx, store, name, encoding, q.rows, q.cols, &q.gpu_rows(), max_part_bytes, None)
+        Self::upload_rows(ctx, store, name, encoding, q.rows, q.cols, &q.gpu_rows(), max_part_bytes, None)
     }
 
-    /// Uploads rows already in `encoding`'s GPU layout.
+    /// Uploads rows already in `encoding`'s GPU layout (a pre-quantized
+    /// file's, from [`crate::quant::gpu_rows_from_parts`]).
     #[allow(clippy::too_many_arguments)]
-    fn place(
+    pub fn upload_rows(
         ctx: &GpuContext,
         store: WeightStore,
         name: &str,

@@ -342,6 +342,79 @@ pub fn quantize_bytes(scheme: Scheme, dtype: Dtype, bytes: &[u8], rows: usize, c
     Ok(out)
 }
 
+/// Metadata key of a pre-quantized file (`rwkv quantize`): the format name.
+pub const FILE_FORMAT_KEY: &str = "rwkv_wgpu.quant";
+/// Metadata key of the layout version of a pre-quantized file.
+pub const FILE_VERSION_KEY: &str = "rwkv_wgpu.quant_version";
+/// The layout this runtime writes and reads: each quantized matrix (a 2-D
+/// `*.weight` used as `x @ W.T`, the head included) stored under its
+/// official name as `U8` codes `[rows, cols * bits / 8]` (int8: one byte
+/// per code; q4: two codes a byte, c + 8, the lower nibble first), and
+/// `NAME.scales`, `F16` `[rows, cols / block]`; every other tensor as in
+/// the source.
+pub const FILE_VERSION: u32 = 1;
+
+/// The format of a checkpoint from its safetensors metadata: `None` for a
+/// float checkpoint; an error naming what is wrong for a format or version
+/// this runtime does not read (a newer writer, another tool's key).
+pub fn file_format(metadata: &std::collections::HashMap<String, String>) -> Result<Option<Format>> {
+    let Some(name) = metadata.get(FILE_FORMAT_KEY) else {
+        return Ok(None);
+    };
+    let format = Format::parse(name).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "pre-quantized file: unknown weight format {name:?} in its metadata ({FILE_FORMAT_KEY}); this \
+             runtime reads int8 and q4 (written by a newer or another tool?)"
+        ))
+    })?;
+    let version = metadata.get(FILE_VERSION_KEY);
+    match version.map(|v| v.parse::<u32>()) {
+        Some(Ok(FILE_VERSION)) => Ok(Some(format)),
+        _ => Err(Error::InvalidArgument(format!(
+            "pre-quantized {format} file: layout version {} ({FILE_VERSION_KEY}); this runtime reads version \
+             {FILE_VERSION}",
+            version.map_or("missing".to_string(), |v| format!("{v:?}"))
+        ))),
+    }
+}
+
+/// A pre-quantized matrix's scheme from its codes' and scales' shapes
+/// (`[rows, code bytes]`, `[rows, blocks]`) for a `[rows, cols]` matrix in
+/// `format`, checked: the block must be one this runtime runs (32 or 64).
+pub fn file_scheme(format: Format, name: &str, rows: usize, cols: usize, scales: &[usize]) -> Result<Scheme> {
+    let blocks = if scales.len() == 2 && scales[0] == rows { scales[1] } else { 0 };
+    let block = if blocks > 0 && cols.is_multiple_of(blocks) { cols / blocks } else { 0 };
+    if block != 32 && block != 64 {
+        return Err(Error::ShapeMismatch {
+            name: format!("{name}.scales ({format} blocks of 32 or 64 weights)"),
+            expected: vec![rows, cols / 64],
+            found: scales.to_vec(),
+        });
+    }
+    Ok(Scheme { format, block })
+}
+
+/// Rows in the kernels' layout ([`RowLayout`]) from a pre-quantized file's
+/// codes and f16 scale bytes (little-endian), as [`Quantized::gpu_rows`].
+pub fn gpu_rows_from_parts(scheme: Scheme, rows: usize, cols: usize, codes: &[u8], scales: &[u8]) -> Result<Vec<u8>> {
+    let layout = RowLayout::new(scheme, cols);
+    let scale_row = 2 * cols / scheme.block;
+    if codes.len() != rows * layout.code_bytes || scales.len() != rows * scale_row {
+        return Err(Error::InvalidArgument(format!(
+            "pre-quantized [{rows}, {cols}] {scheme}: {} code and {} scale bytes",
+            codes.len(),
+            scales.len()
+        )));
+    }
+    let mut out = vec![0u8; rows * layout.row_bytes()];
+    for (r, row) in out.chunks_exact_mut(layout.row_bytes()).enumerate() {
+        row[..layout.code_bytes].copy_from_slice(&codes[r * layout.code_bytes..(r + 1) * layout.code_bytes]);
+        row[layout.code_bytes..layout.code_bytes + scale_row]
+            .copy_from_slice(&scales[r * scale_row..(r + 1) * scale_row]);
+    }
+    Ok(out)
+}
+
 /// A row-major `[rows, cols]` matrix of `dtype` from `bytes`, quantized
 /// in the kernels' row layout ([`Quantized::gpu_rows`]) a block of rows at
 /// a time: besides the result, at most one block of rows is held.

@@ -159,3 +159,81 @@ fn quantized_at_load_austen_perplexity() {
         assert!((p / round_trip - 1.0).abs() <= SAME_WEIGHTS_PPL, "{format}: {p} vs {round_trip}");
     }
 }
+
+/// `rwkv quantize`'s files: loading one gives the logits, bit for bit, of
+/// the float checkpoint quantized at load (the same quantizer, the same GPU
+/// rows), with no float pass over its matrices; the metadata's format and
+/// version are checked, and a pre-quantized file is never re-quantized.
+#[test]
+fn pre_quantized_files_load_as_quantizing_at_load_does() {
+    use rwkv_wgpu::files::Overwrite;
+    use rwkv_wgpu::loader::quantize_file;
+    let Some(ctx) = gpu() else { return };
+    let dir = tempdir("pre-quantized");
+    for name in ["v7-L2-C128-V512-fp32", "v6-L3-C64-V512-fp16", "v5.2-L2-C128-V512-fp32", "v4-L3-C64-V512-fp16"] {
+        for format in [Format::Int8, Format::Q4] {
+            let src = SafeTensorsFile::open(model_path(name)).unwrap();
+            let out = dir.0.join(format!("{name}-{format}.safetensors"));
+            let summary = quantize_file(&src, &out, format, Overwrite::Refuse).unwrap();
+            assert!(!summary.quantized.is_empty() && summary.bytes_out < summary.bytes_in, "{summary:?}");
+            // Written once; a second run without --force is refused and
+            // leaves the file as it was.
+            let before = std::fs::read(&out).unwrap();
+            assert!(quantize_file(&src, &out, format, Overwrite::Refuse).is_err());
+            assert_eq!(std::fs::read(&out).unwrap(), before);
+
+            let g = Golden::load(name);
+            let at_load = LoadOptions { quant: Some(format), ..Default::default() };
+            let mut a = engine_with(&ctx, model_path(name), &at_load, 256);
+            let mut b = engine_with(&ctx, &out, &LoadOptions::default(), 256);
+            assert_eq!(b.info().quant, Some(format), "{name}: the file's format is the model's");
+            assert_eq!(a.info().gpu_weight_bytes, b.info().gpu_weight_bytes);
+            let (mut sa, mut sb) = (a.new_state(1).unwrap(), b.new_state(1).unwrap());
+            let la = a.forward(&mut sa, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+            let lb = b.forward(&mut sb, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+            assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} {format}: logits differ");
+
+            // Re-quantizing it, to the other format at load or as a file, is refused.
+            let other = if format == Format::Int8 { Format::Q4 } else { Format::Int8 };
+            let opts = LoadOptions { quant: Some(other), ..Default::default() };
+            let e = Model::load(&ctx, &out, &opts).err().expect("a second format is refused").to_string();
+            assert!(e.contains("pre-quantized") && e.contains(format.name()), "{e}");
+            let q = SafeTensorsFile::open(&out).unwrap();
+            let e = quantize_file(&q, &dir.0.join("again.safetensors"), other, Overwrite::Refuse).unwrap_err();
+            assert!(e.to_string().contains("already quantized"), "{e}");
+        }
+    }
+    // A format or a layout version this runtime does not read: a clear error.
+    let src = SafeTensorsFile::open(model_path("v7-L2-C128-V512-fp32")).unwrap();
+    let good = dir.0.join("v7-L2-C128-V512-fp32-int8.safetensors");
+    for (key, value, says) in [
+        (quant::FILE_FORMAT_KEY, "q9", "unknown weight format \"q9\""),
+        (quant::FILE_VERSION_KEY, "2", "layout version \"2\""),
+    ] {
+        let bytes = std::fs::read(&good).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        meta.insert(key.to_string(), value.to_string());
+        let bad = dir.0.join(format!("bad-{value}.safetensors"));
+        safetensors::serialize_to_file(st.tensors(), Some(meta), &bad).unwrap();
+        let e = Model::load(&ctx, &bad, &LoadOptions::default()).err().expect("refused").to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    drop(src);
+}
+
+/// A temporary folder removed however the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(what: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("rwkv-quant-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}

@@ -50,6 +50,8 @@ pub struct SafeTensorsFile {
     path: PathBuf,
     mmap: Backing,
     entries: HashMap<String, Entry>,
+    /// The safetensors header's `__metadata__` (empty for a `.pth`).
+    metadata: HashMap<String, String>,
 }
 
 impl SafeTensorsFile {
@@ -92,11 +94,12 @@ impl SafeTensorsFile {
                 .into_iter()
                 .map(|t| (t.name, Entry { dtype: t.dtype, shape: t.shape, start: t.start, end: t.end }))
                 .collect();
-            return Ok(Self { path, mmap, entries });
+            return Ok(Self { path, mmap, entries, metadata: HashMap::new() });
         }
         let (header_len, metadata) =
             safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| header_error(&path, mmap.len(), e))?;
         let data_start = 8 + header_len;
+        let header_metadata = metadata.metadata().clone().unwrap_or_default();
         let mut entries = HashMap::new();
         for (name, info) in metadata.tensors() {
             let dtype = match info.dtype {
@@ -109,7 +112,7 @@ impl SafeTensorsFile {
             entries
                 .insert(name, Entry { dtype, shape: info.shape.clone(), start: data_start + a, end: data_start + b });
         }
-        Ok(Self { path, mmap, entries })
+        Ok(Self { path, mmap, entries, metadata: header_metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -197,6 +200,33 @@ impl SafeTensorsFile {
         Ok(Tensor { name: key, dtype, shape: &e.shape, bytes: &self.mmap[e.start..e.end] })
     }
 
+    /// The header's `__metadata__` entries.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// The element type of a tensor as the file names it (`F16`, `U8`, ..).
+    pub fn dtype_name(&self, name: &str) -> Option<String> {
+        self.entries.get(name).map(|e| match &e.dtype {
+            Ok(d) => d.name().to_string(),
+            Err(other) => other.clone(),
+        })
+    }
+
+    /// The bytes of a `U8` tensor of exactly `shape` (a pre-quantized
+    /// file's codes).
+    pub fn expect_u8(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        if e.dtype.as_ref().err().map(String::as_str) != Some("U8") {
+            let dtype = self.dtype_name(name).unwrap_or_default();
+            return Err(Error::UnsupportedDtype { name: format!("{name} (quantized codes must be U8)"), dtype });
+        }
+        if e.shape != shape {
+            return Err(Error::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: e.shape.clone() });
+        }
+        Ok(&self.mmap[e.start..e.end])
+    }
+
     /// A tensor that must have exactly `shape`.
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor<'_>> {
         let t = self.get(name)?;
@@ -250,6 +280,109 @@ pub fn convert_to_safetensors(
             .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))
     })?;
     Ok((written, skipped))
+}
+
+/// A tensor to write: name, element type, shape, bytes.
+type OutTensor<'a> = (String, safetensors::Dtype, Vec<usize>, std::borrow::Cow<'a, [u8]>);
+
+/// What [`quantize_file`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizeSummary {
+    /// Matrices stored as codes and scales, by scheme.
+    pub quantized: Vec<(crate::quant::Scheme, usize)>,
+    /// Tensors copied as they were (vectors, the embedding, LoRAs, and
+    /// matrices whose columns no block divides).
+    pub copied: usize,
+    /// Tensors of other element types, left out (as `convert` does).
+    pub skipped: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Writes `src` (a `.pth` or safetensors checkpoint) to a safetensors
+/// file at `out` with its matrices quantized to `format` in the layout of
+/// [`crate::quant::FILE_VERSION`] (the metadata names the format and the
+/// version). A matrix is a 2-D `*.weight` tensor other than the embedding
+/// (which is read by row from the file and stays in floats); each is
+/// quantized a block of rows at a time from the mapping. Written atomically,
+/// never over the input ([`crate::files::write_atomic`]).
+pub fn quantize_file(
+    src: &SafeTensorsFile,
+    out: &Path,
+    format: crate::quant::Format,
+    overwrite: crate::files::Overwrite,
+) -> Result<QuantizeSummary> {
+    use crate::quant::{quantize_bytes, Scheme, FILE_FORMAT_KEY, FILE_VERSION, FILE_VERSION_KEY};
+    if let Some(f) = crate::quant::file_format(src.metadata())? {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already quantized ({f}): quantize the float checkpoint",
+            src.path().display()
+        )));
+    }
+    let mut names: Vec<&str> = src.names().collect();
+    names.sort_unstable();
+    // The quantized tensors owned, the rest borrowed from the mapping.
+    let mut tensors: Vec<OutTensor> = Vec::new();
+    let mut summary =
+        QuantizeSummary { quantized: Vec::new(), copied: 0, skipped: Vec::new(), bytes_in: 0, bytes_out: 0 };
+    for name in names {
+        let t = match src.get(name) {
+            Ok(t) => t,
+            Err(Error::UnsupportedDtype { .. }) => {
+                summary.skipped.push(name.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        summary.bytes_in += t.bytes.len() as u64;
+        let matrix = t.shape.len() == 2 && name.ends_with(".weight") && name != "emb.weight";
+        let scheme = if matrix { Scheme::for_cols(format, t.shape[1]) } else { None };
+        if let Some(scheme) = scheme {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let q = quantize_bytes(scheme, t.dtype, t.bytes, rows, cols)?;
+            src.release(&t);
+            let scales: Vec<u8> = bytemuck::cast_slice(&q.scales).to_vec();
+            let code_cols = cols * format.bits() / 8;
+            tensors.push((name.to_string(), safetensors::Dtype::U8, vec![rows, code_cols], q.codes.into()));
+            tensors.push((
+                format!("{name}.scales"),
+                safetensors::Dtype::F16,
+                vec![rows, cols / scheme.block],
+                scales.into(),
+            ));
+            match summary.quantized.iter_mut().find(|(s, _)| *s == scheme) {
+                Some((_, n)) => *n += 1,
+                None => summary.quantized.push((scheme, 1)),
+            }
+        } else {
+            let dtype = match t.dtype {
+                Dtype::F32 => safetensors::Dtype::F32,
+                Dtype::F16 => safetensors::Dtype::F16,
+                Dtype::BF16 => safetensors::Dtype::BF16,
+            };
+            tensors.push((name.to_string(), dtype, t.shape.to_vec(), t.bytes.into()));
+            summary.copied += 1;
+        }
+    }
+    summary.bytes_out = tensors.iter().map(|t| t.3.len() as u64).sum();
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, bytes) in &tensors {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|e| Error::InvalidArgument(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let source = src.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("converted_from".to_string(), source),
+        (FILE_FORMAT_KEY.to_string(), format.name().to_string()),
+        (FILE_VERSION_KEY.to_string(), FILE_VERSION.to_string()),
+    ]);
+    crate::files::write_atomic(out, &[src.path()], overwrite, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp)
+            .map_err(|e| Error::InvalidArgument(format!("writing {}: {e}", out.display())))
+    })?;
+    Ok(summary)
 }
 
 fn header_error(path: &Path, file_len: usize, e: SafeTensorError) -> Error {

@@ -11,7 +11,7 @@ use crate::gpu::GpuContext;
 use crate::loader::SafeTensorsFile;
 use crate::matrix::{tally, Matrix};
 use crate::model::info::Progress;
-use crate::quant::{Encoding, Format};
+use crate::quant::{file_scheme, gpu_rows_from_parts, Encoding, Format};
 use crate::state::StateLayout;
 use crate::tensor::{Dtype, Tensor};
 
@@ -112,9 +112,14 @@ impl<'f> BlockLoader<'f> {
     /// memory while loading stays near the GPU copy of the weights instead of
     /// the file plus the staging plus the GPU copy.
     pub fn done(&self, t: &Tensor) -> Result<()> {
-        let before = self.done.get();
-        self.done.set(before + t.bytes.len() as u64);
         self.f.release(t);
+        self.done_bytes(t.bytes.len())
+    }
+
+    /// As `done` for `n` bytes read and released otherwise.
+    fn done_bytes(&self, n: usize) -> Result<()> {
+        let before = self.done.get();
+        self.done.set(before + n as u64);
         if self.done.get() / FLUSH_BYTES != before / FLUSH_BYTES {
             self.ctx.queue().submit([]);
             self.ctx.sync()?;
@@ -134,8 +139,30 @@ impl<'f> BlockLoader<'f> {
     }
 
     /// A linear weight `[rows, cols]` used as `x @ W.T`.
+    /// In a pre-quantized file (`rwkv quantize`) it is read as its codes
+    /// and `NAME.scales`, straight into the kernels' row layout.
     pub fn mat(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let f = self.f;
+        let scales_name = format!("{name}.scales");
+        if let (Some(format), true) = (self.quant, f.contains(&scales_name)) {
+            let scales = f.get(&scales_name)?;
+            if scales.dtype != Dtype::F16 {
+                let dtype = scales.dtype.name().to_string();
+                return Err(Error::UnsupportedDtype { name: format!("{scales_name} (scales must be F16)"), dtype });
+            }
+            let scheme = file_scheme(format, name, rows, cols, scales.shape)?;
+            let codes = f.expect_u8(name, &[rows, cols * format.bits() / 8])?;
+            let gpu = gpu_rows_from_parts(scheme, rows, cols, codes, scales.bytes)?;
+            f.release_bytes(codes);
+            let (store, encoding) = (self.ctx.weight_store(), Encoding::Blocks(scheme));
+            let m = Matrix::upload_rows(self.ctx, store, name, encoding, rows, cols, &gpu, self.max_part, None)?;
+            self.parameters += (rows * cols) as u64;
+            self.gpu_bytes += m.bytes();
+            tally(&mut self.matrices, &m);
+            self.done(&scales)?;
+            self.done_bytes(codes.len())?;
+            return Ok(m);
+        }
         let t = f.expect(name, &[rows, cols])?;
         self.parameters += t.len() as u64;
         let release = |b: &[u8]| f.release_bytes(b);

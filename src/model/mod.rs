@@ -236,10 +236,23 @@ impl Model {
             Version::V7 => v7::heads(f, d.c)?,
         };
         let ffn = f.shape("blocks.0.ffn.key.weight").and_then(|s| s.first().copied()).unwrap_or(d.c);
-        compile_pipelines(ctx, version, &d, head_size, ffn, opts.quant)?;
+        // A pre-quantized file's format is the model's: its other matrices
+        // (LoRAs) are quantized to it at load.
+        let quant = match (crate::quant::file_format(f.metadata())?, opts.quant) {
+            (Some(stored), Some(asked)) if stored != asked => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is pre-quantized to {stored}: --quant {asked} cannot re-quantize it (leave --quant out, \
+                     or quantize the float checkpoint)",
+                    f.path().display()
+                )))
+            }
+            (Some(stored), _) => Some(stored),
+            (None, asked) => asked,
+        };
+        compile_pipelines(ctx, version, &d, head_size, ffn, quant)?;
 
         let max_part = opts.max_part_bytes.unwrap_or(u64::MAX).min(ctx.max_binding_bytes());
-        let mut ld = BlockLoader::new(ctx, f, d.c, opts.quant, max_part, opts.progress.clone());
+        let mut ld = BlockLoader::new(ctx, f, d.c, quant, max_part, opts.progress.clone());
         // The embedding stays in the file (see `Model::file`); its pages are
         // dropped now and read back row by row as tokens use them.
         ld.skip("emb.weight")?;
@@ -284,7 +297,7 @@ impl Model {
             parameters: ld.parameters,
             weight_bytes: f.data_bytes(),
             gpu_weight_bytes: ld.gpu_bytes,
-            quant: opts.quant,
+            quant,
             matrix_bytes: ld.matrices.clone(),
             state_bytes_per_sequence: layout.bytes_per_sequence(),
             kv_bytes_per_token: 0,

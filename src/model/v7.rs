@@ -90,11 +90,12 @@ pub fn heads(f: &SafeTensorsFile, c: usize) -> Result<(usize, usize)> {
 pub fn load(ld: &mut BlockLoader, d: &Dims, n_head: usize, head_size: usize) -> Result<Loaded<Block>> {
     let (f, c, n_layer) = (ld.f, d.c, d.n_layer);
     let width = |name: &str, axis: usize| -> Result<usize> {
-        let t = f.get(name)?;
-        t.shape.get(axis).copied().ok_or_else(|| Error::ShapeMismatch {
+        // By shape only: a pre-quantized file's matrices are U8 codes.
+        let shape = f.shape(name).ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        shape.get(axis).copied().ok_or_else(|| Error::ShapeMismatch {
             name: name.into(),
             expected: vec![c, 0],
-            found: t.shape.to_vec(),
+            found: shape.to_vec(),
         })
     };
     let ffn = width("blocks.0.ffn.key.weight", 0)?;
