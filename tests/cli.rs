@@ -323,3 +323,66 @@ fn transformer_folder_through_the_cli() {
     assert_eq!(error_lines(&o).len(), 1, "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--quant` and `rwkv quantize` through the binary: `bench --json` reports
+/// `quant` and `gpu_weight_bytes` (a quarter to a half of f16's), `quantize`
+/// writes a file that `inspect --tensors` shows as codes and scales and that
+/// `logits` reads, and a bad format, an existing output and re-quantizing
+/// are one-line errors that leave the files alone.
+#[test]
+fn quantized_weights_through_the_cli() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut gpu_weights = Vec::new();
+    for quant in [None, Some("int8"), Some("4bit")] {
+        let mut args = vec!["bench", "--shape", "L2-D128-V512", "--pp", "9", "--tg", "2", "--batch", "1", "--repeat", "1", "--json"];
+        args.extend(quant.map(|q| ["--quant", q]).into_iter().flatten());
+        let o = rwkv(&args);
+        assert!(o.status.success(), "{quant:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let want = match quant {
+            None => serde_json::Value::Null,
+            Some("int8") => "int8".into(),
+            _ => "q4".into(),
+        };
+        assert_eq!(v["quant"], want, "{v}");
+        gpu_weights.push(v["gpu_weight_bytes"].as_u64().expect("gpu_weight_bytes") as f64);
+    }
+    let (int8, q4) = (gpu_weights[1] / gpu_weights[0], gpu_weights[2] / gpu_weights[0]);
+    assert!(int8 < 0.6 && q4 < 0.35 && q4 < int8, "GPU weight bytes vs f16: int8 {int8:.3}, q4 {q4:.3}");
+
+    let dir = std::env::temp_dir().join(format!("rwkv-cli-quant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = model_path("v7-L2-C128-V512-fp32");
+    let out = dir.join("q4.safetensors");
+    let (model, out_s) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let o = rwkv(&["quantize", model, out_s, "--to", "4bit"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rwkv(&["inspect", "--model", out_s, "--tokenizer", "world", "--tensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("a pre-quantized q4 file"), "{text}");
+    assert!(text.contains("head.weight [512, 64] q4 codes (U8)"), "{text}");
+    assert!(text.contains("head.weight.scales [512, 2] F16 block scales"), "{text}");
+    let npy = dir.join("l.npy");
+    let o = rwkv(&["logits", "--model", out_s, "--tokenizer", "world", "--tokens", "1,2,3", "--out", npy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let before = std::fs::read(&out).unwrap();
+    for (args, says) in [
+        (vec!["quantize", model, out_s, "--to", "int8"], "exists"),
+        (vec!["quantize", model, dir.join("x").to_str().unwrap(), "--to", "nf3"], "unknown weight format"),
+        (vec!["quantize", out_s, dir.join("y").to_str().unwrap(), "--to", "int8"], "already quantized"),
+        (vec!["inspect", "--model", out_s, "--tokenizer", "world", "--quant", "int8"], "pre-quantized to q4"),
+    ] {
+        let o = rwkv(&args);
+        // 1: a failed command; 2: an argument clap refuses.
+        assert!(matches!(o.status.code(), Some(1 | 2)), "{args:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains(says) && e.lines().filter(|l| l.starts_with("error")).count() == 1, "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read(&out).unwrap(), before, "a failed command changed the file");
+    assert!(!dir.join("y").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
