@@ -336,7 +336,20 @@ fn quantized_weights_through_the_cli() {
     }
     let mut gpu_weights = Vec::new();
     for quant in [None, Some("int8"), Some("4bit")] {
-        let mut args = vec!["bench", "--shape", "L2-D128-V512", "--pp", "9", "--tg", "2", "--batch", "1", "--repeat", "1", "--json"];
+        let mut args = vec![
+            "bench",
+            "--shape",
+            "L2-D128-V512",
+            "--pp",
+            "9",
+            "--tg",
+            "2",
+            "--batch",
+            "1",
+            "--repeat",
+            "1",
+            "--json",
+        ];
         args.extend(quant.map(|q| ["--quant", q]).into_iter().flatten());
         let o = rwkv(&args);
         assert!(o.status.success(), "{quant:?}: {}", stderr(&o));
@@ -366,7 +379,17 @@ fn quantized_weights_through_the_cli() {
     assert!(text.contains("head.weight [512, 64] q4 codes (U8)"), "{text}");
     assert!(text.contains("head.weight.scales [512, 2] F16 block scales"), "{text}");
     let npy = dir.join("l.npy");
-    let o = rwkv(&["logits", "--model", out_s, "--tokenizer", "world", "--tokens", "1,2,3", "--out", npy.to_str().unwrap()]);
+    let o = rwkv(&[
+        "logits",
+        "--model",
+        out_s,
+        "--tokenizer",
+        "world",
+        "--tokens",
+        "1,2,3",
+        "--out",
+        npy.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     let before = std::fs::read(&out).unwrap();
