@@ -122,7 +122,7 @@ impl Matrix {
         max_part_bytes: u64,
     ) -> Result<Self> {
         let encoding = Encoding::Blocks(q.scheme);
-        Self::upload_rows(ctx, store, name, encoding, q.rows, q.cols, &q.gpu_rows(), max_part_bytes, None)
+        Self::upload_rows(ctx, store, name, encoding, q.rows, q.cols, &q.gpu_rows()?, max_part_bytes, None)
     }
 
     /// Uploads rows already in `encoding`'s GPU layout (a pre-quantized

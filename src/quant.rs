@@ -452,7 +452,7 @@ pub fn gpu_rows_from_bytes(scheme: Scheme, dtype: Dtype, bytes: &[u8], rows: usi
     for r0 in (0..rows).step_by(ROWS_AT_ONCE) {
         let n = ROWS_AT_ONCE.min(rows - r0);
         let q = quantize_bytes(scheme, dtype, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], n, cols)?;
-        out.extend_from_slice(&q.gpu_rows());
+        out.extend_from_slice(&q.gpu_rows()?);
     }
     Ok(out)
 }
@@ -479,17 +479,10 @@ impl RowLayout {
 }
 
 impl Quantized {
-    /// The rows in the kernels' layout ([`RowLayout`]).
-    pub fn gpu_rows(&self) -> Vec<u8> {
-        let layout = RowLayout::new(self.scheme, self.cols);
-        let per_row = self.cols / self.scheme.block;
-        let mut out = vec![0u8; self.rows * layout.row_bytes()];
-        for (r, row) in out.chunks_exact_mut(layout.row_bytes()).enumerate() {
-            row[..layout.code_bytes].copy_from_slice(&self.codes[r * layout.code_bytes..(r + 1) * layout.code_bytes]);
-            let scales = &self.scales[r * per_row..(r + 1) * per_row];
-            row[layout.code_bytes..layout.code_bytes + 2 * per_row].copy_from_slice(bytemuck::cast_slice(scales));
-        }
-        out
+    /// The rows in the kernels' layout ([`RowLayout`]); an error if the
+    /// codes and scales do not fit the shape.
+    pub fn gpu_rows(&self) -> Result<Vec<u8>> {
+        gpu_rows_from_parts(self.scheme, self.rows, self.cols, &self.codes, bytemuck::cast_slice(&self.scales))
     }
 }
 
@@ -584,7 +577,7 @@ mod tests {
             let q = quantize(scheme, &w, rows, cols).unwrap();
             let layout = RowLayout::new(scheme, cols);
             assert_eq!(layout.scale_bytes, 16, "3 scales padded to 16 bytes");
-            let g = q.gpu_rows();
+            let g = q.gpu_rows().unwrap();
             assert_eq!(g.len(), rows * layout.row_bytes());
             for r in 0..rows {
                 let row = &g[r * layout.row_bytes()..(r + 1) * layout.row_bytes()];

@@ -324,6 +324,14 @@ fn transformer_folder_through_the_cli() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// GPU weight bytes over f16's at the 128-wide test shape: measured 0.566
+/// (int8) and 0.321 (q4), above the 0.1B shape's 0.523 and 0.273 because a
+/// row's f16 scales pad to 16 bytes and the vectors stay f32. The bounds
+/// round those up; the head left in floats (0.11 of the f16 bytes) would
+/// take either past them.
+const INT8_BYTES: f64 = 0.58;
+const Q4_BYTES: f64 = 0.34;
+
 /// `--quant` and `rwkv quantize` through the binary: `bench --json` reports
 /// `quant` and `gpu_weight_bytes` (a quarter to a half of f16's), `quantize`
 /// writes a file that `inspect --tensors` shows as codes and scales and that
@@ -363,10 +371,10 @@ fn quantized_weights_through_the_cli() {
         gpu_weights.push(v["gpu_weight_bytes"].as_u64().expect("gpu_weight_bytes") as f64);
     }
     let (int8, q4) = (gpu_weights[1] / gpu_weights[0], gpu_weights[2] / gpu_weights[0]);
-    assert!(int8 < 0.6 && q4 < 0.35 && q4 < int8, "GPU weight bytes vs f16: int8 {int8:.3}, q4 {q4:.3}");
+    assert!(int8 <= INT8_BYTES && q4 <= Q4_BYTES, "GPU weight bytes vs f16: int8 {int8:.3}, q4 {q4:.3}");
 
-    let dir = std::env::temp_dir().join(format!("rwkv-cli-quant-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("cli-quant");
+    let dir = &tmp.0;
     let model = model_path("v7-L2-C128-V512-fp32");
     let out = dir.join("q4.safetensors");
     let (model, out_s) = (model.to_str().unwrap(), out.to_str().unwrap());
@@ -407,5 +415,4 @@ fn quantized_weights_through_the_cli() {
     }
     assert_eq!(std::fs::read(&out).unwrap(), before, "a failed command changed the file");
     assert!(!dir.join("y").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -128,16 +128,8 @@ fn compare_reports_rows_memory_and_chart() {
     if gpu().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("rwkv-compare-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Removed however the test ends.
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
+    let tmp = TempDir::new("compare");
+    let dir = tmp.0.clone();
     let svg = dir.join("chart.svg");
     let tg = 3;
     let o = rwkv(&[

@@ -275,6 +275,15 @@ fn linear_subgroup_kernel() {
     }
 }
 
+/// x for a texture matrix: exactly as long as its rows (copied into the x
+/// texture), or with a uniform window of slack after it (`windowed`: read
+/// in place through the window).
+fn x_buffer(ctx: &GpuContext, x: &[f32], windowed: bool) -> GpuBuffer {
+    let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
+    let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
+    ctx.storage_f32("x", &xs).unwrap()
+}
+
 /// The block-quantized matrix kernels (`linear_q.wgsl` on buffers,
 /// `linear_q_tex.wgsl` on textures) against the CPU product with
 /// `Quantized::dequantize`'s exact weights: int8 and q4, blocks of 32 and
@@ -328,9 +337,7 @@ fn linear_quantized_kernels() {
                     let x_off = 8;
                     let x = rng.vec(x_off + n * d_in, 1.0);
                     let y0 = rng.vec(5 + n * d_out, 1.0);
-                    let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
-                    let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
-                    let (xb, yb) = (ctx.storage_f32("x", &xs).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+                    let (xb, yb) = (x_buffer(&ctx, &x, windowed), ctx.storage_f32("y", &y0).unwrap());
                     run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
                     let got = ctx.read_f32(&yb).unwrap();
                     let mut want = f64s(&y0);
@@ -349,12 +356,7 @@ fn linear_quantized_kernels() {
                     if n > 1 {
                         for t in [0, n / 2, n - 1] {
                             let y1 = ctx.storage_f32("y1", &y0[5 + t * d_out..5 + (t + 1) * d_out]).unwrap();
-                            let x1: Vec<f32> = x[x_off + t * d_in..x_off + (t + 1) * d_in]
-                                .iter()
-                                .copied()
-                                .chain(std::iter::repeat_n(0.0, slack))
-                                .collect();
-                            let xb1 = ctx.storage_f32("x1", &x1).unwrap();
+                            let xb1 = x_buffer(&ctx, &x[x_off + t * d_in..x_off + (t + 1) * d_in], windowed);
                             run(&ctx, &ws, |rec| m.linear(rec, &xb1, 0, &y1, 0, 1, act, accumulate).unwrap());
                             let solo = ctx.read_f32(&y1).unwrap();
                             let batched = &got[5 + t * d_out..5 + (t + 1) * d_out];
@@ -429,9 +431,7 @@ fn linear_texture_kernel() {
         let y0 = rng.vec(5 + n * d_out, 1.0);
         // x exactly as long as its rows: copied into the x texture; with a
         // uniform window of slack after it: read in place, window by window.
-        let slack = if windowed { (X_WINDOW_BYTES / 4) as usize } else { 0 };
-        let xs: Vec<f32> = x.iter().copied().chain(std::iter::repeat_n(0.0, slack)).collect();
-        let (xb, yb) = (ctx.storage_f32("x", &xs).unwrap(), ctx.storage_f32("y", &y0).unwrap());
+        let (xb, yb) = (x_buffer(&ctx, &x, windowed), ctx.storage_f32("y", &y0).unwrap());
         run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
         let mut want = f64s(&y0);
         for t in 0..n {

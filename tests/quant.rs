@@ -169,7 +169,7 @@ fn pre_quantized_files_load_as_quantizing_at_load_does() {
     use rwkv_wgpu::files::Overwrite;
     use rwkv_wgpu::loader::quantize_file;
     let Some(ctx) = gpu() else { return };
-    let dir = tempdir("pre-quantized");
+    let dir = TempDir::new("pre-quantized");
     for name in ["v7-L2-C128-V512-fp32", "v6-L3-C64-V512-fp16", "v5.2-L2-C128-V512-fp32", "v4-L3-C64-V512-fp16"] {
         for format in [Format::Int8, Format::Q4] {
             let src = SafeTensorsFile::open(model_path(name)).unwrap();
@@ -221,19 +221,4 @@ fn pre_quantized_files_load_as_quantizing_at_load_does() {
         assert!(e.contains(says), "{e}");
     }
     drop(src);
-}
-
-/// A temporary folder removed however the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(what: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("rwkv-quant-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
 }

@@ -176,3 +176,20 @@ impl Rng {
         (self.next_u64() % n as u64) as u32
     }
 }
+
+/// A temporary folder, removed however the test ends (a failed assertion too).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("rwkv-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
