@@ -94,7 +94,7 @@ pub use loader::SafeTensorsFile;
 pub use matrix::Matrix;
 pub use model::{detect_version, Arch, Family, LoadOptions, LogitsMode, Model, ModelInfo, Version};
 pub use sampler::{Sampler, SamplerConfig};
-pub use session::{EndTokens, GenerateOptions, Generation, Session, StopReason};
+pub use session::{Decoded, Decoder, EndTokens, GenerateOptions, Generation, Session, StopReason};
 pub use state::{State, StateData};
 pub use tensor::Dtype;
 pub use tokenizer::{TextStream, Tokenizer};

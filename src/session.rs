@@ -249,62 +249,126 @@ impl Session {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let mut stream = TextStream::new();
-        let mut held = String::new(); // text that might start a stop sequence
-        let mut emitted = String::new();
+        let mut decoder = Decoder::new(opts, &self.model.info().eos);
         let mut tokens = Vec::new();
-        let end: Vec<u32> = match &opts.eos {
-            EndTokens::Model => self.model.info().eos.clone(),
-            EndTokens::Ignore => Vec::new(),
-            EndTokens::Tokens(t) => t.clone(),
-        };
-        // Passes text on; true when the reader asks to stop.
-        let mut emit = |s: &str, emitted: &mut String| -> bool {
-            if s.is_empty() {
-                return false;
-            }
-            emitted.push_str(s);
-            on_text(s).is_break()
-        };
-        let mut stop = StopReason::MaxTokens;
-        while tokens.len() < opts.max_tokens {
+        let mut emitted = String::new();
+        if decoder.is_full() {
+            return Ok(Generation { tokens, text: emitted, stop: StopReason::MaxTokens });
+        }
+        loop {
             let logits = self
                 .logits
                 .as_deref()
                 .ok_or_else(|| Error::InvalidArgument("nothing has been read yet: give a prompt".into()))?;
             let token = sampler.sample(logits)?;
-            if end.contains(&token) {
-                stop = StopReason::Eos;
-                break;
+            let out = decoder.next(token, &self.tokenizer);
+            if out.stop != Some(StopReason::Eos) {
+                sampler.accept(token);
+                tokens.push(token);
+                self.feed(engine, &[token])?;
             }
-            sampler.accept(token);
-            tokens.push(token);
-            self.feed(engine, &[token])?;
-            let bytes = self.tokenizer.token_bytes(token).unwrap_or_default();
-            held.push_str(&stream.push(bytes));
-            if let Some((at, s)) = opts
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| held.find(s.as_str()).map(|at| (at, s)))
-                .min_by_key(|(at, _)| *at)
-            {
-                emit(&held[..at], &mut emitted);
-                return Ok(Generation { tokens, text: emitted, stop: StopReason::StopSequence(s.clone()) });
+            let mut stop = out.stop;
+            if !out.text.is_empty() {
+                emitted.push_str(&out.text);
+                if on_text(&out.text).is_break() && stop.is_none() {
+                    stop = Some(StopReason::Cancelled);
+                }
             }
-            // Emit all but the longest tail that could still begin a stop sequence.
-            let keep_from = held
-                .char_indices()
-                .map(|(i, _)| i)
-                .find(|&i| opts.stop.iter().any(|s| !s.is_empty() && s.starts_with(&held[i..])))
-                .unwrap_or(held.len());
-            if emit(&held[..keep_from], &mut emitted) {
-                return Ok(Generation { tokens, text: emitted, stop: StopReason::Cancelled });
+            if let Some(stop) = stop {
+                return Ok(Generation { tokens, text: emitted, stop });
             }
-            held.drain(..keep_from);
         }
-        held.push_str(&stream.finish());
-        emit(&held, &mut emitted);
-        Ok(Generation { tokens, text: emitted, stop })
+    }
+}
+
+/// Turns sampled tokens into text, one token at a time, and says when a
+/// generation ends: at an end token, at a stop text (neither is emitted) or
+/// after `max_tokens`. Text that might be the start of a stop text is held
+/// back until it is known not to be; text that is not yet whole UTF-8 waits
+/// for the bytes that complete it. `Session::generate` and the server's
+/// scheduler both drive one.
+#[derive(Debug)]
+pub struct Decoder {
+    stream: TextStream,
+    /// Text that might start a stop sequence.
+    held: String,
+    stops: Vec<String>,
+    end: Vec<u32>,
+    max_tokens: usize,
+    generated: usize,
+}
+
+/// What one token gave: text to emit now, and whether the generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    pub text: String,
+    pub stop: Option<StopReason>,
+}
+
+impl Decoder {
+    /// `model_eos`: the model's end tokens, used for `EndTokens::Model`.
+    pub fn new(opts: &GenerateOptions, model_eos: &[u32]) -> Self {
+        let end = match &opts.eos {
+            EndTokens::Model => model_eos.to_vec(),
+            EndTokens::Ignore => Vec::new(),
+            EndTokens::Tokens(t) => t.clone(),
+        };
+        let stops = opts.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        Self { stream: TextStream::new(), held: String::new(), stops, end, max_tokens: opts.max_tokens, generated: 0 }
+    }
+
+    /// Tokens taken so far (an end token is not counted).
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    /// True once `max_tokens` tokens were taken, or for `max_tokens` 0 at once.
+    pub fn is_full(&self) -> bool {
+        self.generated >= self.max_tokens
+    }
+
+    /// Takes the next sampled token. `stop: Some(Eos)` means the token ends
+    /// the generation and is not part of it (do not read it into the state);
+    /// any other stop comes with the token taken.
+    pub fn next(&mut self, token: u32, tokenizer: &Tokenizer) -> Decoded {
+        if self.is_full() {
+            return Decoded { text: self.finish(), stop: Some(StopReason::MaxTokens) };
+        }
+        if self.end.contains(&token) {
+            return Decoded { text: self.finish(), stop: Some(StopReason::Eos) };
+        }
+        self.generated += 1;
+        let bytes = tokenizer.token_bytes(token).unwrap_or_default();
+        let piece = self.stream.push(bytes);
+        self.held.push_str(&piece);
+        if let Some((at, s)) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at)
+        {
+            let stop = Some(StopReason::StopSequence(s.clone()));
+            let text = self.held[..at].to_string();
+            self.held.clear();
+            return Decoded { text, stop };
+        }
+        if self.is_full() {
+            return Decoded { text: self.finish(), stop: Some(StopReason::MaxTokens) };
+        }
+        // Emit all but the longest tail that could still begin a stop sequence.
+        let keep_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        let text: String = self.held.drain(..keep_from).collect();
+        Decoded { text, stop: None }
+    }
+
+    /// The text still held back (at the end of a generation).
+    fn finish(&mut self) -> String {
+        self.held.push_str(&self.stream.finish());
+        std::mem::take(&mut self.held)
     }
 }

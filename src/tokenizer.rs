@@ -424,7 +424,7 @@ fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
 /// Turns token bytes into text as soon as they form valid UTF-8. A character
 /// split across tokens is held back until complete; bytes that can never be
 /// valid are shown escaped (`\xff`), never as U+FFFD and never dropped.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct TextStream {
     pending: Vec<u8>,
 }
