@@ -52,6 +52,7 @@
 //! ```
 
 pub mod batcher;
+pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod files;
@@ -59,9 +60,12 @@ pub mod gpu;
 pub mod loader;
 pub mod matrix;
 pub mod model;
+pub mod openai;
 pub mod ops;
 pub mod quant;
 pub mod sampler;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod session;
 pub mod state;
 pub mod tensor;

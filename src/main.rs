@@ -305,6 +305,41 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Serve the OpenAI API over HTTP (completions, chat, streaming) with
+    /// continuous batching and a prefix state cache; see docs/serving.md.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Address to listen on (0.0.0.0 to serve other machines).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0: any free port; the address is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` (all endpoints but /health).
+        #[arg(long, env = "RWKV_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Most requests read or generated at once (sessions in the batch).
+        #[arg(long, default_value_t = 32)]
+        max_sessions: usize,
+        /// Most requests waiting beyond those; more are answered 429.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Largest request body, in bytes; larger ones are answered 400.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body_bytes: usize,
+        /// Most `max_tokens` a request may ask for; more is answered 400.
+        #[arg(long, default_value_t = 4096)]
+        max_tokens_cap: usize,
+        /// Bytes of RWKV states kept for prompt prefixes (LRU; 0: off).
+        #[arg(long, default_value_t = 256 << 20)]
+        prefix_cache_bytes: usize,
+        /// Seconds requests in flight get to finish after SIGINT/SIGTERM.
+        #[arg(long, default_value_t = 10.0)]
+        shutdown_grace: f64,
+    },
     /// Print a model's version, dimensions and memory use.
     Inspect {
         #[command(flatten)]
@@ -536,6 +571,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { .. } => bench(&cli),
         Command::Compare { .. } => compare(&cli),
         Command::Inspect { model, tensors } => inspect(&cli, model, *tensors),
+        Command::Serve { .. } => serve(&cli),
     }
 }
 
@@ -1247,6 +1283,62 @@ fn chat_turn(
         g.tokens.len(),
         g.tokens.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)
     );
+    Ok(())
+}
+
+fn serve(cli: &Cli) -> Result<()> {
+    let Command::Serve {
+        model,
+        state,
+        host,
+        port,
+        api_key,
+        max_sessions,
+        queue,
+        max_body_bytes,
+        max_tokens_cap,
+        prefix_cache_bytes,
+        shutdown_grace,
+    } = &cli.command
+    else {
+        unreachable!("serve is called for `rwkv serve`")
+    };
+    if *max_sessions == 0 {
+        bail!("--max-sessions must be at least 1");
+    }
+    if !(shutdown_grace.is_finite() && *shutdown_grace >= 0.0) {
+        bail!("--shutdown-grace must be a number of seconds >= 0");
+    }
+    // Bind first: a port in use is reported before the model loads.
+    let listener = std::net::TcpListener::bind((host.as_str(), *port))
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let ctx = gpu(cli)?;
+    let m = load(&ctx, model, true)?;
+    let initial = initial_state(&m.model, state)?;
+    let tokenizer = m.tokenizer();
+    let is_transformer = matches!(m.model.info().arch, rwkv_wgpu::Arch::Transformer(_));
+    let chat = match &model.model {
+        Some(p) => rwkv_wgpu::chat::ChatFormat::for_model(is_transformer, p)?,
+        None => rwkv_wgpu::chat::ChatFormat::Rwkv,
+    };
+    let name = match &model.model {
+        Some(p) => p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        None => "austen-rwkv7".to_string(),
+    };
+    let config = rwkv_wgpu::server::ServerConfig {
+        api_key: api_key.clone(),
+        max_sessions: *max_sessions,
+        queue: *queue,
+        max_body_bytes: *max_body_bytes,
+        limits: rwkv_wgpu::openai::Limits { max_tokens_cap: *max_tokens_cap, ..Default::default() },
+        prefix_cache_bytes: *prefix_cache_bytes,
+        shutdown_grace: std::time::Duration::from_secs_f64(*shutdown_grace),
+    };
+    let addr = listener.local_addr().context("the listening address")?;
+    eprintln!("model: {name}; listening on http://{addr} (OpenAI API under /v1; Ctrl-C stops)");
+    let served = rwkv_wgpu::server::Served { engine: m.engine, tokenizer, chat, initial, name };
+    rwkv_wgpu::server::run(served, config, listener, rwkv_wgpu::server::shutdown_signal())?;
+    eprintln!("stopped");
     Ok(())
 }
 
