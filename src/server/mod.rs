@@ -259,18 +259,36 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint", None)
 }
 
+/// Past the body limit the rest of a body is still read (and dropped), up
+/// to this many bytes, so that the client, still sending, hears the 400
+/// instead of a reset connection; beyond it the connection is closed.
+const DRAIN_LIMIT: usize = 64 << 20;
+
 /// The body, up to the size limit.
 async fn read_body(app: &App, body: Body) -> std::result::Result<Vec<u8>, Response> {
-    match axum::body::to_bytes(body, app.config.max_body_bytes).await {
-        Ok(b) => Ok(b.to_vec()),
-        Err(_) => Err(bad_request(
-            app,
-            &RequestError::new(format!(
-                "the request body is over {} bytes (or could not be read)",
-                app.config.max_body_bytes
-            )),
-        )),
+    use tokio_stream::StreamExt;
+    let limit = app.config.max_body_bytes;
+    let too_big = || {
+        bad_request(app, &RequestError::new(format!("the request body is over {limit} bytes (--max-body-bytes)")))
+    };
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return Err(bad_request(app, &RequestError::new("the request body could not be read")));
+        };
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if total > DRAIN_LIMIT {
+            break;
+        }
     }
+    if total > limit {
+        return Err(too_big());
+    }
+    Ok(buf)
 }
 
 /// Which endpoint a request came through: how its answer is written.

@@ -91,8 +91,10 @@ mod tests {
 
     #[test]
     fn longest_prefix_leaving_a_token_and_lru_by_bytes() {
-        // Each entry: its tokens (4 bytes each) and 10 floats.
-        let mut c = PrefixCache::new(3 * (40 + 8));
+        // Each entry: its tokens (4 bytes each) and 10 floats; room for the
+        // first three.
+        let limit = 48 + 52 + 48;
+        let mut c = PrefixCache::new(limit);
         c.insert(vec![1, 2], state(10));
         c.insert(vec![1, 2, 3], state(10));
         c.insert(vec![9, 9], state(10));
@@ -103,7 +105,7 @@ mod tests {
         // [9, 9] is the least recently used: a new entry evicts it.
         c.insert(vec![5, 5], state(10));
         assert!(!c.contains(&[9, 9]) && c.contains(&[1, 2]) && c.contains(&[5, 5]));
-        assert!(c.bytes() <= 3 * 48);
+        assert!(c.bytes() <= limit);
         // Larger than the whole limit: not kept, nothing evicted.
         c.insert(vec![7], state(1000));
         assert_eq!(c.len(), 3);

@@ -284,29 +284,38 @@ impl Loop {
                 }
             }
             // 3. Clients gone.
-            let before = self.active.len();
-            self.active.retain(|a| !a.job.events.is_closed());
-            self.metrics.cancelled.fetch_add((before - self.active.len()) as u64, Relaxed);
+            self.drop_gone();
             // 4. One step over everything pushed.
             self.step();
             // 5. Segments read: cache, push the next.
-            for i in 0..self.active.len() {
-                let a = &mut self.active[i];
-                if a.session.pending() == 0 && a.pushed < a.job.prompt.len() {
-                    if a.job.cache_at.contains(&a.pushed) && !self.cache.contains(&a.job.prompt[..a.pushed]) {
-                        if let Ok(state) = a.session.state().read(0) {
-                            self.cache.insert(a.job.prompt[..a.pushed].to_vec(), state);
-                        }
-                    }
-                    if let Err(e) = a.push_segment() {
-                        let _ = a.job.events.send(Event::Error(e.to_string()));
-                        a.job.events = closed_sender();
+            let cache = &mut self.cache;
+            self.active.retain_mut(|a| {
+                if a.session.pending() > 0 || a.pushed == a.job.prompt.len() {
+                    return true;
+                }
+                if a.job.cache_at.contains(&a.pushed) && !cache.contains(&a.job.prompt[..a.pushed]) {
+                    if let Ok(state) = a.session.state().read(0) {
+                        cache.insert(a.job.prompt[..a.pushed].to_vec(), state);
                     }
                 }
-            }
-            self.active.retain(|a| !a.job.events.is_closed());
+                match a.push_segment() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let _ = a.job.events.send(Event::Error(e.to_string()));
+                        false
+                    }
+                }
+            });
+            self.drop_gone();
             self.gauges();
         }
+    }
+
+    /// Drops the requests whose client went away.
+    fn drop_gone(&mut self) {
+        let before = self.active.len();
+        self.active.retain(|a| !a.job.events.is_closed());
+        self.metrics.cancelled.fetch_add((before - self.active.len()) as u64, Relaxed);
     }
 
     fn take(&mut self, msg: Msg) {
@@ -440,9 +449,4 @@ impl Loop {
             self.rate_mark = (Instant::now(), n);
         }
     }
-}
-
-/// A sender whose receiver is gone: marks a request to be dropped.
-fn closed_sender() -> UnboundedSender<Event> {
-    tokio::sync::mpsc::unbounded_channel().0
 }
