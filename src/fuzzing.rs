@@ -125,7 +125,7 @@ pub fn hf_config(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("quant_file", quant_file),
     ("safetensors", safetensors),
     ("pth", pth),
@@ -133,4 +133,33 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("tokenizer_json", tokenizer_json),
     ("state_file", state_file),
     ("hf_config", hf_config),
+    ("openai_request", openai_request),
 ];
+
+/// A request body of `/v1/completions` or `/v1/chat/completions`, read as
+/// the server reads it; a chat's messages rendered in RWKV's format and
+/// tokenized, a completion's sampler built.
+pub fn openai_request(data: &[u8]) {
+    use crate::openai::{parse_chat, parse_completion, Limits, Prompt};
+    static WORLD: std::sync::OnceLock<WorldTokenizer> = std::sync::OnceLock::new();
+    let limits = Limits::default();
+    if let Ok(r) = parse_completion(data, &limits) {
+        assert!(r.generation.max_tokens <= limits.max_tokens_cap);
+        assert!(r.generation.stop.len() <= limits.max_stops);
+        if let Prompt::Tokens(t) = &r.prompt {
+            assert!(!t.is_empty());
+        }
+        let _ = crate::sampler::Sampler::new(r.generation.sampler);
+    }
+    if let Ok(r) = parse_chat(data, &limits) {
+        assert!(!r.messages.is_empty());
+        let pieces = crate::chat::ChatFormat::Rwkv.render(&r.messages).expect("RWKV's format renders any messages");
+        assert_eq!(pieces.len(), r.messages.len() + 1);
+        let world = WORLD.get_or_init(|| {
+            WorldTokenizer::parse(crate::tokenizer::WORLD_VOCAB).expect("the built-in vocab parses")
+        });
+        for p in pieces {
+            let _ = world.encode(p.as_bytes());
+        }
+    }
+}

@@ -223,3 +223,29 @@ fn mismatched_models_and_oversized_steps_are_errors() {
     let e = s.feed(batcher.engine(), &[2]).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
+
+/// What the server's prefix cache relies on: a prompt read in two parts,
+/// the state after the first read back to the CPU and written into a fresh
+/// session, gives the logits and state of reading it whole, bit for bit, at
+/// every split point.
+#[test]
+fn a_prompt_split_through_a_saved_state_equals_it_whole() {
+    let Some(ctx) = gpu() else { return };
+    let model = Arc::new(Model::load(&ctx, model_path(MODEL), &LoadOptions::default()).unwrap());
+    let g = Golden::load(MODEL);
+    let prompt: Vec<u32> = (0..40).map(|j| g.tokens[j % g.tokens.len()]).collect();
+    let mut engine = Engine::new(model.clone(), &EngineOptions { chunk_tokens: 16 }).unwrap();
+    let mut whole = Session::new(model.clone(), tokenizer()).unwrap();
+    whole.feed(&mut engine, &prompt).unwrap();
+    let want_state = whole.state().read(0).unwrap();
+    for split in [1, 7, 16, 17, 39] {
+        let mut first = Session::new(model.clone(), tokenizer()).unwrap();
+        first.feed(&mut engine, &prompt[..split]).unwrap();
+        let saved = first.state().read(0).unwrap();
+        let mut second = Session::new(model.clone(), tokenizer()).unwrap();
+        second.state_mut().write(0, &saved).unwrap();
+        second.feed(&mut engine, &prompt[split..]).unwrap();
+        assert_eq!(second.logits().unwrap(), whole.logits().unwrap(), "split at {split}");
+        assert_eq!(second.state().read(0).unwrap().fields, want_state.fields, "split at {split}");
+    }
+}
