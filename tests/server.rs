@@ -2,6 +2,8 @@
 //! ephemeral port of 127.0.0.1, driven by a real HTTP client (ureq). Every
 //! wait is bounded; every request count is small.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -394,4 +396,34 @@ fn sigterm_ends_requests_in_flight_within_the_grace_and_exits_0() {
     let events = client.join().unwrap();
     let last = events.last().unwrap();
     assert!(last["error"]["message"].as_str().unwrap().contains("shutting down"), "{last}");
+}
+
+/// A Transformer folder chats through its `chat_template` (rendered with
+/// minijinja); without one, chat is a 400 that says so and completions work.
+#[test]
+fn a_transformer_chats_through_its_chat_template() {
+    let src = common::fixture("transformer/models/llama-L2-D128-H4-KV4-F352-V4096-fp16-austen");
+    let dir = common::TempDir::new("serve-template");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.0.join(f)).unwrap();
+    }
+    let plain = Server::start(&["--model", dir.0.to_str().unwrap()]);
+    let chat = json!({"messages": [{"role": "user", "content": "Who is Emma?"}], "max_tokens": 8, "temperature": 0});
+    let (status, v) = post(&plain.url("/v1/chat/completions"), &chat);
+    assert_eq!(status, 400);
+    assert!(error_of(&v).1.contains("no chat template"), "{v}");
+    drop(plain);
+
+    let template = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'].strip() }}\n{% endfor %}\
+                    {% if add_generation_prompt %}ASSISTANT:{% endif %}";
+    let config = json!({"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"});
+    std::fs::write(dir.0.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let s = Server::start(&["--model", dir.0.to_str().unwrap()]);
+    let (status, c) = post(&s.url("/v1/chat/completions"), &chat);
+    assert_eq!(status, 200, "{c}");
+    // The same as completing the rendered text.
+    let rendered = json!({"prompt": "USER: Who is Emma?\nASSISTANT:", "max_tokens": 8, "temperature": 0});
+    let (_, p) = post(&s.url("/v1/completions"), &rendered);
+    assert_eq!(c["usage"], p["usage"]);
+    assert_eq!(c["choices"][0]["message"]["content"], p["choices"][0]["text"]);
 }
