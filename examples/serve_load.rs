@@ -101,7 +101,9 @@ fn prefix(base: &str) {
                      on his first entering a neighbourhood, this truth is so well fixed in the minds of the \
                      surrounding families, that he is considered the rightful property of some one or other of \
                      their daughters. ";
-    let system = |k: usize| format!("Rule {k}. You are Elizabeth Bennet. {}", paragraph.repeat(24));
+    // A nonce per run: a system prompt is cold the first time this server sees it.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let system = move |k: usize| format!("Run {run}, rule {k}. You are Elizabeth Bennet. {}", paragraph.repeat(24));
     let ask = |k: usize, q: usize| {
         json!({"messages": [{"role": "system", "content": system(k)},
                             {"role": "user", "content": format!("Question {q}: who is Mr. Darcy?")}],
