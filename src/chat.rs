@@ -176,7 +176,8 @@ mod tests {
 
     #[test]
     fn template_renders_with_python_methods() {
-        let source = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].strip() }}{{ eos_token }}\
+        let source =
+            "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].strip() }}{{ eos_token }}\
                       {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
         let f = ChatFormat::Template { source: source.into(), bos: "<s>".into(), eos: "</s>".into() };
         let p = f.render(&[msg(Role::User, " hi ")]).unwrap();

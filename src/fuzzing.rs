@@ -155,9 +155,8 @@ pub fn openai_request(data: &[u8]) {
         assert!(!r.messages.is_empty());
         let pieces = crate::chat::ChatFormat::Rwkv.render(&r.messages).expect("RWKV's format renders any messages");
         assert_eq!(pieces.len(), r.messages.len() + 1);
-        let world = WORLD.get_or_init(|| {
-            WorldTokenizer::parse(crate::tokenizer::WORLD_VOCAB).expect("the built-in vocab parses")
-        });
+        let world = WORLD
+            .get_or_init(|| WorldTokenizer::parse(crate::tokenizer::WORLD_VOCAB).expect("the built-in vocab parses"));
         for p in pieces {
             let _ = world.encode(p.as_bytes());
         }

@@ -131,8 +131,7 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Parsed<CompletionReques
             _ => return Err(RequestError::field("prompt", "give one prompt per request (an array of one string)")),
         },
         Some(Value::Array(items)) => {
-            let ids: Option<Vec<u32>> =
-                items.iter().map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok())).collect();
+            let ids: Option<Vec<u32>> = items.iter().map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok())).collect();
             match ids {
                 Some(ids) if !ids.is_empty() => Prompt::Tokens(ids),
                 _ => return Err(RequestError::field("prompt", "must be a string or a non-empty array of token ids")),
@@ -240,7 +239,10 @@ fn generation(obj: &Map<String, Value>, limits: &Limits, default_max: usize) -> 
     let max_tokens = match max {
         None => default_max.min(limits.max_tokens_cap),
         Some(n) if n > limits.max_tokens_cap as u64 => {
-            return Err(RequestError::field(max_name, format!("{n} is over this server's cap of {}", limits.max_tokens_cap)))
+            return Err(RequestError::field(
+                max_name,
+                format!("{n} is over this server's cap of {}", limits.max_tokens_cap),
+            ))
         }
         Some(n) => n as usize,
     };
@@ -308,7 +310,8 @@ fn logit_bias(obj: &Map<String, Value>, limits: &Limits) -> Parsed<Vec<(u32, f32
     }
     map.iter()
         .map(|(k, v)| {
-            let id: u32 = k.parse().map_err(|_| RequestError::field("logit_bias", format!("`{k}` is not a token id")))?;
+            let id: u32 =
+                k.parse().map_err(|_| RequestError::field("logit_bias", format!("`{k}` is not a token id")))?;
             let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
                 RequestError::field("logit_bias", format!("the bias of {k} must be a number in -100..=100"))
             })?;

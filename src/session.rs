@@ -341,11 +341,8 @@ impl Decoder {
         let bytes = tokenizer.token_bytes(token).unwrap_or_default();
         let piece = self.stream.push(bytes);
         self.held.push_str(&piece);
-        if let Some((at, s)) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
-            .min_by_key(|(at, _)| *at)
+        if let Some((at, s)) =
+            self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min_by_key(|(at, _)| *at)
         {
             let stop = Some(StopReason::StopSequence(s.clone()));
             let text = self.held[..at].to_string();

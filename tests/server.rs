@@ -166,7 +166,10 @@ fn endpoints_answer_as_openai_does() {
     let events = stream(&s.url("/v1/completions"), &sreq);
     assert_eq!(streamed_text(&events), text);
     let last = events.last().unwrap();
-    assert_eq!((last["choices"][0]["finish_reason"].as_str(), last["usage"]["completion_tokens"].as_u64()), (Some("length"), Some(12)));
+    assert_eq!(
+        (last["choices"][0]["finish_reason"].as_str(), last["usage"]["completion_tokens"].as_u64()),
+        (Some("length"), Some(12))
+    );
 
     // Chat, whole and streamed; a stop text ends the answer without itself.
     let chat = json!({"messages": [{"role": "system", "content": "You are Elizabeth Bennet."},
@@ -208,9 +211,7 @@ fn endpoints_answer_as_openai_does() {
 fn concurrent_streams_equal_their_solo_runs() {
     let s = Server::start(&[]);
     let n = 32;
-    let body = |i: usize| {
-        json!({"prompt": format!("Chapter {i}. {PROMPT}"), "max_tokens": 16, "temperature": 0, "seed": i, "stream": true})
-    };
+    let body = |i: usize| json!({"prompt": format!("Chapter {i}. {PROMPT}"), "max_tokens": 16, "temperature": 0, "seed": i, "stream": true});
     // Solo: one at a time.
     let solo: Vec<String> = (0..n).map(|i| streamed_text(&stream(&s.url("/v1/completions"), &body(i)))).collect();
     let steps_before = s.metric("rwkv_steps_total");
@@ -300,7 +301,8 @@ fn bad_requests_get_errors_and_the_server_goes_on() {
 
 impl Server {
     fn metric_with_key(&self, name: &str, key: &str) -> f64 {
-        let mut r = agent().get(&self.url("/metrics")).header("Authorization", &format!("Bearer {key}")).call().unwrap();
+        let mut r =
+            agent().get(&self.url("/metrics")).header("Authorization", &format!("Bearer {key}")).call().unwrap();
         let text = r.body_mut().read_to_string().unwrap();
         let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
@@ -317,7 +319,9 @@ fn overload_is_answered_429_and_service_resumes() {
     let threads: Vec<_> = (0..6)
         .map(|_| {
             let url = url.clone();
-            std::thread::spawn(move || post_raw(&url, json!({"prompt": PROMPT, "max_tokens": 400, "logit_bias": no_eos()}).to_string(), None))
+            std::thread::spawn(move || {
+                post_raw(&url, json!({"prompt": PROMPT, "max_tokens": 400, "logit_bias": no_eos()}).to_string(), None)
+            })
         })
         .collect();
     let answers: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();

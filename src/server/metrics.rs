@@ -65,7 +65,12 @@ impl Metrics {
         one("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", get(&self.prompt_tokens));
         one("generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens));
         one("steps_total", "counter", "Batched GPU steps run.", get(&self.steps));
-        one("prefix_cache_hits_total", "counter", "Requests started from a cached prefix state.", get(&self.prefix_hits));
+        one(
+            "prefix_cache_hits_total",
+            "counter",
+            "Requests started from a cached prefix state.",
+            get(&self.prefix_hits),
+        );
         one("prefix_cache_misses_total", "counter", "Requests started cold.", get(&self.prefix_misses));
         one(
             "prefix_cache_reused_tokens_total",

@@ -115,7 +115,8 @@ pub fn run(
     let vocab = engine.info().vocab;
     // The prefix cache holds RWKV states; a Transformer's KV cache grows with
     // the prompt, so it is not cached.
-    let cache_bytes = if matches!(engine.info().arch, crate::model::Arch::Transformer(_)) { 0 } else { config.prefix_cache_bytes };
+    let cache_bytes =
+        if matches!(engine.info().arch, crate::model::Arch::Transformer(_)) { 0 } else { config.prefix_cache_bytes };
     let metrics = Arc::new(Metrics::default());
     let scheduler = Scheduler::spawn(
         Batcher::new(engine),
@@ -220,7 +221,8 @@ fn bad_request(app: &App, e: &RequestError) -> Response {
 
 fn authorized(app: &App, headers: &HeaderMap) -> std::result::Result<(), Response> {
     let Some(key) = &app.config.api_key else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(key.as_str()) {
         return Ok(());
     }
@@ -268,9 +270,8 @@ const DRAIN_LIMIT: usize = 64 << 20;
 async fn read_body(app: &App, body: Body) -> std::result::Result<Vec<u8>, Response> {
     use tokio_stream::StreamExt;
     let limit = app.config.max_body_bytes;
-    let too_big = || {
-        bad_request(app, &RequestError::new(format!("the request body is over {limit} bytes (--max-body-bytes)")))
-    };
+    let too_big =
+        || bad_request(app, &RequestError::new(format!("the request body is over {limit} bytes (--max-body-bytes)")));
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     let mut total = 0usize;
@@ -291,6 +292,12 @@ async fn read_body(app: &App, body: Body) -> std::result::Result<Vec<u8>, Respon
     Ok(buf)
 }
 
+/// The key checked, then the body read: what both completion endpoints start with.
+async fn authorized_body(app: &App, headers: &HeaderMap, body: Body) -> std::result::Result<Vec<u8>, Response> {
+    authorized(app, headers)?;
+    read_body(app, body).await
+}
+
 /// Which endpoint a request came through: how its answer is written.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -299,10 +306,7 @@ enum Kind {
 }
 
 async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = authorized(&app, &headers) {
-        return r;
-    }
-    let body = match read_body(&app, body).await {
+    let body = match authorized_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -327,10 +331,7 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
 }
 
 async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = authorized(&app, &headers) {
-        return r;
-    }
-    let body = match read_body(&app, body).await {
+    let body = match authorized_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -377,7 +378,10 @@ async fn submit(
     if let Some((id, _)) = generation.sampler.logit_bias.iter().find(|(id, _)| *id as usize >= app.vocab) {
         return bad_request(
             &app,
-            &RequestError { message: format!("logit_bias: token id {id} is out of range (vocab {})", app.vocab), param: Some("logit_bias".into()) },
+            &RequestError {
+                message: format!("logit_bias: token id {id} is out of range (vocab {})", app.vocab),
+                param: Some("logit_bias".into()),
+            },
         );
     }
     let mut sampler_cfg = generation.sampler.clone();

@@ -342,28 +342,31 @@ impl Loop {
                 self.metrics.cancelled.fetch_add(1, Relaxed);
                 continue;
             }
-            match self.start(job) {
-                Ok(a) => self.active.push(a),
-                Err((job, e)) => {
-                    let _ = job.events.send(Event::Error(e.to_string()));
-                }
+            if let Some(a) = self.start(job) {
+                self.active.push(a);
             }
         }
     }
 
-    fn start(&mut self, job: Job) -> std::result::Result<Active, (Job, Error)> {
-        let mut session = match Session::new(self.model.clone(), self.tokenizer.clone()) {
-            Ok(s) => s,
-            Err(e) => return Err((job, e)),
-        };
-        let restored = match (&self.initial, self.cache.lookup(&job.prompt)) {
-            (_, Some((n, state))) => session.state_mut().write(0, state).map(|_| n),
-            (Some(initial), None) => session.set_initial_state(initial.clone()).map(|_| 0),
-            (None, None) => Ok(0),
-        };
-        let cached_tokens = match restored {
-            Ok(n) => n,
-            Err(e) => return Err((job, e)),
+    /// A session for `job`, from the longest cached prefix of its prompt,
+    /// with its first segment pushed; None when that failed (the request
+    /// has its error).
+    fn start(&mut self, job: Job) -> Option<Active> {
+        let result = (|| {
+            let mut session = Session::new(self.model.clone(), self.tokenizer.clone())?;
+            let cached_tokens = match (&self.initial, self.cache.lookup(&job.prompt)) {
+                (_, Some((n, state))) => session.state_mut().write(0, state).map(|_| n)?,
+                (Some(initial), None) => session.set_initial_state(initial.clone()).map(|_| 0)?,
+                (None, None) => 0,
+            };
+            Ok::<_, Error>((session, cached_tokens))
+        })();
+        let (session, cached_tokens) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = job.events.send(Event::Error(e.to_string()));
+                return None;
+            }
         };
         if cached_tokens > 0 {
             self.metrics.prefix_hits.fetch_add(1, Relaxed);
@@ -375,8 +378,11 @@ impl Loop {
         let decoder = Decoder::new(&job.options, &self.model.info().eos);
         let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens, first_token: true };
         match a.push_segment() {
-            Ok(()) => Ok(a),
-            Err(e) => Err((a.job, e)),
+            Ok(()) => Some(a),
+            Err(e) => {
+                let _ = a.job.events.send(Event::Error(e.to_string()));
+                None
+            }
         }
     }
 
