@@ -118,8 +118,10 @@ pub fn run(
     let cache_bytes =
         if matches!(engine.info().arch, crate::model::Arch::Transformer(_)) { 0 } else { config.prefix_cache_bytes };
     let metrics = Arc::new(Metrics::default());
+    let mut batcher = Batcher::new(engine);
+    warm_up(&mut batcher, &tokenizer)?;
     let scheduler = Scheduler::spawn(
-        Batcher::new(engine),
+        batcher,
         tokenizer.clone(),
         initial,
         SchedulerConfig {
@@ -169,6 +171,24 @@ pub fn run(
     runtime.shutdown_timeout(Duration::from_secs(1));
     scheduler.join();
     result
+}
+
+/// Runs the kinds of step the server will (a prompt chunk, a decode token,
+/// two sessions in one step) before it listens, so that drivers which
+/// compile kernels on first use (lavapipe: about 2 s) do so now and not in
+/// the first client's time to first token.
+fn warm_up(batcher: &mut Batcher, tokenizer: &Arc<Tokenizer>) -> Result<()> {
+    let model = batcher.engine().model().clone();
+    let mut a = crate::session::Session::new(model.clone(), tokenizer.clone())?;
+    let mut b = crate::session::Session::new(model, tokenizer.clone())?;
+    a.push(&[0, 0, 0])?;
+    b.push(&[0])?;
+    batcher.run(&mut [&mut a, &mut b])?;
+    a.push(&[0])?;
+    b.push(&[0])?;
+    batcher.run(&mut [&mut a, &mut b])?;
+    a.push(&[0])?;
+    batcher.run(&mut [&mut a])
 }
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
