@@ -8,8 +8,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rwkv_wgpu::chat::{ChatFormat, RWKV_TURN_END};
 use rwkv_wgpu::files::{write_atomic, Overwrite};
 use rwkv_wgpu::gpu::WeightStore;
+use rwkv_wgpu::openai::{Message, Role};
 use rwkv_wgpu::quant::Format;
 use rwkv_wgpu::state::StateData;
 use rwkv_wgpu::tokenizer::HfTokenizer;
@@ -1174,7 +1176,7 @@ fn parse_id_array(text: &str) -> Result<Vec<u32>> {
 fn chat(cli: &Cli, model: &ModelArgs, state: &StateArgs, sampling: &SamplingArgs) -> Result<()> {
     let (mut m, mut session, mut sampler) = start_session(cli, model, state, sampling, true)?;
     let engine = &mut m.engine;
-    let opts = generate_options(sampling, &["\n\n"]);
+    let opts = generate_options(sampling, &[RWKV_TURN_END]);
     // No /save may replace what the chat reads.
     let inputs = input_files(model, state.state.as_deref());
     let protected: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
@@ -1256,7 +1258,7 @@ fn chat_turn(
     closed: &mut bool,
 ) -> Result<()> {
     // The state holds everything said so far: only this turn is read.
-    let prompt = format!("User: {msg}\n\nAssistant:");
+    let prompt = ChatFormat::Rwkv.render(&[Message { role: Role::User, content: msg.to_string() }])?.concat();
     let n_prompt = feed_text(session, engine, prompt.as_bytes())?;
     write!(out, "Assistant:")?;
     out.flush()?;
@@ -1274,9 +1276,9 @@ fn chat_turn(
     }
     writeln!(out)?;
     out.flush()?;
-    if g.stop != StopReason::StopSequence("\n\n".into()) {
+    if g.stop != StopReason::StopSequence(RWKV_TURN_END.into()) {
         // Keep the format for the next turn when the reply ended otherwise.
-        session.feed_text(engine, b"\n\n")?;
+        session.feed_text(engine, RWKV_TURN_END.as_bytes())?;
     }
     eprintln!(
         "[turn {turn}: read {n_prompt} prompt tokens, generated {} tokens, {:.2} tokens/s]",
@@ -1318,8 +1320,8 @@ fn serve(cli: &Cli) -> Result<()> {
     let tokenizer = m.tokenizer();
     let is_transformer = matches!(m.model.info().arch, rwkv_wgpu::Arch::Transformer(_));
     let chat = match &model.model {
-        Some(p) => rwkv_wgpu::chat::ChatFormat::for_model(is_transformer, p)?,
-        None => rwkv_wgpu::chat::ChatFormat::Rwkv,
+        Some(p) => ChatFormat::for_model(is_transformer, p)?,
+        None => ChatFormat::Rwkv,
     };
     let name = match &model.model {
         Some(p) => p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),

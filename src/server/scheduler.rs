@@ -198,7 +198,6 @@ struct Active {
     /// Prompt tokens pushed so far (read once `session.pending()` is 0).
     pushed: usize,
     cached_tokens: usize,
-    first_token: bool,
 }
 
 impl Active {
@@ -376,7 +375,7 @@ impl Loop {
         }
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         let decoder = Decoder::new(&job.options, &self.model.info().eos);
-        let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens, first_token: true };
+        let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens };
         match a.push_segment() {
             Ok(()) => Some(a),
             Err(e) => {
@@ -398,8 +397,9 @@ impl Loop {
         }
         let logits = a.session.logits().ok_or_else(|| Error::InvalidArgument("no logits after the prompt".into()))?;
         let token = a.job.sampler.sample(logits)?;
-        if a.first_token {
-            a.first_token = false;
+        // The first token sampled: a request ends at an end token, so until
+        // then every sample is counted by the decoder.
+        if a.decoder.generated() == 0 {
             self.metrics.observe_ttft(a.job.received.elapsed().as_secs_f64());
         }
         let out = a.decoder.next(token, &self.tokenizer);
