@@ -52,6 +52,7 @@
 //! ```
 
 pub mod batcher;
+pub mod capi;
 pub mod chat;
 pub mod engine;
 pub mod error;

@@ -146,6 +146,20 @@ impl Session {
         self.state_mut().write(0, &data)
     }
 
+    /// A second session on the same model that starts where this one is: its
+    /// state (copied on the GPU), logits, initial state and pending tokens.
+    /// The two then go their own ways (a fork: one prompt, several answers).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            model: self.model.clone(),
+            tokenizer: self.tokenizer.clone(),
+            state: self.state.try_clone()?,
+            logits: self.logits.clone(),
+            initial: self.initial.clone(),
+            pending: self.pending.clone(),
+        })
+    }
+
     /// Back to the initial state (the zero state unless one was set); pending
     /// tokens are dropped.
     pub fn reset(&mut self) -> Result<()> {
