@@ -319,7 +319,8 @@ rwkv_load_options rwkv_load_options_default(void);
  * or "world"; NULL looks beside the model, then uses World for a
  * 65,536-token vocabulary. `opts` may be NULL for the defaults. On success
  * `*out` is the new model, else NULL and `rwkv_last_error()` names the file
- * and what was wrong. Thread-safe.
+ * and what was wrong. Paths (here and for states) are taken as bytes on
+ * Unix, UTF-8 elsewhere; texts must be UTF-8. Thread-safe.
  *
  * # Safety
  * Strings are NULL or NUL-terminated; `opts` is NULL or points to options;

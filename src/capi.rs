@@ -461,6 +461,27 @@ unsafe fn text_arg<'a>(p: *const c_char, what: &str) -> std::result::Result<&'a 
     })
 }
 
+/// A NUL-terminated path: any bytes on Unix (file names need not be UTF-8
+/// there), UTF-8 elsewhere.
+///
+/// # Safety
+/// As `text_arg`.
+unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> std::result::Result<&'a Path, Failure> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        if p.is_null() {
+            return Err(fail(RWKV_ERR_NULL_ARGUMENT, format!("{what} is NULL")));
+        }
+        // SAFETY: the caller's promise.
+        let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+        Ok(Path::new(std::ffi::OsStr::from_bytes(bytes)))
+    }
+    #[cfg(not(unix))]
+    // SAFETY: the caller's promise.
+    unsafe { text_arg(p, what) }.map(Path::new)
+}
+
 /// An optional string argument: NULL is `None`.
 ///
 /// # Safety
@@ -665,7 +686,8 @@ pub extern "C" fn rwkv_load_options_default() -> rwkv_load_options {
 /// or "world"; NULL looks beside the model, then uses World for a
 /// 65,536-token vocabulary. `opts` may be NULL for the defaults. On success
 /// `*out` is the new model, else NULL and `rwkv_last_error()` names the file
-/// and what was wrong. Thread-safe.
+/// and what was wrong. Paths (here and for states) are taken as bytes on
+/// Unix, UTF-8 elsewhere; texts must be UTF-8. Thread-safe.
 ///
 /// # Safety
 /// Strings are NULL or NUL-terminated; `opts` is NULL or points to options;
@@ -682,8 +704,8 @@ pub unsafe extern "C" fn rwkv_model_load(
         // SAFETY (this and below): the function's contract.
         unsafe { clear_handle_out(out) };
         let gpu = context(ctx)?;
-        let path = unsafe { text_arg(model_path, "the model path")? };
-        let tokenizer = unsafe { optional_text_arg(tokenizer, "the tokenizer")? };
+        let path = unsafe { path_arg(model_path, "the model path")? };
+        let tokenizer = if tokenizer.is_null() { None } else { Some(unsafe { path_arg(tokenizer, "the tokenizer")? }) };
         let opts = if opts.is_null() { rwkv_load_options_default() } else { unsafe { *opts } };
         let quant = unsafe { optional_text_arg(opts.quant, "the quantization")? }.map(Format::parse).transpose()?;
         if out.is_null() {
@@ -693,13 +715,19 @@ pub unsafe extern "C" fn rwkv_model_load(
             0 => DEFAULT_CHUNK_TOKENS,
             n => n as usize,
         };
-        let path = Path::new(path);
         let model = Model::load(&gpu, path, &LoadOptions { quant, ..Default::default() }).map_err(|e| {
             let f = Failure::from(e);
             fail(f.status, format!("loading {}: {}", path.display(), f.message))
         })?;
         let model = Arc::new(model);
-        let tokenizer = Arc::new(Tokenizer::for_model(tokenizer, Some(path), model.info().vocab)?);
+        let vocab = model.info().vocab;
+        let tokenizer = match tokenizer {
+            Some(t) if t.as_os_str().eq_ignore_ascii_case("world") => Tokenizer::world()?,
+            Some(t) => Tokenizer::from_file(t)?,
+            None => Tokenizer::for_model(None, Some(path), vocab)?,
+        };
+        tokenizer.check_vocab(vocab)?;
+        let tokenizer = Arc::new(tokenizer);
         let engine = Engine::new(model.clone(), &EngineOptions { chunk_tokens })?;
         let entry = ModelEntry { model, tokenizer, engine: Mutex::new(engine) };
         let key = register(Object::Model(Arc::new(entry)));
@@ -1074,9 +1102,9 @@ pub unsafe extern "C" fn rwkv_session_save_state(session: *const rwkv_session, p
     guard(|| {
         let entry = self::session(session)?;
         // SAFETY: the function's contract.
-        let path = unsafe { text_arg(path, "the state path")? };
+        let path = unsafe { path_arg(path, "the state path")? };
         let s = entry.lock()?;
-        Ok(s.save_state(Path::new(path))?)
+        Ok(s.save_state(path)?)
     })
 }
 
@@ -1092,9 +1120,9 @@ pub unsafe extern "C" fn rwkv_session_load_state(session: *const rwkv_session, p
     guard(|| {
         let entry = self::session(session)?;
         // SAFETY: the function's contract.
-        let path = unsafe { text_arg(path, "the state path")? };
+        let path = unsafe { path_arg(path, "the state path")? };
         let mut s = entry.lock()?;
-        Ok(s.load_state(Path::new(path))?)
+        Ok(s.load_state(path)?)
     })
 }
 

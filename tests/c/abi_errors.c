@@ -157,7 +157,8 @@ int main(int argc, char **argv) {
     rwkv_load_options lo = rwkv_load_options_default();
     lo.quant = "int3";
     EXPECT_STATUS(rwkv_model_load(ctx, model_path, tokenizer_path, &lo, &model), RWKV_ERR_INVALID_ARGUMENT);
-    EXPECT_STATUS(rwkv_model_load(ctx, "\xff\xfe.safetensors", tokenizer_path, NULL, &model), RWKV_ERR_INVALID_UTF8);
+    /* A path is bytes (Unix file names need not be UTF-8): not found, not refused. */
+    EXPECT_STATUS(rwkv_model_load(ctx, "/nonexistent/\xff\xfe.safetensors", tokenizer_path, NULL, &model), RWKV_ERR_IO);
     /* A context handle is not a model handle. */
     EXPECT_STATUS(rwkv_session_create((rwkv_model *)ctx, &s), RWKV_ERR_INVALID_HANDLE);
     EXPECT(strstr(rwkv_last_error(), "context") != NULL, "message names the kind");
