@@ -108,7 +108,8 @@ typedef enum {
 typedef struct rwkv_context rwkv_context;
 
 /**
- * A model's weights on the GPU, its tokenizer, and an engine to run it.
+ * A model's weights on the GPU, its tokenizer, and a thread that runs its
+ * sessions' steps.
  */
 typedef struct rwkv_model rwkv_model;
 
@@ -424,8 +425,8 @@ rwkv_status rwkv_session_reset(const rwkv_session *session);
 /**
  * Tokenizes a NUL-terminated UTF-8 text and reads it into the state;
  * `*n_tokens` (if not NULL) is the number of tokens read. One call at a
- * time per session (else `RWKV_ERR_BUSY`); calls on sessions of one model
- * take turns on its engine.
+ * time per session (else `RWKV_ERR_BUSY`); sessions of one model fed from
+ * several threads at once share GPU steps.
  *
  * # Safety
  * `text` is NUL-terminated; `n_tokens` is NULL or valid for a write.
@@ -436,8 +437,8 @@ rwkv_status rwkv_session_feed_text(const rwkv_session *session,
 
 /**
  * Reads `n` token ids into the state (each below the vocabulary size). One
- * call at a time per session (else `RWKV_ERR_BUSY`); calls on sessions of
- * one model take turns on its engine.
+ * call at a time per session (else `RWKV_ERR_BUSY`); sessions of one model
+ * fed from several threads at once share GPU steps.
  *
  * # Safety
  * `tokens` points to `n` ids (or is NULL with `n` 0).
@@ -474,10 +475,10 @@ rwkv_generate_options rwkv_generate_options_default(void);
  * to `callback` (may be NULL) until `max_tokens`, the end token, a stop
  * text, or the callback returning nonzero. `opts` may be NULL for the
  * defaults; `result` (may be NULL) receives the count and why it stopped.
- * One call at a time per session (else `RWKV_ERR_BUSY`); calls on sessions
- * of one model take turns on its engine. The callback runs on this thread;
- * from it, only calls that do not run the model succeed (tokenize,
- * detokenize, info, logits of another session).
+ * One call at a time per session (else `RWKV_ERR_BUSY`); sessions of one
+ * model generating on several threads at once share GPU steps, each with
+ * the tokens it would get alone. The callback runs on this thread; from it,
+ * any call works except on this session (`RWKV_ERR_BUSY`).
  *
  * # Safety
  * `opts` is NULL or valid, with `stop` pointing to `n_stop` NUL-terminated

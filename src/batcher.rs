@@ -17,6 +17,7 @@
 
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::engine::{fair_shares, Engine, SeqInput};
 use crate::error::{Error, Result};
@@ -208,13 +209,46 @@ impl BatchHandle {
     }
 }
 
+/// The longest the batch thread waits for sessions it just sent back.
+const REGATHER_WAIT: Duration = Duration::from_millis(5);
+
 /// Takes sessions as they come, steps every active one together, and sends
 /// each back once its pending tokens are read (or the step failed). A panic
 /// in a step fails that step's sessions; the thread goes on.
+///
+/// A session sent back is usually in a decode loop and returns with its next
+/// token within microseconds (its caller samples and feeds again). Stepping
+/// at once would split the callers into ragged steps (a step of the ones
+/// back, then a step of the rest), so before each step the thread waits for
+/// the sessions of the last step to come back: all of them, or up to half
+/// the last step's time (at most `REGATHER_WAIT`), whichever is first. The
+/// grouping changes no result (every session's bits are the same in any
+/// batch), only how many share each step.
 fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Msg>) {
     let mut active: Vec<Job> = Vec::new();
     let mut stopping = false;
+    // Sessions sent back after the last step, and how long it took.
+    let mut returned = 0usize;
+    let mut last_step = Duration::ZERO;
     loop {
+        if returned > 0 && !stopping {
+            let deadline = Instant::now() + (last_step / 2).min(REGATHER_WAIT);
+            while returned > 0 {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                match rx.recv_timeout(left) {
+                    Ok(Msg::Job(job)) => {
+                        active.push(*job);
+                        returned -= 1;
+                    }
+                    Ok(Msg::Stop) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            returned = 0;
+        }
         if active.is_empty() {
             if stopping {
                 return;
@@ -232,7 +266,9 @@ fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Msg>) {
             }
         }
         let mut sessions: Vec<&mut Session> = active.iter_mut().map(|j| &mut j.session).collect();
+        let started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batcher.step(&mut sessions)));
+        last_step = started.elapsed();
         let failed = match result {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.to_string()),
@@ -248,6 +284,7 @@ fn batch_loop(mut batcher: Batcher, rx: mpsc::Receiver<Msg>) {
                     None => Ok(()),
                 };
                 let _ = job.reply.send((job.session, r));
+                returned += 1;
             } else {
                 i += 1;
             }

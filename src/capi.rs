@@ -2,7 +2,7 @@
 //! (ctypes/cffi). `include/rwkv.h` is generated from this file by cbindgen
 //! (`cbindgen.toml`; `tests/c_api.rs` fails when the header is stale) and
 //! `docs/c-api.md` is the guide. The data flows as through the Rust API:
-//! context (the GPU) → model (weights, tokenizer, an engine) → sessions (one
+//! context (the GPU) → model (weights, tokenizer, a batch thread) → sessions (one
 //! sequence's state each) → text in, pieces of text out through a callback.
 //!
 //! Why it is built this way:
@@ -17,28 +17,28 @@
 //!   thread's last failed call (errno-style, thread-local).
 //! - **Threads.** Contexts and models may be used from any thread at once.
 //!   A session takes one call at a time: a second, concurrent or re-entrant
-//!   call on it returns `RWKV_ERR_BUSY` instead of blocking. Calls that run
-//!   the model (feed, generate) on sessions of one model take turns on the
-//!   model's engine (they block until it is free). From inside a generate
-//!   callback, calls that would run the model return `RWKV_ERR_BUSY`.
+//!   call on it returns `RWKV_ERR_BUSY` instead of blocking. Each model runs
+//!   on its own batch thread (`BatchThread`): feeds and generations on its
+//!   sessions from several threads at once share GPU steps (continuous
+//!   batching), with the same results as alone, bit for bit.
 
 #![allow(non_camel_case_types)]
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, TryLockError};
 
+use crate::batcher::{BatchThread, FeedError};
 use crate::engine::{Engine, EngineOptions, DEFAULT_CHUNK_TOKENS};
 use crate::error::Error;
 use crate::gpu::{GpuContext, GpuOptions};
 use crate::model::{LoadOptions, Model};
 use crate::quant::Format;
 use crate::sampler::{Sampler, SamplerConfig};
-use crate::session::{EndTokens, GenerateOptions, Session, StopReason};
+use crate::session::{Decoder, EndTokens, GenerateOptions, Session, StopReason};
 use crate::tokenizer::Tokenizer;
 
 // ---------------------------------------------------------------------------
@@ -89,7 +89,8 @@ pub struct rwkv_context {
     _opaque: [u8; 0],
 }
 
-/// A model's weights on the GPU, its tokenizer, and an engine to run it.
+/// A model's weights on the GPU, its tokenizer, and a thread that runs its
+/// sessions' steps.
 pub struct rwkv_model {
     _opaque: [u8; 0],
 }
@@ -246,8 +247,6 @@ impl From<Error> for Failure {
 thread_local! {
     /// The message of this thread's last failed call.
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
-    /// Set while this thread runs a generate callback.
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
 fn set_last_error(message: &str) {
@@ -284,13 +283,14 @@ fn guard(f: impl FnOnce() -> Outcome) -> rwkv_status {
 struct ModelEntry {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
-    /// The model's one engine: sessions' feed and generate take turns on it.
-    engine: Mutex<Engine>,
+    /// Runs the model: sessions fed from several threads share its steps.
+    batch: BatchThread,
 }
 
 struct SessionEntry {
     model: Arc<ModelEntry>,
-    session: Mutex<Session>,
+    /// `None` only if the batch thread was lost with the session in it.
+    session: Mutex<Option<Session>>,
 }
 
 enum Object {
@@ -407,9 +407,9 @@ fn unregister<T>(handle: *const T, kind: &str, is_kind: impl Fn(&Object) -> bool
 
 impl SessionEntry {
     /// This session, for one call; never waits.
-    fn lock(&self) -> std::result::Result<MutexGuard<'_, Session>, Failure> {
+    fn lock(&self) -> std::result::Result<Held<'_>, Failure> {
         match self.session.try_lock() {
-            Ok(s) => Ok(s),
+            Ok(s) => Ok(Held { slot: s, model: &self.model }),
             Err(TryLockError::WouldBlock) => Err(fail(
                 RWKV_ERR_BUSY,
                 "the session is in another call (a session takes one call at a time; from a generate callback, \
@@ -423,19 +423,39 @@ impl SessionEntry {
     }
 }
 
-impl ModelEntry {
-    /// The model's engine; waits while another session's call runs on it.
-    fn engine(&self) -> std::result::Result<MutexGuard<'_, Engine>, Failure> {
-        if IN_CALLBACK.get() {
-            return Err(fail(
-                RWKV_ERR_BUSY,
-                "called from inside a generate callback: running the model there would wait for itself; \
-                 return from the callback first",
-            ));
+fn lost() -> Failure {
+    fail(RWKV_ERR_INTERNAL, "the session was lost with its model's batch thread (a bug): free it")
+}
+
+/// A session held for one call, and the model whose batch thread reads its
+/// tokens.
+struct Held<'a> {
+    slot: MutexGuard<'a, Option<Session>>,
+    model: &'a ModelEntry,
+}
+
+impl Held<'_> {
+    fn session(&mut self) -> std::result::Result<&mut Session, Failure> {
+        self.slot.as_mut().ok_or_else(lost)
+    }
+
+    /// Reads `tokens` into the session on the model's batch thread, in steps
+    /// shared with the other sessions being fed at the same time.
+    fn read(&mut self, tokens: &[u32]) -> Outcome {
+        if tokens.is_empty() {
+            return Ok(());
         }
-        self.engine.lock().map_err(|_| {
-            fail(RWKV_ERR_INTERNAL, "the model is unusable after an internal error in an earlier call: free it")
-        })
+        let session = self.slot.take().ok_or_else(lost)?;
+        match self.model.batch.handle().feed(session, tokens) {
+            Ok(session) => {
+                *self.slot = Some(session);
+                Ok(())
+            }
+            Err(FeedError { session, error }) => {
+                *self.slot = session.map(|s| *s);
+                Err(error.into())
+            }
+        }
     }
 }
 
@@ -728,8 +748,8 @@ pub unsafe extern "C" fn rwkv_model_load(
         };
         tokenizer.check_vocab(vocab)?;
         let tokenizer = Arc::new(tokenizer);
-        let engine = Engine::new(model.clone(), &EngineOptions { chunk_tokens })?;
-        let entry = ModelEntry { model, tokenizer, engine: Mutex::new(engine) };
+        let batch = BatchThread::spawn(Engine::new(model.clone(), &EngineOptions { chunk_tokens })?)?;
+        let entry = ModelEntry { model, tokenizer, batch };
         let key = register(Object::Model(Arc::new(entry)));
         unsafe { write_out(out, key as usize as *mut rwkv_model, "the model output") }
     })
@@ -847,7 +867,7 @@ pub unsafe extern "C" fn rwkv_session_create(model: *const rwkv_model, out: *mut
             return Err(fail(RWKV_ERR_NULL_ARGUMENT, "the session output is NULL"));
         }
         let s = Session::new(entry.model.clone(), entry.tokenizer.clone())?;
-        let key = register(Object::Session(Arc::new(SessionEntry { model: entry, session: Mutex::new(s) })));
+        let key = register(Object::Session(Arc::new(SessionEntry { model: entry, session: Mutex::new(Some(s)) })));
         unsafe { write_out(out, key as usize as *mut rwkv_session, "the session output") }
     })
 }
@@ -867,9 +887,9 @@ pub unsafe extern "C" fn rwkv_session_clone(session: *const rwkv_session, out: *
         if out.is_null() {
             return Err(fail(RWKV_ERR_NULL_ARGUMENT, "the session output is NULL"));
         }
-        let copy = entry.lock()?.try_clone()?;
-        let key =
-            register(Object::Session(Arc::new(SessionEntry { model: entry.model.clone(), session: Mutex::new(copy) })));
+        let copy = entry.lock()?.session()?.try_clone()?;
+        let copy = SessionEntry { model: entry.model.clone(), session: Mutex::new(Some(copy)) };
+        let key = register(Object::Session(Arc::new(copy)));
         unsafe { write_out(out, key as usize as *mut rwkv_session, "the session output") }
     })
 }
@@ -893,15 +913,15 @@ pub unsafe extern "C" fn rwkv_session_free(session: *mut rwkv_session) -> rwkv_s
 pub unsafe extern "C" fn rwkv_session_reset(session: *const rwkv_session) -> rwkv_status {
     guard(|| {
         let entry = self::session(session)?;
-        let mut s = entry.lock()?;
-        Ok(s.reset()?)
+        let mut held = entry.lock()?;
+        Ok(held.session()?.reset()?)
     })
 }
 
 /// Tokenizes a NUL-terminated UTF-8 text and reads it into the state;
 /// `*n_tokens` (if not NULL) is the number of tokens read. One call at a
-/// time per session (else `RWKV_ERR_BUSY`); calls on sessions of one model
-/// take turns on its engine.
+/// time per session (else `RWKV_ERR_BUSY`); sessions of one model fed from
+/// several threads at once share GPU steps.
 ///
 /// # Safety
 /// `text` is NUL-terminated; `n_tokens` is NULL or valid for a write.
@@ -915,9 +935,10 @@ pub unsafe extern "C" fn rwkv_session_feed_text(
         let entry = self::session(session)?;
         // SAFETY (this and below): the function's contract.
         let text = unsafe { text_arg(text, "the text")? };
-        let mut s = entry.lock()?;
-        let mut engine = entry.model.engine()?;
-        let n = s.feed_text(&mut engine, text.as_bytes())?;
+        let mut held = entry.lock()?;
+        let tokens = held.session()?.tokenizer().encode(text.as_bytes())?;
+        held.read(&tokens)?;
+        let n = tokens.len();
         if !n_tokens.is_null() {
             unsafe { n_tokens.write(n) };
         }
@@ -926,8 +947,8 @@ pub unsafe extern "C" fn rwkv_session_feed_text(
 }
 
 /// Reads `n` token ids into the state (each below the vocabulary size). One
-/// call at a time per session (else `RWKV_ERR_BUSY`); calls on sessions of
-/// one model take turns on its engine.
+/// call at a time per session (else `RWKV_ERR_BUSY`); sessions of one model
+/// fed from several threads at once share GPU steps.
 ///
 /// # Safety
 /// `tokens` points to `n` ids (or is NULL with `n` 0).
@@ -941,9 +962,8 @@ pub unsafe extern "C" fn rwkv_session_feed_tokens(
         let entry = self::session(session)?;
         // SAFETY: the function's contract.
         let tokens = unsafe { slice_arg(tokens, n, "the token ids")? };
-        let mut s = entry.lock()?;
-        let mut engine = entry.model.engine()?;
-        Ok(s.feed(&mut engine, tokens)?)
+        let mut held = entry.lock()?;
+        held.read(tokens)
     })
 }
 
@@ -964,8 +984,8 @@ pub unsafe extern "C" fn rwkv_session_logits(
 ) -> rwkv_status {
     guard(|| {
         let entry = self::session(session)?;
-        let s = entry.lock()?;
-        let logits = s.logits().ok_or_else(|| {
+        let mut held = entry.lock()?;
+        let logits = held.session()?.logits().ok_or_else(|| {
             fail(RWKV_ERR_INVALID_ARGUMENT, "no logits: nothing has been fed since the session started or was reset")
         })?;
         // SAFETY: the function's contract.
@@ -997,31 +1017,15 @@ pub extern "C" fn rwkv_generate_options_default() -> rwkv_generate_options {
     }
 }
 
-/// Clears the in-callback flag however the callback returns.
-struct InCallback;
-
-impl InCallback {
-    fn enter() -> Self {
-        IN_CALLBACK.set(true);
-        InCallback
-    }
-}
-
-impl Drop for InCallback {
-    fn drop(&mut self) {
-        IN_CALLBACK.set(false);
-    }
-}
-
 /// Generates from the session's logits (feed a prompt first): samples a
 /// token, reads it into the state, and passes each printable piece of text
 /// to `callback` (may be NULL) until `max_tokens`, the end token, a stop
 /// text, or the callback returning nonzero. `opts` may be NULL for the
 /// defaults; `result` (may be NULL) receives the count and why it stopped.
-/// One call at a time per session (else `RWKV_ERR_BUSY`); calls on sessions
-/// of one model take turns on its engine. The callback runs on this thread;
-/// from it, only calls that do not run the model succeed (tokenize,
-/// detokenize, info, logits of another session).
+/// One call at a time per session (else `RWKV_ERR_BUSY`); sessions of one
+/// model generating on several threads at once share GPU steps, each with
+/// the tokens it would get alone. The callback runs on this thread; from it,
+/// any call works except on this session (`RWKV_ERR_BUSY`).
 ///
 /// # Safety
 /// `opts` is NULL or valid, with `stop` pointing to `n_stop` NUL-terminated
@@ -1063,29 +1067,52 @@ pub unsafe extern "C" fn rwkv_session_generate(
             logit_bias: Vec::new(),
             seed: o.seed,
         })?;
-        let mut s = entry.lock()?;
-        let mut engine = entry.model.engine()?;
+        // The loop of `Session::generate`, with each token read on the
+        // model's batch thread (sharing steps with other sessions).
+        let mut held = entry.lock()?;
+        let tokenizer = entry.model.tokenizer.clone();
+        let mut decoder = Decoder::new(&generate, &entry.model.model.info().eos);
         let mut piece = Vec::new();
-        let out = s.generate(&mut engine, &mut sampler, &generate, |text| {
-            let Some(callback) = callback else { return ControlFlow::Continue(()) };
+        // Passes a piece to the callback; true when it asks to stop.
+        let mut emit = |text: &str| {
+            let Some(callback) = callback else { return false };
             piece.clear();
             piece.extend_from_slice(text.as_bytes());
             piece.push(0);
-            let _in = InCallback::enter();
             // SAFETY: the function's contract; `piece` lives through the call.
-            match unsafe { callback(piece.as_ptr().cast(), text.len(), user_data) } {
-                0 => ControlFlow::Continue(()),
-                _ => ControlFlow::Break(()),
+            unsafe { callback(piece.as_ptr().cast(), text.len(), user_data) != 0 }
+        };
+        let mut n_tokens = 0u32;
+        let stop = if decoder.is_full() {
+            StopReason::MaxTokens
+        } else {
+            loop {
+                let logits = held.session()?.logits().ok_or_else(|| {
+                    fail(RWKV_ERR_INVALID_ARGUMENT, "nothing has been read yet: feed a prompt before generating")
+                })?;
+                let token = sampler.sample(logits)?;
+                let out = decoder.next(token, &tokenizer);
+                if out.stop != Some(StopReason::Eos) {
+                    sampler.accept(token);
+                    n_tokens = n_tokens.saturating_add(1);
+                    held.read(&[token])?;
+                }
+                let mut stop = out.stop;
+                if !out.text.is_empty() && emit(&out.text) && stop.is_none() {
+                    stop = Some(StopReason::Cancelled);
+                }
+                if let Some(stop) = stop {
+                    break stop;
+                }
             }
-        })?;
+        };
         if !result.is_null() {
-            let stop_reason = match out.stop {
+            let stop_reason = match stop {
                 StopReason::MaxTokens => rwkv_stop_reason::RWKV_STOP_MAX_TOKENS,
                 StopReason::Eos => rwkv_stop_reason::RWKV_STOP_EOS,
                 StopReason::StopSequence(_) => rwkv_stop_reason::RWKV_STOP_TEXT,
                 StopReason::Cancelled => rwkv_stop_reason::RWKV_STOP_CANCELLED,
             };
-            let n_tokens = u32::try_from(out.tokens.len()).unwrap_or(u32::MAX);
             unsafe { result.write(rwkv_generation { n_tokens, stop_reason }) };
         }
         Ok(())
@@ -1103,8 +1130,8 @@ pub unsafe extern "C" fn rwkv_session_save_state(session: *const rwkv_session, p
         let entry = self::session(session)?;
         // SAFETY: the function's contract.
         let path = unsafe { path_arg(path, "the state path")? };
-        let s = entry.lock()?;
-        Ok(s.save_state(path)?)
+        let mut held = entry.lock()?;
+        Ok(held.session()?.save_state(path)?)
     })
 }
 
@@ -1121,8 +1148,8 @@ pub unsafe extern "C" fn rwkv_session_load_state(session: *const rwkv_session, p
         let entry = self::session(session)?;
         // SAFETY: the function's contract.
         let path = unsafe { path_arg(path, "the state path")? };
-        let mut s = entry.lock()?;
-        Ok(s.load_state(path)?)
+        let mut held = entry.lock()?;
+        Ok(held.session()?.load_state(path)?)
     })
 }
 

@@ -272,3 +272,19 @@ fn abi_errors_c_gets_statuses_not_crashes() {
     // The refused state save over the model left it as it was.
     assert_eq!(hash(&model_path()), model_before);
 }
+
+#[test]
+fn threads_c_generates_on_many_threads_at_once() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tmp = TempDir::new("c-threads");
+    let exe = compile("examples/c/threads.c", &tmp.0, Link::Shared);
+    // A small run: 4 threads of 8 tokens each (the benchmark's figures use 8 x 128).
+    let (ok, out, err) =
+        run(&exe, &[model_path().as_os_str(), tokenizer_path().as_os_str(), "4".as_ref(), "8".as_ref()], "");
+    assert!(ok, "threads failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(v["threads"], 4);
+    assert!(v["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+}

@@ -247,11 +247,11 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/missing.state", tmp);
     EXPECT_STATUS(rwkv_session_load_state(t, path), RWKV_ERR_IO);
 
-    /* Re-entrant calls from a callback are refused, not deadlocked. */
+    /* From a callback: the same session is busy (not a deadlock); others work. */
     reentry r = {.self = t, .other = fork, .model = model};
     EXPECT_STATUS(rwkv_session_generate(t, &o, call_back_in, &r, NULL), RWKV_OK);
     EXPECT(r.feed_self == RWKV_ERR_BUSY, "same session from its callback: %s", rwkv_status_name(r.feed_self));
-    EXPECT(r.feed_other == RWKV_ERR_BUSY, "another session from a callback: %s", rwkv_status_name(r.feed_other));
+    EXPECT(r.feed_other == RWKV_OK, "another session from a callback: %s", rwkv_status_name(r.feed_other));
     EXPECT(r.tokenize == RWKV_OK, "tokenize from a callback: %s", rwkv_status_name(r.tokenize));
     EXPECT(r.free_status == RWKV_OK, "free from a callback: %s", rwkv_status_name(r.free_status));
 
