@@ -674,9 +674,8 @@ pub unsafe extern "C" fn rwkv_context_adapter(
 ) -> rwkv_status {
     guard(|| {
         let name = context(ctx)?.adapter().to_string();
-        let bytes: Vec<c_char> = name.bytes().map(|b| b as c_char).collect();
         // SAFETY: the function's contract.
-        unsafe { copy_out(&bytes, true, out, cap, n_out, "the adapter name") }
+        unsafe { copy_out(name.as_bytes(), true, out.cast::<u8>(), cap, n_out, "the adapter name") }
     })
 }
 
@@ -844,8 +843,8 @@ pub unsafe extern "C" fn rwkv_detokenize(
         let entry = self::model(model)?;
         // SAFETY (this and below): the function's contract.
         let tokens = unsafe { slice_arg(tokens, n, "the token ids")? };
-        let bytes: Vec<c_char> = entry.tokenizer.decode(tokens)?.into_iter().map(|b| b as c_char).collect();
-        unsafe { copy_out(&bytes, true, out, cap, n_out, "the text") }
+        let bytes = entry.tokenizer.decode(tokens)?;
+        unsafe { copy_out(&bytes, true, out.cast::<u8>(), cap, n_out, "the text") }
     })
 }
 
