@@ -341,6 +341,13 @@ enum Command {
         /// Seconds requests in flight get to finish after SIGINT/SIGTERM.
         #[arg(long, default_value_t = 10.0)]
         shutdown_grace: f64,
+        /// Seconds a connection has to send a request's headers (also while
+        /// idle between requests), and again its body; then it is closed.
+        #[arg(long, default_value_t = 30.0)]
+        read_timeout: f64,
+        /// Most connections open at once; more wait to be accepted.
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
     },
     /// Print a model's version, dimensions and memory use.
     Inspect {
@@ -1301,6 +1308,8 @@ fn serve(cli: &Cli) -> Result<()> {
         max_tokens_cap,
         prefix_cache_bytes,
         shutdown_grace,
+        read_timeout,
+        max_connections,
     } = &cli.command
     else {
         unreachable!("serve is called for `rwkv serve`")
@@ -1308,8 +1317,14 @@ fn serve(cli: &Cli) -> Result<()> {
     if *max_sessions == 0 {
         bail!("--max-sessions must be at least 1");
     }
-    if !(shutdown_grace.is_finite() && *shutdown_grace >= 0.0) {
-        bail!("--shutdown-grace must be a number of seconds >= 0");
+    if !(shutdown_grace.is_finite() && *shutdown_grace >= 0.0 && *shutdown_grace <= 86400.0) {
+        bail!("--shutdown-grace must be a number of seconds from 0 to a day");
+    }
+    if !(read_timeout.is_finite() && *read_timeout > 0.0 && *read_timeout <= 86400.0) {
+        bail!("--read-timeout must be a number of seconds above 0 and at most a day");
+    }
+    if *max_connections == 0 {
+        bail!("--max-connections must be at least 1");
     }
     // Bind first: a port in use is reported before the model loads.
     let listener = std::net::TcpListener::bind((host.as_str(), *port))
@@ -1335,6 +1350,8 @@ fn serve(cli: &Cli) -> Result<()> {
         limits: rwkv_wgpu::openai::Limits { max_tokens_cap: *max_tokens_cap, ..Default::default() },
         prefix_cache_bytes: *prefix_cache_bytes,
         shutdown_grace: std::time::Duration::from_secs_f64(*shutdown_grace),
+        read_timeout: std::time::Duration::from_secs_f64(*read_timeout),
+        max_connections: *max_connections,
     };
     let addr = listener.local_addr().context("the listening address")?;
     eprintln!("model: {name}; listening on http://{addr} (OpenAI API under /v1; Ctrl-C stops)");

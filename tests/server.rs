@@ -337,6 +337,61 @@ fn overload_is_answered_429_and_service_resumes() {
     assert_eq!(s.metric("rwkv_rejected_total"), limited.len() as f64);
 }
 
+/// `--read-timeout` in `slow_clients_are_closed_and_the_connection_cap_holds`.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long past the read timeout a slow connection may stay open: the
+/// timers' granularity and a loaded 2-core machine (the bound the test
+/// asserts, so a connection that is never closed fails it).
+const CLOSE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Reads until the server closes `conn` (or CLOSE_MARGIN past the read
+/// timeout has gone); returns what it sent.
+fn read_until_closed(conn: &mut std::net::TcpStream) -> String {
+    conn.set_read_timeout(Some(READ_TIMEOUT + CLOSE_MARGIN)).unwrap();
+    let mut got = Vec::new();
+    let closed = conn.read_to_end(&mut got);
+    assert!(closed.is_ok(), "still open {:?} after the read timeout: {closed:?}", CLOSE_MARGIN);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn slow_clients_are_closed_and_the_connection_cap_holds() {
+    use std::io::Write;
+    let s = Server::start(&["--read-timeout", "1", "--max-connections", "4"]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Four connections take every slot and send half a request head each.
+    let t0 = Instant::now();
+    let mut slow: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            c
+        })
+        .collect();
+    // A fifth client waits for a slot: served once the slow ones are closed.
+    let (status, _) = get(&s.url("/health"));
+    assert_eq!(status, 200);
+    assert!(t0.elapsed() >= READ_TIMEOUT / 2, "served after {:?}: the cap of 4 did not hold", t0.elapsed());
+    for c in &mut slow {
+        let sent = read_until_closed(c);
+        assert!(!sent.contains("200 OK"), "a half request was answered: {sent}");
+    }
+    // Whole headers, then a body that stops short: 408 after the timeout.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    let head =
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(b"{\"prompt\": ").unwrap();
+    let t1 = Instant::now();
+    let sent = read_until_closed(&mut c);
+    assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+    assert!(sent.contains("--read-timeout"), "{sent}");
+    assert!(t1.elapsed() >= READ_TIMEOUT / 2, "408 after {:?}", t1.elapsed());
+    // The server goes on serving.
+    assert_eq!(post(&s.url("/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2})).0, 200);
+}
+
 #[test]
 fn faults_leave_the_server_serving_at_its_idle_memory() {
     let s = Server::start(&["--max-tokens-cap", "4000"]);

@@ -64,6 +64,12 @@ pub struct ServerConfig {
     pub prefix_cache_bytes: usize,
     /// On SIGINT/SIGTERM, requests in flight get this long to finish.
     pub shutdown_grace: Duration,
+    /// A connection gets this long to send a request's headers (also while
+    /// idle between requests), and again its body; then it is closed (a
+    /// late body is answered 408).
+    pub read_timeout: Duration,
+    /// Most connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +82,8 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             prefix_cache_bytes: 256 << 20,
             shutdown_grace: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            max_connections: 512,
         }
     }
 }
@@ -144,33 +152,64 @@ pub fn run(
         stopping: AtomicBool::new(false),
         config,
     });
-    let grace = app.config.shutdown_grace;
     let result = runtime.block_on(async move {
         listener.set_nonblocking(true).map_err(|e| Error::Thread(format!("listener: {e}")))?;
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(|e| Error::Thread(format!("listener: {e}")))?;
-        let stopped = Arc::new(tokio::sync::Notify::new());
-        let (app2, stopped2) = (app.clone(), stopped.clone());
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
-            shutdown.await;
-            app2.stopping.store(true, Relaxed);
-            app2.scheduler.stop();
-            stopped2.notify_one();
-        });
-        // Connections still open past the grace period (and a margin for the
-        // last events to be written) are dropped.
-        let bound = async move {
-            stopped.notified().await;
-            tokio::time::sleep(grace + Duration::from_secs(2)).await;
-        };
-        tokio::select! {
-            r = server => r.map_err(|e| Error::Thread(format!("HTTP server: {e}"))),
-            () = bound => Ok(()),
-        }
+        serve_connections(app, listener, shutdown).await;
+        Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     scheduler.join();
     result
+}
+
+/// Accepts connections until `shutdown` resolves, each served by hyper with
+/// the read timeout and at most `max_connections` open at once (the rest
+/// wait in the listen backlog); then stops the scheduler (requests in flight
+/// get the grace period) and waits for the connections to close, dropping
+/// those still open past the grace period and a margin for the last events.
+async fn serve_connections(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(router(app.clone()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(app.config.read_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors or a connection reset before it
+                // was taken: wait a little rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Streamed tokens are small writes: send each at once.
+        let _ = stream.set_nodelay(true);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    app.stopping.store(true, Relaxed);
+    app.scheduler.stop();
+    let bound = app.config.shutdown_grace + Duration::from_secs(2);
+    let _ = tokio::time::timeout(bound, graceful.shutdown()).await;
 }
 
 /// Runs the kinds of step the server will (a prompt chunk, a decode token,
@@ -295,7 +334,17 @@ async fn read_body(app: &App, body: Body) -> std::result::Result<Vec<u8>, Respon
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     let mut total = 0usize;
-    while let Some(chunk) = stream.next().await {
+    let deadline = tokio::time::Instant::now() + app.config.read_timeout;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                let secs = app.config.read_timeout.as_secs_f64();
+                let message = format!("the request body did not arrive within {secs} s (--read-timeout)");
+                return Err(error(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", &message, None));
+            }
+        };
         let Ok(chunk) = chunk else {
             return Err(bad_request(app, &RequestError::new("the request body could not be read")));
         };
