@@ -98,7 +98,7 @@ pub use gpu::{GpuContext, GpuOptions, KernelPlan};
 pub use loader::SafeTensorsFile;
 pub use matrix::Matrix;
 pub use model::{detect_version, Arch, Family, LoadOptions, LogitsMode, Model, ModelInfo, Version};
-pub use sampler::{Sampler, SamplerConfig};
+pub use sampler::{logprob, Sampler, SamplerConfig, TokenLogprob};
 pub use session::{Decoded, Decoder, EndTokens, GenerateOptions, Generation, Session, StopReason};
 pub use state::{State, StateData};
 pub use tensor::Dtype;

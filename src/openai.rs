@@ -77,6 +77,9 @@ pub struct Generation {
     pub seeded: bool,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// Report each generated token's log probability and this many most
+    /// likely alternatives (`logprobs` / `top_logprobs`); None: off.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +108,9 @@ pub struct Limits {
     /// Most stop strings (OpenAI: 4), and most bytes of each.
     pub max_stops: usize,
     pub max_stop_bytes: usize,
+    /// Most alternatives `logprobs` (completions) or `top_logprobs` (chat)
+    /// may ask for per token (OpenAI: 5 and 20).
+    pub max_top_logprobs: usize,
 }
 
 impl Default for Limits {
@@ -116,6 +122,7 @@ impl Default for Limits {
             max_logit_bias: 1024,
             max_stops: 4,
             max_stop_bytes: 256,
+            max_top_logprobs: 20,
         }
     }
 }
@@ -142,7 +149,15 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Parsed<CompletionReques
     if matches!(&prompt, Prompt::Text(t) if t.is_empty()) {
         return Err(RequestError::field("prompt", "is empty"));
     }
-    let generation = generation(&obj, limits, limits.completion_default)?;
+    let mut generation = generation(&obj, limits, limits.completion_default)?;
+    // The legacy API: `logprobs` is the number of alternatives (0: the
+    // sampled token's only).
+    generation.logprobs = top_count(&obj, "logprobs", limits)?;
+    match obj.get("echo") {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => return Err(RequestError::field("echo", "echoing the prompt is not supported")),
+        Some(_) => return Err(RequestError::field("echo", "must be true or false")),
+    }
     Ok(CompletionRequest { prompt, generation })
 }
 
@@ -194,7 +209,18 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Parsed<ChatRequest> {
         };
         messages.push(Message { role, content });
     }
-    let generation = generation(&obj, limits, limits.chat_default)?;
+    let mut generation = generation(&obj, limits, limits.chat_default)?;
+    let wanted = match obj.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(RequestError::field("logprobs", "must be true or false")),
+    };
+    let top = top_count(&obj, "top_logprobs", limits)?;
+    generation.logprobs = match (wanted, top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(_)) => return Err(RequestError::field("top_logprobs", "needs `logprobs: true`")),
+        (false, None) => None,
+    };
     Ok(ChatRequest { messages, generation })
 }
 
@@ -227,6 +253,16 @@ fn count(obj: &Map<String, Value>, name: &str) -> Parsed<Option<u64>> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| RequestError::field(name, "must be a non-negative integer")),
+    }
+}
+
+/// A count of alternative tokens per token, at most the server's limit.
+fn top_count(obj: &Map<String, Value>, name: &str, limits: &Limits) -> Parsed<Option<usize>> {
+    match count(obj, name)? {
+        Some(n) if n > limits.max_top_logprobs as u64 => {
+            Err(RequestError::field(name, format!("{n} is over {}", limits.max_top_logprobs)))
+        }
+        n => Ok(n.map(|n| n as usize)),
     }
 }
 
@@ -294,7 +330,7 @@ fn generation(obj: &Map<String, Value>, limits: &Limits, default_max: usize) -> 
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(RequestError::field("stream", "must be true or false")),
     };
-    Ok(Generation { max_tokens, sampler, seeded: seed.is_some(), stop, stream })
+    Ok(Generation { max_tokens, sampler, seeded: seed.is_some(), stop, stream, logprobs: None })
 }
 
 /// `logit_bias`: `{"token id": bias}` with bias in -100..=100, as OpenAI's;
@@ -360,6 +396,9 @@ mod tests {
             (br#"{"prompt": "a", "stream": "yes"}"#, Some("stream")),
             (br#"{"prompt": ["a", "b"]}"#, Some("prompt")),
             (br#"{"prompt": [1, -2]}"#, Some("prompt")),
+            (br#"{"prompt": "a", "logprobs": 21}"#, Some("logprobs")),
+            (br#"{"prompt": "a", "logprobs": true}"#, Some("logprobs")),
+            (br#"{"prompt": "a", "echo": true}"#, Some("echo")),
         ];
         for (body, param) in cases {
             let e = parse_completion(body, &limits()).unwrap_err();
@@ -369,6 +408,32 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let e = parse_chat(br#"{"messages": []}"#, &limits()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
+        let chat = |extra: &str| {
+            parse_chat(format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#).as_bytes(), &limits())
+        };
+        assert_eq!(chat(r#", "top_logprobs": 2"#).unwrap_err().param.as_deref(), Some("top_logprobs"));
+        assert_eq!(
+            chat(r#", "logprobs": true, "top_logprobs": 21"#).unwrap_err().param.as_deref(),
+            Some("top_logprobs")
+        );
+        assert_eq!(chat(r#", "logprobs": 1"#).unwrap_err().param.as_deref(), Some("logprobs"));
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_as_each_endpoint_does() {
+        let completion = |body: &[u8]| parse_completion(body, &limits()).unwrap().generation.logprobs;
+        assert_eq!(completion(br#"{"prompt": "a"}"#), None);
+        assert_eq!(completion(br#"{"prompt": "a", "logprobs": null, "echo": false}"#), None);
+        assert_eq!(completion(br#"{"prompt": "a", "logprobs": 0}"#), Some(0));
+        assert_eq!(completion(br#"{"prompt": "a", "logprobs": 5}"#), Some(5));
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#);
+            parse_chat(body.as_bytes(), &limits()).unwrap().generation.logprobs
+        };
+        assert_eq!(chat(""), None);
+        assert_eq!(chat(r#", "logprobs": false"#), None);
+        assert_eq!(chat(r#", "logprobs": true"#), Some(0));
+        assert_eq!(chat(r#", "logprobs": true, "top_logprobs": 20"#), Some(20));
     }
 
     #[test]

@@ -202,6 +202,45 @@ impl Sampler {
     }
 }
 
+/// A token's log probability under the model's own distribution (the
+/// log-softmax of the raw logits, before logit bias, penalties and
+/// temperature, as vLLM reports by default), and the `top` most likely
+/// tokens with theirs (most likely first; equal logits by lower id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprob`] of `token` under `logits`, summed in f64.
+pub fn logprob(logits: &[f32], token: u32, top: usize) -> Result<TokenLogprob> {
+    let at = |t: u32| logits.get(t as usize).copied();
+    let Some(chosen) = at(token) else {
+        return Err(Error::InvalidArgument(format!("token {token} is out of range ({} logits)", logits.len())));
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() || logits.iter().any(|v| v.is_nan()) {
+        return Err(Error::InvalidArgument("the logits are not finite".into()));
+    }
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |v: f32| (v as f64 - lse) as f32;
+    // The `top` largest, kept sorted (top is small: at most 20).
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &v) in logits.iter().enumerate() {
+            if best.len() == top && v <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= v);
+            best.insert(at, (i as u32, v));
+            best.truncate(top);
+        }
+    }
+    Ok(TokenLogprob { token, logprob: lp(chosen), top: best.into_iter().map(|(t, v)| (t, lp(v))).collect() })
+}
+
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-tested 64-bit generator.
 pub(crate) struct SplitMix64(pub(crate) u64);
 
@@ -222,6 +261,22 @@ impl SplitMix64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_tokens_in_order() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&v| (v as f64).exp()).sum();
+        let want = |t: usize| ((logits[t] as f64).exp() / z).ln() as f32;
+        let r = logprob(&logits, 4, 3).unwrap();
+        assert_eq!(r.token, 4);
+        assert_eq!(r.logprob, want(4));
+        // Equal logits: the lower id first.
+        assert_eq!(r.top, vec![(1, want(1)), (3, want(3)), (0, want(0))]);
+        assert!(logprob(&logits, 0, 0).unwrap().top.is_empty());
+        assert_eq!(logprob(&logits, 2, 9).unwrap().top.len(), 5);
+        assert!(logprob(&logits, 5, 1).is_err());
+        assert!(logprob(&[f32::NAN, 0.0], 1, 1).is_err());
+    }
+
     use super::*;
 
     fn logits() -> Vec<f32> {

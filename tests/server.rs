@@ -141,6 +141,94 @@ fn no_eos() -> Value {
     json!({"0": -100})
 }
 
+/// Tokens whose log probabilities `logprobs_are_the_models_own` checks.
+const LOGPROB_TOKENS: usize = 6;
+
+/// The greedy continuation of PROMPT through the Rust API (end of text
+/// banned, as `no_eos` asks): each token's `logprob` with 3 alternatives.
+fn rust_logprobs() -> Option<(std::sync::Arc<rwkv_wgpu::Tokenizer>, Vec<rwkv_wgpu::TokenLogprob>)> {
+    use rwkv_wgpu::{Engine, EngineOptions, LoadOptions, Model, Sampler, SamplerConfig, Session, Tokenizer};
+    use std::sync::Arc;
+    let ctx = common::gpu()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7");
+    let model =
+        Arc::new(Model::load(&ctx, root.join("austen-rwkv7-fp16.safetensors"), &LoadOptions::default()).unwrap());
+    let tokenizer = Arc::new(Tokenizer::from_file(&root.join("tokenizer.json")).unwrap());
+    let mut engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
+    let mut s = Session::new(model, tokenizer.clone()).unwrap();
+    s.feed_text(&mut engine, PROMPT.as_bytes()).unwrap();
+    let mut sampler =
+        Sampler::new(SamplerConfig { logit_bias: vec![(0, f32::NEG_INFINITY)], ..SamplerConfig::greedy() }).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..LOGPROB_TOKENS {
+        let logits = s.logits().unwrap();
+        let token = sampler.sample(logits).unwrap();
+        out.push(rwkv_wgpu::logprob(logits, token, 3).unwrap());
+        s.feed(&mut engine, &[token]).unwrap();
+    }
+    Some((tokenizer, out))
+}
+
+/// A JSON number as the f32 the server wrote.
+fn f32_of(v: &Value) -> f32 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}")) as f32
+}
+
+#[test]
+fn logprobs_are_the_models_own() {
+    let Some((tokenizer, want)) = rust_logprobs() else { return };
+    let text_of = |t: u32| String::from_utf8_lossy(tokenizer.token_bytes(t).unwrap()).into_owned();
+    let s = Server::start(&[]);
+    let n = LOGPROB_TOKENS;
+    // Completions, whole: parallel arrays, alternatives by text, offsets.
+    let (status, v) = post(
+        &s.url("/v1/completions"),
+        &json!({"prompt": PROMPT, "max_tokens": n, "temperature": 0, "logprobs": 3, "logit_bias": no_eos()}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.len(), n);
+    assert_eq!(tokens.concat(), text);
+    let mut offset = 0;
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(tokens[i], text_of(w.token));
+        assert_eq!(f32_of(&lp["token_logprobs"][i]), w.logprob, "token {i}");
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert_eq!(top.len(), 3);
+        for &(t, l) in &w.top {
+            assert_eq!(f32_of(&top[&text_of(t)]), l, "token {i}, alternative {t}");
+        }
+        assert_eq!(lp["text_offset"][i], offset);
+        offset += tokens[i].chars().count();
+    }
+    // Chat, streamed: each chunk carries the entries of the tokens it adds.
+    let events = stream(
+        &s.url("/v1/chat/completions"),
+        &json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": n, "temperature": 0,
+                "logprobs": true, "top_logprobs": 2, "logit_bias": no_eos(), "stream": true}),
+    );
+    let mut entries = Vec::new();
+    for e in &events {
+        if let Some(content) = e["choices"][0]["logprobs"]["content"].as_array() {
+            entries.extend(content.iter().cloned());
+        }
+    }
+    assert_eq!(entries.len(), n, "{events:?}");
+    for e in &entries {
+        let bytes: Vec<u8> = e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), e["token"].as_str().unwrap());
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(f32_of(&top[0]["logprob"]) >= f32_of(&top[1]["logprob"]));
+        assert!(f32_of(&e["logprob"]) <= 0.0);
+    }
+    // Not asked: null, as OpenAI answers.
+    let (_, v) = post(&s.url("/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2}));
+    assert!(v["choices"][0]["logprobs"].is_null());
+}
+
 #[test]
 fn endpoints_answer_as_openai_does() {
     let s = Server::start(&[]);

@@ -31,7 +31,7 @@ use crate::chat::ChatFormat;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::openai::{self, Limits, Prompt, RequestError};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, TokenLogprob};
 use crate::session::{EndTokens, GenerateOptions, StopReason};
 use crate::state::StateData;
 use crate::tokenizer::Tokenizer;
@@ -485,6 +485,7 @@ async fn submit(
         cache_at,
         sampler,
         options: GenerateOptions { max_tokens: generation.max_tokens, stop, eos: EndTokens::Model },
+        logprobs: generation.logprobs,
         events,
         received: Instant::now(),
         ticket,
@@ -503,6 +504,7 @@ async fn submit(
         created: now(),
         // RWKV's reply follows `Assistant:` with a space.
         trim_start: kind == Kind::Chat && matches!(app.chat, ChatFormat::Rwkv),
+        logprobs: generation.logprobs.map(|_| Logprobs { tokenizer: app.tokenizer.clone(), chars: 0 }),
     };
     if generation.stream {
         stream(answer, rx)
@@ -518,6 +520,64 @@ struct Answer {
     model: String,
     created: u64,
     trim_start: bool,
+    /// Set when the request asked for log probabilities.
+    logprobs: Option<Logprobs>,
+}
+
+/// How sampled tokens' log probabilities are written.
+struct Logprobs {
+    tokenizer: Arc<Tokenizer>,
+    /// Characters of completion text before the next token (`text_offset`).
+    chars: usize,
+}
+
+impl Logprobs {
+    /// A token's bytes, and as text (invalid UTF-8, a part of a character,
+    /// as U+FFFD; the bytes are exact).
+    fn token(&self, t: u32) -> (&[u8], String) {
+        let bytes = self.tokenizer.token_bytes(t).unwrap_or(&[]);
+        (bytes, String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    /// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+    fn chat(&self, tokens: &[TokenLogprob]) -> Value {
+        let entry = |t: u32, logprob: f32| {
+            let (bytes, text) = self.token(t);
+            json!({"token": text, "logprob": logprob, "bytes": bytes})
+        };
+        let content: Vec<Value> = tokens
+            .iter()
+            .map(|lp| {
+                let mut e = entry(lp.token, lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
+                e
+            })
+            .collect();
+        json!({"content": content})
+    }
+
+    /// The completions API's `logprobs`: parallel arrays of tokens, their
+    /// log probabilities, `{token: logprob}` of the alternatives, and
+    /// character offsets into the completion.
+    fn completion(&mut self, tokens: &[TokenLogprob]) -> Value {
+        let mut texts = Vec::with_capacity(tokens.len());
+        let mut offsets = Vec::with_capacity(tokens.len());
+        let mut tops = Vec::with_capacity(tokens.len());
+        for lp in tokens {
+            let text = self.token(lp.token).1;
+            offsets.push(self.chars);
+            self.chars += text.chars().count();
+            texts.push(text);
+            let mut top = serde_json::Map::new();
+            for &(t, l) in &lp.top {
+                // Two tokens may read the same (parts of a character): the likelier is kept.
+                top.entry(self.token(t).1).or_insert(json!(l));
+            }
+            tops.push(Value::Object(top));
+        }
+        let values: Vec<f32> = tokens.iter().map(|lp| lp.logprob).collect();
+        json!({"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets})
+    }
 }
 
 fn finish_reason(stop: &StopReason) -> &'static str {
@@ -545,16 +605,22 @@ impl Answer {
         }
     }
 
-    /// One choice: its text (a message, a delta or plain text) and finish reason.
-    fn choice(&self, text: Option<&str>, finish: Option<&str>, stream: bool) -> Value {
+    /// One choice: its text (a message, a delta or plain text), the log
+    /// probabilities of the tokens it adds, and its finish reason.
+    fn choice(&mut self, text: Option<&str>, tokens: &[TokenLogprob], finish: Option<&str>, stream: bool) -> Value {
+        let logprobs = match (&mut self.logprobs, self.kind) {
+            (None, _) => Value::Null,
+            (Some(l), Kind::Chat) => l.chat(tokens),
+            (Some(l), Kind::Completion) => l.completion(tokens),
+        };
         match (self.kind, stream) {
             (Kind::Completion, _) => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": Value::Null, "finish_reason": finish})
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
             (Kind::Chat, false) => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text.unwrap_or("")},
-                "logprobs": Value::Null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
             (Kind::Chat, true) => {
@@ -562,7 +628,7 @@ impl Answer {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
@@ -587,14 +653,17 @@ impl Answer {
 /// Waits for the whole generation and answers it as one object.
 async fn collect(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     loop {
         match rx.recv().await {
+            Some(Event::Logprob(lp)) => tokens.push(lp),
             Some(Event::Text(t)) => {
                 let t = answer.trim(t);
                 text.push_str(&t);
             }
             Some(Event::Done(f)) => {
-                let mut body = answer.body(answer.choice(Some(&text), Some(finish_reason(&f.stop)), false), false);
+                let choice = answer.choice(Some(&text), &tokens, Some(finish_reason(&f.stop)), false);
+                let mut body = answer.body(choice, false);
                 body["usage"] = usage(&f);
                 return axum::Json(body).into_response();
             }
@@ -605,7 +674,8 @@ async fn collect(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Respon
 }
 
 /// Forwards the generation as server-sent events: a chunk per piece of
-/// text, a last chunk with the finish reason and usage, then `[DONE]`. When
+/// text (with the log probabilities of the tokens since the last chunk, when
+/// asked), a last chunk with the finish reason and usage, then `[DONE]`. When
 /// the client goes away the forwarder ends, dropping the receiver, and the
 /// scheduler frees the session at its next step.
 fn stream(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
@@ -618,21 +688,30 @@ fn stream(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
                 return;
             }
         }
+        // Tokens whose text has not been sent yet (held back as a possible
+        // stop sequence, or leading whitespace trimmed).
+        let mut tokens = Vec::new();
         loop {
             let event = tokio::select! {
                 () = tx.closed() => return,
                 e = rx.recv() => e,
             };
             let chunk = match event {
+                Some(Event::Logprob(lp)) => {
+                    tokens.push(lp);
+                    continue;
+                }
                 Some(Event::Text(t)) => {
                     let t = answer.trim(t);
                     if t.is_empty() {
                         continue;
                     }
-                    answer.body(answer.choice(Some(&t), None, true), true)
+                    let choice = answer.choice(Some(&t), &std::mem::take(&mut tokens), None, true);
+                    answer.body(choice, true)
                 }
                 Some(Event::Done(f)) => {
-                    let mut last = answer.body(answer.choice(None, Some(finish_reason(&f.stop)), true), true);
+                    let choice = answer.choice(None, &tokens, Some(finish_reason(&f.stop)), true);
+                    let mut last = answer.body(choice, true);
                     last["usage"] = usage(&f);
                     let _ = tx.send(data(last)).await;
                     break;

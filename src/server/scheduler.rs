@@ -32,7 +32,7 @@ use super::prefix_cache::PrefixCache;
 use crate::batcher::Batcher;
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, TokenLogprob};
 use crate::session::{Decoder, GenerateOptions, Session, StopReason};
 use crate::state::StateData;
 use crate::tokenizer::Tokenizer;
@@ -43,6 +43,9 @@ const RATE_WINDOW: Duration = Duration::from_secs(2);
 /// What a request's handler hears from the scheduler.
 #[derive(Debug)]
 pub enum Event {
+    /// A sampled token's log probability (requests that ask for them), sent
+    /// before the text it gives.
+    Logprob(TokenLogprob),
     /// The next piece of generated text.
     Text(String),
     /// The generation ended.
@@ -100,6 +103,8 @@ pub struct Job {
     pub cache_at: Vec<usize>,
     pub sampler: Sampler,
     pub options: GenerateOptions,
+    /// Send each sampled token's log probability with this many alternatives.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
     pub ticket: Ticket,
@@ -397,6 +402,10 @@ impl Loop {
         }
         let logits = a.session.logits().ok_or_else(|| Error::InvalidArgument("no logits after the prompt".into()))?;
         let token = a.job.sampler.sample(logits)?;
+        let logprob = match a.job.logprobs {
+            Some(top) => Some(crate::sampler::logprob(logits, token, top)?),
+            None => None,
+        };
         // The first token sampled: a request ends at an end token, so until
         // then every sample is counted by the decoder.
         if a.decoder.generated() == 0 {
@@ -406,6 +415,12 @@ impl Loop {
         if out.stop != Some(StopReason::Eos) {
             a.job.sampler.accept(token);
             self.metrics.generated_tokens.fetch_add(1, Relaxed);
+            // An end token is not part of the answer, nor is its logprob.
+            if let Some(lp) = logprob {
+                if a.job.events.send(Event::Logprob(lp)).is_err() {
+                    return Ok(Some(Event::Error("the client went away".into())));
+                }
+            }
         }
         if !out.text.is_empty() && a.job.events.send(Event::Text(out.text)).is_err() {
             return Ok(Some(Event::Error("the client went away".into())));
