@@ -69,6 +69,7 @@ impl Batcher {
         // The engine's budget: chunk_tokens, or one token per sequence.
         let active = left.iter().filter(|&&l| l > 0).count();
         let take = fair_shares(&left, self.engine.chunk_tokens().max(active));
+        let rows: Vec<bool> = sessions.iter().map(|s| s.keeps_rows()).collect();
         let mut parts: Vec<_> = sessions.iter_mut().map(|s| s.parts()).collect();
         let mut inputs = Vec::new();
         let mut who = Vec::new();
@@ -77,7 +78,8 @@ impl Batcher {
                 continue;
             }
             let done = n == pending.len();
-            inputs.push(SeqInput { state, seq: 0, tokens: &pending[..n], logits: done.then_some(LogitsMode::Last) });
+            let logits = if rows[i] { Some(LogitsMode::All) } else { done.then_some(LogitsMode::Last) };
+            inputs.push(SeqInput { state, seq: 0, tokens: &pending[..n], logits });
             who.push(i);
         }
         if inputs.is_empty() {
@@ -85,12 +87,23 @@ impl Batcher {
         }
         let logits = self.engine.step(&mut inputs)?;
         drop(inputs);
+        let vocab = self.engine.info().vocab;
+        let mut kept = Vec::new();
         for (&i, l) in who.iter().zip(logits) {
-            if !l.is_empty() {
+            let done = take[i] == parts[i].1.len();
+            if rows[i] {
+                if done {
+                    *parts[i].2 = Some(l[l.len() - vocab..].to_vec());
+                }
+                kept.push((i, l));
+            } else if !l.is_empty() {
                 *parts[i].2 = Some(l);
             }
         }
         drop(parts);
+        for (i, l) in kept {
+            sessions[i].set_rows(l);
+        }
         for (s, &n) in sessions.iter_mut().zip(&take) {
             s.consumed(n);
         }

@@ -80,6 +80,9 @@ pub struct Generation {
     /// Report each generated token's log probability and this many most
     /// likely alternatives (`logprobs` / `top_logprobs`); None: off.
     pub logprobs: Option<usize>,
+    /// Completions: answer the prompt before the completion, and with
+    /// `logprobs` the prompt tokens' log probabilities too.
+    pub echo: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -153,11 +156,11 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Parsed<CompletionReques
     // The legacy API: `logprobs` is the number of alternatives (0: the
     // sampled token's only).
     generation.logprobs = top_count(&obj, "logprobs", limits)?;
-    match obj.get("echo") {
-        None | Some(Value::Null | Value::Bool(false)) => {}
-        Some(Value::Bool(true)) => return Err(RequestError::field("echo", "echoing the prompt is not supported")),
+    generation.echo = match obj.get("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
         Some(_) => return Err(RequestError::field("echo", "must be true or false")),
-    }
+    };
     Ok(CompletionRequest { prompt, generation })
 }
 
@@ -330,7 +333,7 @@ fn generation(obj: &Map<String, Value>, limits: &Limits, default_max: usize) -> 
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(RequestError::field("stream", "must be true or false")),
     };
-    Ok(Generation { max_tokens, sampler, seeded: seed.is_some(), stop, stream, logprobs: None })
+    Ok(Generation { max_tokens, sampler, seeded: seed.is_some(), stop, stream, logprobs: None, echo: false })
 }
 
 /// `logit_bias`: `{"token id": bias}` with bias in -100..=100, as OpenAI's;
@@ -398,7 +401,7 @@ mod tests {
             (br#"{"prompt": [1, -2]}"#, Some("prompt")),
             (br#"{"prompt": "a", "logprobs": 21}"#, Some("logprobs")),
             (br#"{"prompt": "a", "logprobs": true}"#, Some("logprobs")),
-            (br#"{"prompt": "a", "echo": true}"#, Some("echo")),
+            (br#"{"prompt": "a", "echo": 1}"#, Some("echo")),
         ];
         for (body, param) in cases {
             let e = parse_completion(body, &limits()).unwrap_err();

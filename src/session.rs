@@ -75,6 +75,12 @@ pub struct Session {
     initial: Option<StateData>,
     /// Tokens pushed for a batcher, not read yet.
     pending: Vec<u32>,
+    /// Whether a batcher keeps the logits of every token it reads (`rows`),
+    /// not only the last one's.
+    keep_rows: bool,
+    /// `[tokens, vocab]`: the logits of the tokens the last batcher step
+    /// read, when `keep_rows` is on.
+    rows: Vec<f32>,
 }
 
 impl std::fmt::Debug for Session {
@@ -96,7 +102,16 @@ const _: fn() = || {
 impl Session {
     pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let state = model.new_state(1)?;
-        Ok(Self { model, tokenizer, state, logits: None, initial: None, pending: Vec::new() })
+        Ok(Self {
+            model,
+            tokenizer,
+            state,
+            logits: None,
+            initial: None,
+            pending: Vec::new(),
+            keep_rows: false,
+            rows: Vec::new(),
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -147,7 +162,8 @@ impl Session {
     }
 
     /// A second session on the same model that starts where this one is: its
-    /// state (copied on the GPU), logits, initial state and pending tokens.
+    /// state (copied on the GPU), logits, initial state, pending tokens and
+    /// kept rows.
     /// The two then go their own ways (a fork: one prompt, several answers).
     pub fn try_clone(&self) -> Result<Self> {
         Ok(Self {
@@ -157,6 +173,8 @@ impl Session {
             logits: self.logits.clone(),
             initial: self.initial.clone(),
             pending: self.pending.clone(),
+            keep_rows: self.keep_rows,
+            rows: self.rows.clone(),
         })
     }
 
@@ -165,6 +183,7 @@ impl Session {
     pub fn reset(&mut self) -> Result<()> {
         self.logits = None;
         self.pending.clear();
+        self.rows.clear();
         match &self.initial {
             Some(s) => self.state.write(0, s),
             None => self.state.reset(None),
@@ -240,6 +259,28 @@ impl Session {
     /// the logits go.
     pub(crate) fn parts(&mut self) -> (&mut State, &[u32], &mut Option<Vec<f32>>) {
         (&mut self.state, &self.pending, &mut self.logits)
+    }
+
+    /// Makes batcher steps keep the logits of every token they read from
+    /// this session (to score a prompt), not only the last one's.
+    pub fn keep_rows(&mut self, on: bool) {
+        self.keep_rows = on;
+        self.rows.clear();
+    }
+
+    pub(crate) fn keeps_rows(&self) -> bool {
+        self.keep_rows
+    }
+
+    /// With `keep_rows`: the logits `[tokens, vocab]` of the tokens the last
+    /// batcher step read, row i after its i-th token; taken, so the next
+    /// call gives only newer rows.
+    pub fn take_rows(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.rows)
+    }
+
+    pub(crate) fn set_rows(&mut self, rows: Vec<f32>) {
+        self.rows = rows;
     }
 
     /// Drops the tokens pushed and not read.

@@ -249,3 +249,49 @@ fn a_prompt_split_through_a_saved_state_equals_it_whole() {
         assert_eq!(second.state().read(0).unwrap().fields, want_state.fields, "split at {split}");
     }
 }
+
+/// A session that keeps its rows (to score a prompt) gets, over the steps
+/// that read its prompt beside another session's decode tokens, exactly the
+/// logits of every prompt token that one `forward` over the whole prompt
+/// gives; the other session is unaffected, and the rows stop when asked.
+#[test]
+fn kept_rows_equal_the_prompt_logits_read_whole() {
+    let Some(ctx) = gpu() else { return };
+    let model = Arc::new(Model::load(&ctx, model_path(MODEL), &LoadOptions::default()).unwrap());
+    let g = Golden::load(MODEL);
+    let prompt = prompts(&g.tokens, &[40]).remove(0);
+    let vocab = model.info().vocab;
+    let mut solo_engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
+    let mut state = solo_engine.new_state(1).unwrap();
+    let want = solo_engine.forward(&mut state, &[&prompt], LogitsMode::All).unwrap().remove(0);
+    let (other_want, _) = solo(&mut solo_engine, &prompt[..3], 12);
+
+    let mut batcher = Batcher::new(Engine::new(model.clone(), &EngineOptions { chunk_tokens: 7 }).unwrap());
+    let mut scoring = Session::new(model.clone(), tokenizer()).unwrap();
+    let mut other = Session::new(model.clone(), tokenizer()).unwrap();
+    scoring.keep_rows(true);
+    scoring.push(&prompt).unwrap();
+    other.push(&prompt[..3]).unwrap();
+    let mut rows = Vec::new();
+    let mut other_got = Vec::new();
+    let mut steps = 0;
+    while scoring.pending() > 0 {
+        batcher.step(&mut [&mut scoring, &mut other]).unwrap();
+        rows.extend(scoring.take_rows());
+        if other.pending() == 0 {
+            other_got.push(other.logits().unwrap().to_vec());
+            other.push(&[argmax_u32(other.logits().unwrap())]).unwrap();
+        }
+        steps += 1;
+    }
+    assert!(steps >= 40 / 7, "the prompt was read in {steps} steps");
+    assert_eq!(rows.len(), prompt.len() * vocab);
+    assert!(rows == want, "kept rows differ from the prompt read whole");
+    assert_eq!(scoring.logits().unwrap(), &want[(prompt.len() - 1) * vocab..]);
+    assert!(other_got.len() >= 3, "the other session decoded {} tokens beside", other_got.len());
+    assert!(other_got.iter().zip(&other_want).all(|(a, b)| a == b), "the other session changed");
+    scoring.keep_rows(false);
+    scoring.push(&[1]).unwrap();
+    batcher.step(&mut [&mut scoring]).unwrap();
+    assert!(scoring.take_rows().is_empty());
+}

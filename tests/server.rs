@@ -144,10 +144,20 @@ fn no_eos() -> Value {
 /// Tokens whose log probabilities `logprobs_are_the_models_own` checks.
 const LOGPROB_TOKENS: usize = 6;
 
-/// The greedy continuation of PROMPT through the Rust API (end of text
-/// banned, as `no_eos` asks): each token's `logprob` with 3 alternatives.
-fn rust_logprobs() -> Option<(std::sync::Arc<rwkv_wgpu::Tokenizer>, Vec<rwkv_wgpu::TokenLogprob>)> {
-    use rwkv_wgpu::{Engine, EngineOptions, LoadOptions, Model, Sampler, SamplerConfig, Session, Tokenizer};
+/// What the Rust API gives for PROMPT.
+struct RustLogprobs {
+    tokenizer: std::sync::Arc<rwkv_wgpu::Tokenizer>,
+    /// The greedy continuation (end of text banned, as `no_eos` asks): each
+    /// token's `logprob` with 3 alternatives.
+    generated: Vec<rwkv_wgpu::TokenLogprob>,
+    /// Prompt token j >= 1 given those before it, with 2 alternatives.
+    prompt: Vec<rwkv_wgpu::TokenLogprob>,
+}
+
+fn rust_logprobs() -> Option<RustLogprobs> {
+    use rwkv_wgpu::{
+        Engine, EngineOptions, LoadOptions, LogitsMode, Model, Sampler, SamplerConfig, Session, Tokenizer,
+    };
     use std::sync::Arc;
     let ctx = common::gpu()?;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7");
@@ -155,6 +165,13 @@ fn rust_logprobs() -> Option<(std::sync::Arc<rwkv_wgpu::Tokenizer>, Vec<rwkv_wgp
         Arc::new(Model::load(&ctx, root.join("austen-rwkv7-fp16.safetensors"), &LoadOptions::default()).unwrap());
     let tokenizer = Arc::new(Tokenizer::from_file(&root.join("tokenizer.json")).unwrap());
     let mut engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
+    let tokens = tokenizer.encode(PROMPT.as_bytes()).unwrap();
+    let mut state = model.new_state(1).unwrap();
+    let rows = engine.forward(&mut state, &[&tokens], LogitsMode::All).unwrap().remove(0);
+    let vocab = model.info().vocab;
+    let prompt = (1..tokens.len())
+        .map(|j| rwkv_wgpu::logprob(&rows[(j - 1) * vocab..j * vocab], tokens[j], 2).unwrap())
+        .collect();
     let mut s = Session::new(model, tokenizer.clone()).unwrap();
     s.feed_text(&mut engine, PROMPT.as_bytes()).unwrap();
     let mut sampler =
@@ -166,7 +183,7 @@ fn rust_logprobs() -> Option<(std::sync::Arc<rwkv_wgpu::Tokenizer>, Vec<rwkv_wgp
         out.push(rwkv_wgpu::logprob(logits, token, 3).unwrap());
         s.feed(&mut engine, &[token]).unwrap();
     }
-    Some((tokenizer, out))
+    Some(RustLogprobs { tokenizer, generated: out, prompt })
 }
 
 /// A JSON number as the f32 the server wrote.
@@ -176,7 +193,7 @@ fn f32_of(v: &Value) -> f32 {
 
 #[test]
 fn logprobs_are_the_models_own() {
-    let Some((tokenizer, want)) = rust_logprobs() else { return };
+    let Some(RustLogprobs { tokenizer, generated: want, prompt }) = rust_logprobs() else { return };
     let text_of = |t: u32| String::from_utf8_lossy(tokenizer.token_bytes(t).unwrap()).into_owned();
     let s = Server::start(&[]);
     let n = LOGPROB_TOKENS;
@@ -224,6 +241,47 @@ fn logprobs_are_the_models_own() {
         assert!(f32_of(&top[0]["logprob"]) >= f32_of(&top[1]["logprob"]));
         assert!(f32_of(&e["logprob"]) <= 0.0);
     }
+    // Echo: the prompt's tokens first, the first without a log probability.
+    let (status, v) = post(
+        &s.url("/v1/completions"),
+        &json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": true, "logit_bias": no_eos()}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(PROMPT), "{text}");
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), prompt.len() + 1 + 2);
+    assert_eq!(tokens.iter().map(|t| t.as_str().unwrap()).collect::<String>(), text);
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    for (j, w) in prompt.iter().enumerate() {
+        assert_eq!(tokens[j + 1], text_of(w.token).as_str());
+        assert_eq!(f32_of(&lp["token_logprobs"][j + 1]), w.logprob, "prompt token {}", j + 1);
+        let top = lp["top_logprobs"][j + 1].as_object().unwrap();
+        for &(t, l) in &w.top {
+            assert_eq!(f32_of(&top[&text_of(t)]), l, "prompt token {}, alternative {t}", j + 1);
+        }
+    }
+    // The generated tokens after the prompt are those of the run above.
+    assert_eq!(f32_of(&lp["token_logprobs"][prompt.len() + 1]), want[0].logprob);
+    // Scoring only (max_tokens 0), streamed: the prompt comes back, scored.
+    let events = stream(
+        &s.url("/v1/completions"),
+        &json!({"prompt": PROMPT, "max_tokens": 0, "logprobs": 0, "echo": true, "stream": true}),
+    );
+    assert_eq!(streamed_text(&events), PROMPT);
+    let scored: Vec<&Value> =
+        events.iter().filter_map(|e| e["choices"][0]["logprobs"]["token_logprobs"].as_array()).flatten().collect();
+    assert_eq!(scored.len(), prompt.len() + 1);
+    assert!(scored[0].is_null());
+    assert_eq!(f32_of(scored[prompt.len()]), prompt[prompt.len() - 1].logprob);
+    // Echo without logprobs: the prompt, then the completion.
+    let (_, v) = post(
+        &s.url("/v1/completions"),
+        &json!({"prompt": PROMPT, "max_tokens": 3, "echo": true, "logit_bias": no_eos()}),
+    );
+    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with(PROMPT), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
     // Not asked: null, as OpenAI answers.
     let (_, v) = post(&s.url("/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2}));
     assert!(v["choices"][0]["logprobs"].is_null());

@@ -477,6 +477,8 @@ async fn submit(
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         return r;
     };
+    let echo = (kind == Kind::Completion && generation.echo)
+        .then(|| String::from_utf8_lossy(&app.tokenizer.decode(&prompt).unwrap_or_default()).into_owned());
     let mut stop = generation.stop.clone();
     stop.extend(extra_stops);
     let (events, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -486,6 +488,7 @@ async fn submit(
         sampler,
         options: GenerateOptions { max_tokens: generation.max_tokens, stop, eos: EndTokens::Model },
         logprobs: generation.logprobs,
+        echo: generation.echo,
         events,
         received: Instant::now(),
         ticket,
@@ -505,6 +508,7 @@ async fn submit(
         // RWKV's reply follows `Assistant:` with a space.
         trim_start: kind == Kind::Chat && matches!(app.chat, ChatFormat::Rwkv),
         logprobs: generation.logprobs.map(|_| Logprobs { tokenizer: app.tokenizer.clone(), chars: 0 }),
+        echo,
     };
     if generation.stream {
         stream(answer, rx)
@@ -522,6 +526,15 @@ struct Answer {
     trim_start: bool,
     /// Set when the request asked for log probabilities.
     logprobs: Option<Logprobs>,
+    /// The prompt's text, answered before the completion (`echo`).
+    echo: Option<String>,
+}
+
+/// A token of the answer and its log probability (none for a prompt's first).
+type Scored = (u32, Option<TokenLogprob>);
+
+fn generated(lp: TokenLogprob) -> Scored {
+    (lp.token, Some(lp))
 }
 
 /// How sampled tokens' log probabilities are written.
@@ -539,14 +552,16 @@ impl Logprobs {
         (bytes, String::from_utf8_lossy(bytes).into_owned())
     }
 
-    /// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
-    fn chat(&self, tokens: &[TokenLogprob]) -> Value {
+    /// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`
+    /// (chat has no echo, so every token has its log probability).
+    fn chat(&self, tokens: &[Scored]) -> Value {
         let entry = |t: u32, logprob: f32| {
             let (bytes, text) = self.token(t);
             json!({"token": text, "logprob": logprob, "bytes": bytes})
         };
         let content: Vec<Value> = tokens
             .iter()
+            .filter_map(|(_, lp)| lp.as_ref())
             .map(|lp| {
                 let mut e = entry(lp.token, lp.logprob);
                 e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
@@ -557,17 +572,25 @@ impl Logprobs {
     }
 
     /// The completions API's `logprobs`: parallel arrays of tokens, their
-    /// log probabilities, `{token: logprob}` of the alternatives, and
-    /// character offsets into the completion.
-    fn completion(&mut self, tokens: &[TokenLogprob]) -> Value {
+    /// log probabilities, `{token: logprob}` of the alternatives (both null
+    /// for an echoed prompt's first token), and character offsets into the
+    /// answer's text.
+    fn completion(&mut self, tokens: &[Scored]) -> Value {
         let mut texts = Vec::with_capacity(tokens.len());
         let mut offsets = Vec::with_capacity(tokens.len());
+        let mut values = Vec::with_capacity(tokens.len());
         let mut tops = Vec::with_capacity(tokens.len());
-        for lp in tokens {
-            let text = self.token(lp.token).1;
+        for (token, lp) in tokens {
+            let text = self.token(*token).1;
             offsets.push(self.chars);
             self.chars += text.chars().count();
             texts.push(text);
+            let Some(lp) = lp else {
+                values.push(Value::Null);
+                tops.push(Value::Null);
+                continue;
+            };
+            values.push(json!(lp.logprob));
             let mut top = serde_json::Map::new();
             for &(t, l) in &lp.top {
                 // Two tokens may read the same (parts of a character): the likelier is kept.
@@ -575,7 +598,6 @@ impl Logprobs {
             }
             tops.push(Value::Object(top));
         }
-        let values: Vec<f32> = tokens.iter().map(|lp| lp.logprob).collect();
         json!({"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets})
     }
 }
@@ -607,7 +629,7 @@ impl Answer {
 
     /// One choice: its text (a message, a delta or plain text), the log
     /// probabilities of the tokens it adds, and its finish reason.
-    fn choice(&mut self, text: Option<&str>, tokens: &[TokenLogprob], finish: Option<&str>, stream: bool) -> Value {
+    fn choice(&mut self, text: Option<&str>, tokens: &[Scored], finish: Option<&str>, stream: bool) -> Value {
         let logprobs = match (&mut self.logprobs, self.kind) {
             (None, _) => Value::Null,
             (Some(l), Kind::Chat) => l.chat(tokens),
@@ -652,11 +674,13 @@ impl Answer {
 
 /// Waits for the whole generation and answers it as one object.
 async fn collect(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
-    let mut text = String::new();
+    let mut text = answer.echo.take().unwrap_or_default();
     let mut tokens = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Logprob(lp)) => tokens.push(lp),
+            // The prompt's scores come first, before anything generated.
+            Some(Event::PromptLogprobs(scored)) => tokens.extend(scored),
+            Some(Event::Logprob(lp)) => tokens.push(generated(lp)),
             Some(Event::Text(t)) => {
                 let t = answer.trim(t);
                 text.push_str(&t);
@@ -688,6 +712,16 @@ fn stream(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
                 return;
             }
         }
+        // The echoed prompt: at once, or with its scores when they come.
+        let mut echo = answer.echo.take();
+        if answer.logprobs.is_none() {
+            if let Some(prompt) = echo.take() {
+                let chunk = answer.choice(Some(&prompt), &[], None, true);
+                if tx.send(data(answer.body(chunk, true))).await.is_err() {
+                    return;
+                }
+            }
+        }
         // Tokens whose text has not been sent yet (held back as a possible
         // stop sequence, or leading whitespace trimmed).
         let mut tokens = Vec::new();
@@ -697,8 +731,13 @@ fn stream(mut answer: Answer, mut rx: UnboundedReceiver<Event>) -> Response {
                 e = rx.recv() => e,
             };
             let chunk = match event {
+                Some(Event::PromptLogprobs(scored)) => {
+                    let prompt = echo.take().unwrap_or_default();
+                    let choice = answer.choice(Some(&prompt), &scored, None, true);
+                    answer.body(choice, true)
+                }
                 Some(Event::Logprob(lp)) => {
-                    tokens.push(lp);
+                    tokens.push(generated(lp));
                     continue;
                 }
                 Some(Event::Text(t)) => {

@@ -43,6 +43,10 @@ const RATE_WINDOW: Duration = Duration::from_secs(2);
 /// What a request's handler hears from the scheduler.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt's tokens and, after the first, each one's log probability
+    /// given those before it (requests with `echo` and `logprobs`), sent
+    /// once the prompt is read, before anything generated.
+    PromptLogprobs(Vec<(u32, Option<TokenLogprob>)>),
     /// A sampled token's log probability (requests that ask for them), sent
     /// before the text it gives.
     Logprob(TokenLogprob),
@@ -105,6 +109,9 @@ pub struct Job {
     pub options: GenerateOptions,
     /// Send each sampled token's log probability with this many alternatives.
     pub logprobs: Option<usize>,
+    /// With `logprobs`: also the prompt's (`Event::PromptLogprobs`); the
+    /// prompt is then read whole, not from the prefix cache.
+    pub echo: bool,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
     pub ticket: Ticket,
@@ -203,6 +210,9 @@ struct Active {
     /// Prompt tokens pushed so far (read once `session.pending()` is 0).
     pushed: usize,
     cached_tokens: usize,
+    /// Echo with logprobs: the prompt's tokens scored so far (the first has
+    /// none); None once sent or when not asked.
+    scored: Option<Vec<(u32, Option<TokenLogprob>)>>,
 }
 
 impl Active {
@@ -291,6 +301,7 @@ impl Loop {
             self.drop_gone();
             // 4. One step over everything pushed.
             self.step();
+            self.score_prompts();
             // 5. Segments read: cache, push the next.
             let cache = &mut self.cache;
             self.active.retain_mut(|a| {
@@ -313,6 +324,35 @@ impl Loop {
             self.drop_gone();
             self.gauges();
         }
+    }
+
+    /// Scores the prompt tokens the last step read for requests that echo
+    /// their prompt with logprobs: the rows of the step give the log
+    /// probability of each next prompt token. Once the whole prompt is
+    /// read, sends the scores (before any token is sampled).
+    fn score_prompts(&mut self) {
+        let vocab = self.model.info().vocab;
+        self.active.retain_mut(|a| {
+            let Some(scored) = &mut a.scored else { return true };
+            let top = a.job.logprobs.unwrap_or(0);
+            for row in a.session.take_rows().chunks_exact(vocab) {
+                // This row follows prompt token scored.len() - 1.
+                let Some(&next) = a.job.prompt.get(scored.len()) else { break };
+                match crate::sampler::logprob(row, next, top) {
+                    Ok(lp) => scored.push((next, Some(lp))),
+                    Err(e) => {
+                        let _ = a.job.events.send(Event::Error(e.to_string()));
+                        return false;
+                    }
+                }
+            }
+            if !a.prefilling() {
+                a.session.keep_rows(false);
+                let scored = a.scored.take().unwrap_or_default();
+                let _ = a.job.events.send(Event::PromptLogprobs(scored));
+            }
+            true
+        });
     }
 
     /// Drops the requests whose client went away.
@@ -358,7 +398,11 @@ impl Loop {
     fn start(&mut self, job: Job) -> Option<Active> {
         let result = (|| {
             let mut session = Session::new(self.model.clone(), self.tokenizer.clone())?;
-            let cached_tokens = match (&self.initial, self.cache.lookup(&job.prompt)) {
+            // Scoring the prompt needs the logits of each of its tokens.
+            let scoring = job.echo && job.logprobs.is_some();
+            session.keep_rows(scoring);
+            let cached = if scoring { None } else { self.cache.lookup(&job.prompt) };
+            let cached_tokens = match (&self.initial, cached) {
                 (_, Some((n, state))) => session.state_mut().write(0, state).map(|_| n)?,
                 (Some(initial), None) => session.set_initial_state(initial.clone()).map(|_| 0)?,
                 (None, None) => 0,
@@ -380,7 +424,8 @@ impl Loop {
         }
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         let decoder = Decoder::new(&job.options, &self.model.info().eos);
-        let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens };
+        let scored = (job.echo && job.logprobs.is_some()).then(|| vec![(job.prompt[0], None)]);
+        let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens, scored };
         match a.push_segment() {
             Ok(()) => Some(a),
             Err(e) => {
