@@ -141,6 +141,18 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Parsed<CompletionReques
             _ => return Err(RequestError::field("prompt", "give one prompt per request (an array of one string)")),
         },
         Some(Value::Array(items)) => {
+            // One prompt of token ids, or a batch of one (`[[ids]]`, as
+            // evaluation harnesses send tokenized prompts).
+            let items = match items.as_slice() {
+                [Value::Array(inner)] => inner,
+                _ if items.iter().any(Value::is_array) => {
+                    return Err(RequestError::field(
+                        "prompt",
+                        "give one prompt per request (an array of one array of token ids)",
+                    ))
+                }
+                _ => items,
+            };
             let ids: Option<Vec<u32>> = items.iter().map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok())).collect();
             match ids {
                 Some(ids) if !ids.is_empty() => Prompt::Tokens(ids),
@@ -380,6 +392,8 @@ mod tests {
         assert_eq!(g.sampler.logit_bias, vec![(7, f32::NEG_INFINITY), (8, 2.5)]);
         let r = parse_completion(br#"{"prompt": [1, 2, 3]}"#, &limits()).unwrap();
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
+        let r = parse_completion(br#"{"prompt": [[4, 5]]}"#, &limits()).unwrap();
+        assert_eq!(r.prompt, Prompt::Tokens(vec![4, 5]));
         assert_eq!(r.generation.max_tokens, 16);
     }
 
@@ -399,6 +413,9 @@ mod tests {
             (br#"{"prompt": "a", "stream": "yes"}"#, Some("stream")),
             (br#"{"prompt": ["a", "b"]}"#, Some("prompt")),
             (br#"{"prompt": [1, -2]}"#, Some("prompt")),
+            (br#"{"prompt": [[1], [2]]}"#, Some("prompt")),
+            (br#"{"prompt": [[]]}"#, Some("prompt")),
+            (br#"{"prompt": [1, [2]]}"#, Some("prompt")),
             (br#"{"prompt": "a", "logprobs": 21}"#, Some("logprobs")),
             (br#"{"prompt": "a", "logprobs": true}"#, Some("logprobs")),
             (br#"{"prompt": "a", "echo": 1}"#, Some("echo")),
