@@ -345,6 +345,10 @@ enum Command {
         /// idle between requests), and again its body; then it is closed.
         #[arg(long, default_value_t = 30.0)]
         read_timeout: f64,
+        /// Seconds a connection may take no bytes of an answer (a client
+        /// that stopped reading) before it is closed.
+        #[arg(long, default_value_t = 30.0)]
+        write_timeout: f64,
         /// Most connections open at once; more wait to be accepted.
         #[arg(long, default_value_t = 512)]
         max_connections: usize,
@@ -1309,6 +1313,7 @@ fn serve(cli: &Cli) -> Result<()> {
         prefix_cache_bytes,
         shutdown_grace,
         read_timeout,
+        write_timeout,
         max_connections,
     } = &cli.command
     else {
@@ -1320,8 +1325,10 @@ fn serve(cli: &Cli) -> Result<()> {
     if !(shutdown_grace.is_finite() && *shutdown_grace >= 0.0 && *shutdown_grace <= 86400.0) {
         bail!("--shutdown-grace must be a number of seconds from 0 to a day");
     }
-    if !(read_timeout.is_finite() && *read_timeout > 0.0 && *read_timeout <= 86400.0) {
-        bail!("--read-timeout must be a number of seconds above 0 and at most a day");
+    for (flag, secs) in [("--read-timeout", read_timeout), ("--write-timeout", write_timeout)] {
+        if !(secs.is_finite() && *secs > 0.0 && *secs <= 86400.0) {
+            bail!("{flag} must be a number of seconds above 0 and at most a day");
+        }
     }
     if *max_connections == 0 {
         bail!("--max-connections must be at least 1");
@@ -1351,6 +1358,7 @@ fn serve(cli: &Cli) -> Result<()> {
         prefix_cache_bytes: *prefix_cache_bytes,
         shutdown_grace: std::time::Duration::from_secs_f64(*shutdown_grace),
         read_timeout: std::time::Duration::from_secs_f64(*read_timeout),
+        write_timeout: std::time::Duration::from_secs_f64(*write_timeout),
         max_connections: *max_connections,
     };
     let addr = listener.local_addr().context("the listening address")?;

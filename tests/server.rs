@@ -538,6 +538,54 @@ fn slow_clients_are_closed_and_the_connection_cap_holds() {
     assert_eq!(post(&s.url("/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2})).0, 200);
 }
 
+/// How long `a_client_that_stops_reading_is_dropped` waits for the server to
+/// drop the stalled stream: reading its 8000-token prompt (~10 s on 2
+/// cores beside other tests), then `--write-timeout 1`.
+const STALL_BOUND: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_client_that_stops_reading_is_dropped() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let s = Server::start(&["--write-timeout", "1", "--max-tokens-cap", "4000"]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    // A small receive buffer, so the server's writes wait soon.
+    let size: libc::c_int = 4096;
+    let set = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    // An answer larger than the socket buffers can hold (the kernel grows
+    // the server's send buffer to 4 MiB): a scored prompt of 8000 tokens
+    // with 20 alternatives each (~800 bytes a token) in its first event,
+    // then a long completion. The client never reads.
+    let prompt: Vec<u32> = (0..8000u32).map(|i| 1 + (i * 7919) % 4000).collect();
+    let body = json!({"prompt": [prompt], "max_tokens": 4000, "stream": true, "echo": true, "logprobs": 20,
+                      "logit_bias": no_eos()})
+    .to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    while s.metric("rwkv_cancelled_total") < 1.0 {
+        assert!(t0.elapsed() < STALL_BOUND, "the stalled stream was not dropped in {STALL_BOUND:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The session is freed (the kernel still drains what the closed socket
+    // had queued, at this client's tiny window), and the server serves on.
+    assert_eq!(post(&s.url("/v1/completions"), &json!({"prompt": PROMPT, "max_tokens": 2})).0, 200);
+}
+
 #[test]
 fn faults_leave_the_server_serving_at_its_idle_memory() {
     let s = Server::start(&["--max-tokens-cap", "4000"]);

@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -24,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::batcher::Batcher;
@@ -68,6 +70,9 @@ pub struct ServerConfig {
     /// idle between requests), and again its body; then it is closed (a
     /// late body is answered 408).
     pub read_timeout: Duration,
+    /// A connection that takes no bytes of an answer for this long (a
+    /// client that stopped reading) is closed.
+    pub write_timeout: Duration,
     /// Most connections open at once; more wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -83,6 +88,7 @@ impl Default for ServerConfig {
             prefix_cache_bytes: 256 << 20,
             shutdown_grace: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             max_connections: 512,
         }
     }
@@ -200,7 +206,8 @@ async fn serve_connections(
         };
         // Streamed tokens are small writes: send each at once.
         let _ = stream.set_nodelay(true);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        let io = TokioIo::new(WriteDeadline { io: stream, limit: app.config.write_timeout, stalled: None });
+        let conn = graceful.watch(http.serve_connection(io, service.clone()));
         tokio::spawn(async move {
             let _ = conn.await;
             drop(slot);
@@ -210,6 +217,83 @@ async fn serve_connections(
     app.scheduler.stop();
     let bound = app.config.shutdown_grace + Duration::from_secs(2);
     let _ = tokio::time::timeout(bound, graceful.shutdown()).await;
+}
+
+/// A connection's socket whose writes may wait at most `limit` for the
+/// client to take bytes: a client that stops reading an answer (a stream it
+/// never consumes) would otherwise hold its connection, and the events
+/// queued for it, for ever.
+struct WriteDeadline<T> {
+    io: T,
+    limit: Duration,
+    /// Armed when a write first waits; disarmed by any progress.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    /// What a write that made progress, or still waits, returns.
+    fn progress<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no bytes of its answer within --write-timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(cx, r)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Runs the kinds of step the server will (a prompt chunk, a decode token,
