@@ -114,6 +114,9 @@ pub struct Limits {
     /// Most alternatives `logprobs` (completions) or `top_logprobs` (chat)
     /// may ask for per token (OpenAI: 5 and 20).
     pub max_top_logprobs: usize,
+    /// Most prompt tokens `echo` with `logprobs` may score (their answer
+    /// takes ~40 bytes a token, plus ~40 per alternative).
+    pub max_scored_prompt: usize,
 }
 
 impl Default for Limits {
@@ -126,6 +129,7 @@ impl Default for Limits {
             max_stops: 4,
             max_stop_bytes: 256,
             max_top_logprobs: 20,
+            max_scored_prompt: 32768,
         }
     }
 }

@@ -428,6 +428,8 @@ fn bad_requests_get_errors_and_the_server_goes_on() {
         (br#"{"prompt": "a", "logit_bias": {"70000": 1}}"#.to_vec(), "out of range"),
         (format!("{{\"prompt\": \"{}\"}}", "x".repeat(10 << 20)).into_bytes(), "over 1048576 bytes"),
         (format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(), "not valid JSON"),
+        (json!({"prompt": vec![1; 40_000], "echo": true, "logprobs": 1}).to_string().into_bytes(), "at most 32768"),
+        (br#"{"prompt": "a", "logprobs": 21}"#.to_vec(), "`logprobs`"),
     ];
     for (body, expected) in &cases {
         let (status, _, text) = post_raw(&url, body, key);

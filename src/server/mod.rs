@@ -561,6 +561,12 @@ async fn submit(
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         return r;
     };
+    let limit = app.config.limits.max_scored_prompt;
+    if generation.echo && generation.logprobs.is_some() && prompt.len() > limit {
+        let message =
+            format!("`echo` with `logprobs` scores at most {limit} prompt tokens; this prompt has {}", prompt.len());
+        return bad_request(&app, &RequestError { message, param: Some("echo".into()) });
+    }
     let echo = (kind == Kind::Completion && generation.echo)
         .then(|| String::from_utf8_lossy(&app.tokenizer.decode(&prompt).unwrap_or_default()).into_owned());
     let mut stop = generation.stop.clone();
