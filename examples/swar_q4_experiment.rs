@@ -6,16 +6,18 @@
 //! two rows' codes in the 16-bit halves of one u32, so one integer multiply
 //! by an x code makes two products and one add sums two; the halves are
 //! flushed every 16 inputs, before they can overflow. A lane owns 8 rows
-//! whose codes for one input share one u32. Here x is quantized on the CPU
-//! (in the runtime a workgroup would do it, ~d_in operations per 64 rows).
+//! whose codes for one input share one u32. Each workgroup quantizes x into
+//! workgroup memory first (its lanes a block each), then all lanes read it.
 //! Checked against the same arithmetic on the CPU in f64, then timed at the
 //! 0.1B model's head shape (65536 x 768, one token), median of 15.
 //!
 //!   cargo run --release --example swar_q4_experiment
 //!   cargo bench --bench kernels -- 65536x768x1     (the runtime's kernels, for comparison)
 //!
-//! Measured (2026-12-06, this machine's lavapipe): 4.14 / 4.22 / 4.19 ms
-//! against the runtime's f16 13.2 ms, int8 8.9 ms and q4 8.5-11.1 ms.
+//! Measured (2026-12-06, this machine's lavapipe): 5.88 / 6.20 / 6.05 ms
+//! against the runtime's f16 13.2 ms, int8 8.9 ms and q4 8.5-11.1 ms. With x
+//! quantized on the CPU instead: 4.14 / 4.22 / 4.19 ms; quantized by every lane
+//! inside the product loop: 8.9-12.4 ms.
 use rwkv_wgpu::gpu::{GpuContext, GpuOptions};
 use wgpu::util::DeviceExt;
 
@@ -32,22 +34,22 @@ fn main() {
     let codes: Vec<u8> = (0..d_out * d_in).map(|_| (rnd() % 16) as u8).collect(); // n = c + 8
     let wsc: Vec<f32> = (0..d_out * nb).map(|_| 0.001 + (rnd() % 1000) as f32 * 1e-5).collect();
     let x: Vec<f32> = (0..d_in).map(|_| (rnd() % 2001) as f32 / 1000.0 - 1.0).collect();
-    // x per block of 32: int8 codes with an f32 scale.
+    // x per block of 32: int8 codes with an f32 scale, as the kernel makes
+    // them (the same f32 operations; WGSL's round is to even).
     let mut xq = vec![0i32; d_in];
-    let mut xb = vec![[0f32; 4]; 512];
+    let mut xscale = vec![0f32; nb];
     for b in 0..nb {
         let m = x[b * 32..b * 32 + 32].iter().fold(0f32, |a, v| a.max(v.abs()));
         let s = if m > 0.0 { m / 127.0 } else { 1.0 };
-        let mut sum = 0i32;
+        let inv = 1.0 / s;
         for i in b * 32..b * 32 + 32 {
-            xq[i] = (x[i] / s).round() as i32;
-            sum += xq[i] + 128;
+            xq[i] = (x[i] * inv).round_ties_even() as i32;
         }
-        xb[b] = [s, sum as f32, 0.0, 0.0];
+        xscale[b] = s;
     }
-    let mut xu = vec![[0u32; 4]; 1024];
+    let mut xf = vec![[0f32; 4]; 1024];
     for i in 0..d_in {
-        xu[i / 4][i % 4] = (xq[i] + 128) as u32;
+        xf[i / 4][i % 4] = x[i];
     }
     // Texture words: texel (k, g) word c = input 4k + c, nibble r = row 8g + r.
     let (tw, th) = (d_in / 4, d_out / 8);
@@ -99,8 +101,7 @@ fn main() {
         dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: data, usage })
     };
     let pbuf = buf(bytemuck::cast_slice(&[d_in as u32, d_out as u32, 0, 0]), wgpu::BufferUsages::UNIFORM);
-    let xub = buf(bytemuck::cast_slice(&xu), wgpu::BufferUsages::UNIFORM);
-    let xbb = buf(bytemuck::cast_slice(&xb), wgpu::BufferUsages::UNIFORM);
+    let xfb = buf(bytemuck::cast_slice(&xf), wgpu::BufferUsages::UNIFORM);
     let yb = dev.create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: (d_out * 4) as u64,
@@ -135,8 +136,7 @@ fn main() {
             wgpu::BindGroupEntry { binding: 0, resource: pbuf.as_entire_binding() },
             wgpu::BindGroupEntry { binding: 1, resource: wgpu::BindingResource::TextureView(&wv) },
             wgpu::BindGroupEntry { binding: 2, resource: wgpu::BindingResource::TextureView(&sv) },
-            wgpu::BindGroupEntry { binding: 3, resource: xub.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 4, resource: xbb.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: xfb.as_entire_binding() },
             wgpu::BindGroupEntry { binding: 5, resource: yb.as_entire_binding() },
         ],
     });
@@ -167,7 +167,7 @@ fn main() {
             for i in b * 32..b * 32 + 32 {
                 d += (codes[o * d_in + i] as i64 - 8) * xq[i] as i64;
             }
-            s += wsc[o * nb + b] as f64 * xb[b][0] as f64 * d as f64;
+            s += wsc[o * nb + b] as f64 * xscale[b] as f64 * d as f64;
         }
         worst = worst.max((s - y[o] as f64).abs() / (s.abs() + 1e-3));
     }
