@@ -69,17 +69,16 @@ impl Batcher {
         // The engine's budget: chunk_tokens, or one token per sequence.
         let active = left.iter().filter(|&&l| l > 0).count();
         let take = fair_shares(&left, self.engine.chunk_tokens().max(active));
-        let rows: Vec<bool> = sessions.iter().map(|s| s.keeps_rows()).collect();
         let mut parts: Vec<_> = sessions.iter_mut().map(|s| s.parts()).collect();
         let mut inputs = Vec::new();
         let mut who = Vec::new();
-        for (i, ((state, pending, _), &n)) in parts.iter_mut().zip(&take).enumerate() {
+        for (i, (p, &n)) in parts.iter_mut().zip(&take).enumerate() {
             if n == 0 {
                 continue;
             }
-            let done = n == pending.len();
-            let logits = if rows[i] { Some(LogitsMode::All) } else { done.then_some(LogitsMode::Last) };
-            inputs.push(SeqInput { state, seq: 0, tokens: &pending[..n], logits });
+            let done = n == p.pending.len();
+            let logits = if p.rows.is_some() { Some(LogitsMode::All) } else { done.then_some(LogitsMode::Last) };
+            inputs.push(SeqInput { state: p.state, seq: 0, tokens: &p.pending[..n], logits });
             who.push(i);
         }
         if inputs.is_empty() {
@@ -88,22 +87,21 @@ impl Batcher {
         let logits = self.engine.step(&mut inputs)?;
         drop(inputs);
         let vocab = self.engine.info().vocab;
-        let mut kept = Vec::new();
         for (&i, l) in who.iter().zip(logits) {
-            let done = take[i] == parts[i].1.len();
-            if rows[i] {
-                if done {
-                    *parts[i].2 = Some(l[l.len() - vocab..].to_vec());
+            let p = &mut parts[i];
+            match &mut p.rows {
+                // Every row kept; the last one is the logits once all are read.
+                Some(rows) => {
+                    if take[i] == p.pending.len() {
+                        *p.logits = Some(l[l.len() - vocab..].to_vec());
+                    }
+                    **rows = l;
                 }
-                kept.push((i, l));
-            } else if !l.is_empty() {
-                *parts[i].2 = Some(l);
+                None if !l.is_empty() => *p.logits = Some(l),
+                None => {}
             }
         }
         drop(parts);
-        for (i, l) in kept {
-            sessions[i].set_rows(l);
-        }
         for (s, &n) in sessions.iter_mut().zip(&take) {
             s.consumed(n);
         }

@@ -215,8 +215,7 @@ pub struct TokenLogprob {
 
 /// [`TokenLogprob`] of `token` under `logits`, summed in f64.
 pub fn logprob(logits: &[f32], token: u32, top: usize) -> Result<TokenLogprob> {
-    let at = |t: u32| logits.get(t as usize).copied();
-    let Some(chosen) = at(token) else {
+    let Some(&chosen) = logits.get(token as usize) else {
         return Err(Error::InvalidArgument(format!("token {token} is out of range ({} logits)", logits.len())));
     };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -233,8 +232,8 @@ pub fn logprob(logits: &[f32], token: u32, top: usize) -> Result<TokenLogprob> {
             if best.len() == top && v <= best[top - 1].1 {
                 continue;
             }
-            let at = best.partition_point(|&(_, b)| b >= v);
-            best.insert(at, (i as u32, v));
+            let place = best.partition_point(|&(_, b)| b >= v);
+            best.insert(place, (i as u32, v));
             best.truncate(top);
         }
     }
@@ -261,6 +260,8 @@ impl SplitMix64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn logprobs_are_the_log_softmax_and_the_top_tokens_in_order() {
         let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
@@ -276,8 +277,6 @@ mod tests {
         assert!(logprob(&logits, 5, 1).is_err());
         assert!(logprob(&[f32::NAN, 0.0], 1, 1).is_err());
     }
-
-    use super::*;
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, 0.5, -1.0]

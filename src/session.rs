@@ -83,6 +83,16 @@ pub struct Session {
     rows: Vec<f32>,
 }
 
+/// A session as a batcher step sees it.
+pub(crate) struct StepParts<'a> {
+    pub state: &'a mut State,
+    pub pending: &'a [u32],
+    /// The logits after the last pending token, once it is read.
+    pub logits: &'a mut Option<Vec<f32>>,
+    /// Where every read token's logits go, when the session keeps them.
+    pub rows: Option<&'a mut Vec<f32>>,
+}
+
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
@@ -257,8 +267,14 @@ impl Session {
 
     /// For the batcher: this session's state, its pending tokens, and where
     /// the logits go.
-    pub(crate) fn parts(&mut self) -> (&mut State, &[u32], &mut Option<Vec<f32>>) {
-        (&mut self.state, &self.pending, &mut self.logits)
+    /// For the batcher: what one step reads and writes of this session.
+    pub(crate) fn parts(&mut self) -> StepParts<'_> {
+        StepParts {
+            state: &mut self.state,
+            pending: &self.pending,
+            logits: &mut self.logits,
+            rows: if self.keep_rows { Some(&mut self.rows) } else { None },
+        }
     }
 
     /// Makes batcher steps keep the logits of every token they read from
@@ -268,19 +284,11 @@ impl Session {
         self.rows.clear();
     }
 
-    pub(crate) fn keeps_rows(&self) -> bool {
-        self.keep_rows
-    }
-
     /// With `keep_rows`: the logits `[tokens, vocab]` of the tokens the last
     /// batcher step read, row i after its i-th token; taken, so the next
     /// call gives only newer rows.
     pub fn take_rows(&mut self) -> Vec<f32> {
         std::mem::take(&mut self.rows)
-    }
-
-    pub(crate) fn set_rows(&mut self, rows: Vec<f32>) {
-        self.rows = rows;
     }
 
     /// Drops the tokens pushed and not read.

@@ -9,13 +9,10 @@ mod common;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TempDir;
-use rwkv_wgpu::{
-    Engine, EngineOptions, GenerateOptions, LoadOptions, Model, Sampler, SamplerConfig, Session, StopReason, Tokenizer,
-};
+use rwkv_wgpu::{GenerateOptions, Sampler, SamplerConfig, Session, StopReason};
 use sha2::Digest;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -24,13 +21,7 @@ const PROGRAM_TIME_LIMIT: Duration = Duration::from_secs(300);
 /// Greedy tokens generate.c is asked for.
 const GENERATE_TOKENS: usize = 40;
 
-fn model_path() -> PathBuf {
-    Path::new(ROOT).join("assets/austen-rwkv7/austen-rwkv7-fp16.safetensors")
-}
-
-fn tokenizer_path() -> PathBuf {
-    Path::new(ROOT).join("assets/austen-rwkv7/tokenizer.json")
-}
+use common::{austen_model_path as model_path, austen_tokenizer_path as tokenizer_path};
 
 /// The profile folder this test runs from (target/release under `cargo
 /// test --release`), with librwkv_wgpu.so and .a in it as `cargo build`
@@ -127,15 +118,6 @@ fn run(exe: &Path, args: &[&std::ffi::OsStr], stdin: &str) -> (bool, String, Str
     (status.success(), out.join().unwrap(), err.join().unwrap())
 }
 
-/// The demo model through the Rust API, as the C programs load it.
-fn rust_side() -> Option<(Arc<Model>, Arc<Tokenizer>, Engine)> {
-    let ctx = common::gpu()?;
-    let model = Arc::new(Model::load(&ctx, model_path(), &LoadOptions::default()).unwrap());
-    let tokenizer = Arc::new(Tokenizer::from_file(&tokenizer_path()).unwrap());
-    let engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
-    Some((model, tokenizer, engine))
-}
-
 #[test]
 fn header_is_up_to_date() {
     let config = cbindgen::Config::from_file(Path::new(ROOT).join("cbindgen.toml")).unwrap();
@@ -161,7 +143,7 @@ fn header_is_up_to_date() {
 
 /// The greedy continuation the Rust API gives.
 fn greedy_continuation(prompt: &str, max_tokens: usize) -> Option<String> {
-    let (model, tokenizer, mut engine) = rust_side()?;
+    let (model, tokenizer, mut engine) = common::austen()?;
     let mut s = Session::new(model, tokenizer).unwrap();
     s.feed_text(&mut engine, prompt.as_bytes()).unwrap();
     let mut sampler = Sampler::new(SamplerConfig::greedy()).unwrap();
@@ -214,7 +196,7 @@ fn chat_settings(seed: u64) -> (SamplerConfig, GenerateOptions) {
 
 #[test]
 fn chat_c_keeps_the_conversation_and_its_saved_state() {
-    let Some((model, tokenizer, mut engine)) = rust_side() else { return };
+    let Some((model, tokenizer, mut engine)) = common::austen() else { return };
     let tmp = TempDir::new("c-chat");
     let saved = tmp.0.join("turn1.safetensors");
     let input = format!(

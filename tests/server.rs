@@ -155,16 +155,8 @@ struct RustLogprobs {
 }
 
 fn rust_logprobs() -> Option<RustLogprobs> {
-    use rwkv_wgpu::{
-        Engine, EngineOptions, LoadOptions, LogitsMode, Model, Sampler, SamplerConfig, Session, Tokenizer,
-    };
-    use std::sync::Arc;
-    let ctx = common::gpu()?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7");
-    let model =
-        Arc::new(Model::load(&ctx, root.join("austen-rwkv7-fp16.safetensors"), &LoadOptions::default()).unwrap());
-    let tokenizer = Arc::new(Tokenizer::from_file(&root.join("tokenizer.json")).unwrap());
-    let mut engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
+    use rwkv_wgpu::{LogitsMode, Sampler, SamplerConfig, Session};
+    let (model, tokenizer, mut engine) = common::austen()?;
     let tokens = tokenizer.encode(PROMPT.as_bytes()).unwrap();
     let mut state = model.new_state(1).unwrap();
     let rows = engine.forward(&mut state, &[&tokens], LogitsMode::All).unwrap().remove(0);

@@ -562,7 +562,8 @@ async fn submit(
         return r;
     };
     let limit = app.config.limits.max_scored_prompt;
-    if generation.echo && generation.logprobs.is_some() && prompt.len() > limit {
+    let score_prompt = generation.echo && generation.logprobs.is_some();
+    if score_prompt && prompt.len() > limit {
         let message =
             format!("`echo` with `logprobs` scores at most {limit} prompt tokens; this prompt has {}", prompt.len());
         return bad_request(&app, &RequestError { message, param: Some("echo".into()) });
@@ -578,7 +579,7 @@ async fn submit(
         sampler,
         options: GenerateOptions { max_tokens: generation.max_tokens, stop, eos: EndTokens::Model },
         logprobs: generation.logprobs,
-        echo: generation.echo,
+        score_prompt,
         events,
         received: Instant::now(),
         ticket,

@@ -109,9 +109,10 @@ pub struct Job {
     pub options: GenerateOptions,
     /// Send each sampled token's log probability with this many alternatives.
     pub logprobs: Option<usize>,
-    /// With `logprobs`: also the prompt's (`Event::PromptLogprobs`); the
-    /// prompt is then read whole, not from the prefix cache.
-    pub echo: bool,
+    /// Score the prompt too (`echo` with `logprobs`): `Event::PromptLogprobs`,
+    /// with `logprobs` alternatives; the prompt is then read whole, not from
+    /// the prefix cache.
+    pub score_prompt: bool,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
     pub ticket: Ticket,
@@ -399,9 +400,8 @@ impl Loop {
         let result = (|| {
             let mut session = Session::new(self.model.clone(), self.tokenizer.clone())?;
             // Scoring the prompt needs the logits of each of its tokens.
-            let scoring = job.echo && job.logprobs.is_some();
-            session.keep_rows(scoring);
-            let cached = if scoring { None } else { self.cache.lookup(&job.prompt) };
+            session.keep_rows(job.score_prompt);
+            let cached = if job.score_prompt { None } else { self.cache.lookup(&job.prompt) };
             let cached_tokens = match (&self.initial, cached) {
                 (_, Some((n, state))) => session.state_mut().write(0, state).map(|_| n)?,
                 (Some(initial), None) => session.set_initial_state(initial.clone()).map(|_| 0)?,
@@ -424,7 +424,7 @@ impl Loop {
         }
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         let decoder = Decoder::new(&job.options, &self.model.info().eos);
-        let scored = (job.echo && job.logprobs.is_some()).then(|| vec![(job.prompt[0], None)]);
+        let scored = job.score_prompt.then(|| vec![(job.prompt[0], None)]);
         let mut a = Active { job, session, decoder, pushed: cached_tokens, cached_tokens, scored };
         match a.push_segment() {
             Ok(()) => Some(a),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use rwkv_wgpu::{Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, Model, SafeTensorsFile};
+use rwkv_wgpu::{Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, Model, SafeTensorsFile, Tokenizer};
 
 /// An fp32 implementation lands around 1e-7..1e-6 on these fixtures; the
 /// fixtures README sets 1e-5 as the bar for fp32 compute, and the common bugs
@@ -29,6 +29,25 @@ pub fn gpu() -> Option<GpuContext> {
         }
     })
     .clone()
+}
+
+/// The built-in Austen demo model's weights and tokenizer in assets/.
+pub fn austen_model_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7/austen-rwkv7-fp16.safetensors")
+}
+
+pub fn austen_tokenizer_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/austen-rwkv7/tokenizer.json")
+}
+
+/// The demo model through the Rust API, its tokenizer and an engine (None
+/// only without a GPU outside CI, as `gpu`).
+pub fn austen() -> Option<(Arc<Model>, Arc<Tokenizer>, Engine)> {
+    let ctx = gpu()?;
+    let model = Arc::new(Model::load(&ctx, austen_model_path(), &LoadOptions::default()).unwrap());
+    let tokenizer = Arc::new(Tokenizer::from_file(&austen_tokenizer_path()).unwrap());
+    let engine = Engine::new(model.clone(), &EngineOptions::default()).unwrap();
+    Some((model, tokenizer, engine))
 }
 
 /// A model loaded with `opts` and an engine for it with steps of `chunk` tokens.
