@@ -153,7 +153,8 @@ fn kernel_seconds(ctx: &GpuContext, kernels: &[Kernel]) -> f64 {
 }
 
 const ATTENTION_KERNELS: [Kernel; 2] = [Kernel::Attention, Kernel::AttentionLanes];
-const MATRIX_KERNELS: [Kernel; 3] = [Kernel::Linear, Kernel::LinearSg, Kernel::LinearTex];
+const MATRIX_KERNELS: [Kernel; 6] =
+    [Kernel::Linear, Kernel::LinearSg, Kernel::LinearTex, Kernel::LinearQ, Kernel::LinearQTex, Kernel::LinearQxTex];
 
 /// Measures one model at every context and batch of `cfg`.
 pub fn measure(

@@ -15,14 +15,15 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{
-    Act, LinearParams, LinearTexParams, LINEAR_Q_ROWS, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN, WG,
+    Act, LinearParams, LinearTexParams, LINEAR_QX_TOKENS, LINEAR_Q_ROWS, LINEAR_SG_ROWS, LINEAR_TEX_TOKENS, LINEAR_TN,
+    WG,
 };
 use crate::gpu::{
     Binding, GpuBuffer, GpuContext, GpuTexture, KernelPlan, Pipeline, Recorder, Release, WeightStore, XSource, STORAGE,
     UPLOAD_SLICE, WEIGHT_TEXTURE_FORMAT, X_WINDOW_BYTES,
 };
 pub use crate::quant::Encoding;
-use crate::quant::{gpu_rows_from_bytes, Format, Quantized};
+use crate::quant::{gpu_rows_from_bytes, qx_group_row_bytes, qx_groups, Format, Quantized, QX_GROUP_ROWS};
 use crate::tensor::{Dtype, Tensor};
 
 struct Part {
@@ -34,7 +35,10 @@ struct Part {
 enum Store {
     /// Row ranges, each in its own storage buffer.
     Buffers(Vec<Part>),
-    /// `[layers, layer_rows, texels per row]` of rgba32uint texels.
+    /// `[layers, layer_rows / group, texels per texture row]` of rgba32uint
+    /// texels; a texture row holds `group` rows of W: 1 in
+    /// [`crate::quant::RowLayout`] (`linear_tex`, `linear_q_tex`), 8 in the row
+    /// groups of `linear_qx_tex` where [`KernelPlan::qx_groups`].
     Texture { texture: Arc<GpuTexture>, layer_rows: usize },
 }
 
@@ -159,6 +163,8 @@ impl Matrix {
     }
 
     /// The texture store, or `None` where the shape does not fit one.
+    /// `bytes` are rows in `encoding`'s [`crate::quant::RowLayout`]; blocks are regrouped
+    /// for `linear_qx_tex` where the plan takes it ([`KernelPlan::qx_groups`]).
     #[allow(clippy::too_many_arguments)]
     fn upload_texture(
         ctx: &GpuContext,
@@ -173,45 +179,61 @@ impl Matrix {
         let (max_dim, max_layers) = ctx.max_texture_dims();
         let (max_dim, max_layers) = (max_dim as usize, max_layers as usize);
         let row_bytes = encoding.row_bytes(cols);
-        let texels = row_bytes / 16;
+        // Rows of W per texture row, and bytes of a texture row.
+        let (group, tex_row_bytes) = match encoding {
+            Encoding::Blocks(s) if ctx.plan().qx_groups(encoding) => {
+                (QX_GROUP_ROWS, qx_group_row_bytes(s.format, cols))
+            }
+            _ => (1, row_bytes),
+        };
+        let texels = tex_row_bytes / 16;
         if rows == 0 || !cols.is_multiple_of(64) || texels > max_dim {
             return Ok(None);
         }
         // Layers of at most max_part_bytes, but whole tiles of both kernels
         // (a tile never straddles two layers).
         let tile = ctx.plan().texture_tile_rows();
-        let fit = (max_part_bytes as usize / row_bytes).min(max_dim);
-        let layer_rows = if rows <= fit { rows } else { (fit / tile * tile).max(tile) };
-        if layer_rows > max_dim || rows.div_ceil(layer_rows) > max_layers {
+        let fit = (max_part_bytes as usize / row_bytes).min(max_dim * group);
+        let layer_rows = if rows <= fit { rows.next_multiple_of(group) } else { (fit / tile * tile).max(tile) };
+        if layer_rows > max_dim * group || rows.div_ceil(layer_rows) > max_layers {
             return Ok(None);
         }
         let layers = rows.div_ceil(layer_rows);
-        let texture =
-            ctx.texture(name, texels as u32, layer_rows as u32, layers as u32, WEIGHT_TEXTURE_FORMAT, true)?;
-        // Slices of at most UPLOAD_SLICE bytes, each submitted (so wgpu frees
-        // its staging copy) before the next: a large matrix is never
-        // resident three times (file pages, staging, texture).
-        let slice_rows = (UPLOAD_SLICE / row_bytes).max(1);
+        let height = (layer_rows / group) as u32;
+        let texture = ctx.texture(name, texels as u32, height, layers as u32, WEIGHT_TEXTURE_FORMAT, true)?;
+        // Slices of at most UPLOAD_SLICE bytes (whole groups), each
+        // submitted (so wgpu frees its staging copy) before the next: a
+        // large matrix is never resident three times (file pages, staging,
+        // texture).
+        let slice_rows = (UPLOAD_SLICE / row_bytes).max(1).next_multiple_of(group);
         for l in 0..layers {
             let layer_end = rows.min((l + 1) * layer_rows);
             let mut r0 = l * layer_rows;
             while r0 < layer_end {
                 let n = slice_rows.min(layer_end - r0);
                 let src = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
+                let grouped;
+                let data = match encoding {
+                    Encoding::Blocks(s) if group > 1 => {
+                        grouped = qx_groups(s.format, src, n, cols)?;
+                        &grouped[..]
+                    }
+                    _ => src,
+                };
                 ctx.queue().write_texture(
                     wgpu::TexelCopyTextureInfo {
                         texture: texture.raw(),
                         mip_level: 0,
-                        origin: wgpu::Origin3d { x: 0, y: (r0 - l * layer_rows) as u32, z: l as u32 },
+                        origin: wgpu::Origin3d { x: 0, y: ((r0 - l * layer_rows) / group) as u32, z: l as u32 },
                         aspect: wgpu::TextureAspect::All,
                     },
-                    src,
+                    data,
                     wgpu::TexelCopyBufferLayout {
                         offset: 0,
-                        bytes_per_row: Some(row_bytes as u32),
+                        bytes_per_row: Some(tex_row_bytes as u32),
                         rows_per_image: None,
                     },
-                    wgpu::Extent3d { width: texels as u32, height: n as u32, depth_or_array_layers: 1 },
+                    wgpu::Extent3d { width: texels as u32, height: n.div_ceil(group) as u32, depth_or_array_layers: 1 },
                 );
                 if let Some(r) = release {
                     r(src);
@@ -223,7 +245,8 @@ impl Matrix {
                 r0 += n;
             }
         }
-        Ok(Some(Self { rows, cols, encoding, store: Store::Texture { texture: Arc::new(texture), layer_rows } }))
+        let store = Store::Texture { texture: Arc::new(texture), layer_rows };
+        Ok(Some(Self { rows, cols, encoding, store }))
     }
 
     /// A checkpoint tensor `[out, in]` used as `x @ W.T`; `release` is
@@ -298,7 +321,7 @@ impl Matrix {
     ) -> Result<()> {
         let parts = match &self.store {
             Store::Buffers(parts) => parts,
-            Store::Texture { texture, layer_rows } => {
+            Store::Texture { texture, layer_rows, .. } => {
                 return self.linear_tex(rec, texture, *layer_rows, x, x_offset, y, y_offset, n_rows, act, accumulate)
             }
         };
@@ -402,10 +425,14 @@ impl Matrix {
             let lanes = ctx.subgroup_size().unwrap_or(1);
             let source = if uniform { XSource::Window } else { XSource::Texture };
             let key = plan.texture_linear(self.encoding, self.rows, nb, source);
-            let Pipeline::LinearTex { tile, .. } = key else { unreachable!() };
-            let row_tiles = (self.rows as u32).div_ceil(KernelPlan::lane_rows(tile) * lanes);
-            let groups =
-                if nb == 1 { [row_tiles, 1, 1] } else { [row_tiles, (nb as u32).div_ceil(LINEAR_TEX_TOKENS), 1] };
+            // Rows per lane and tokens per workgroup.
+            let (lane_rows, tokens) = match key {
+                Pipeline::LinearTex { tile, .. } => (KernelPlan::lane_rows(tile), LINEAR_TEX_TOKENS),
+                Pipeline::LinearQxTex { .. } => (QX_GROUP_ROWS as u32, LINEAR_QX_TOKENS),
+                _ => unreachable!("texture_linear makes texture pipelines"),
+            };
+            let row_tiles = (self.rows as u32).div_ceil(lane_rows * lanes);
+            let groups = if nb == 1 { [row_tiles, 1, 1] } else { [row_tiles, (nb as u32).div_ceil(tokens), 1] };
             let bindings = vec![Binding::Texture(texture.clone()), Binding::Texture(xt), xu, Binding::Buffer(y)];
             rec.dispatch_with(key, &params, bindings, groups)?;
             n0 += nb;

@@ -486,6 +486,104 @@ impl Quantized {
     }
 }
 
+/// The layout of `linear_qx_tex.wgsl` (CPU adapters with subgroups of 8):
+/// int8 or Q4 in blocks of [`QX_BLOCK`], rows of W in groups of
+/// [`QX_GROUP_ROWS`], one texture row per group. Per block of 64 inputs a
+/// group row holds [`qx_block_texels`] texels of 16 bytes: the codes, then
+/// the 8 rows' f16 scales, then the 8 rows' sums of their stored codes (u16),
+/// which the kernel's integer sums need. Codes are stored non-negative,
+/// n = code + 8 (Q4) or code + 128 (int8):
+/// - Q4: texel t, u32 word c = input 4t + c of the block, nibble r = row r;
+/// - int8: for inputs i..i+3 (i = 4s), texel 2s holds rows 0..3 and texel
+///   2s + 1 rows 4..7, u32 word r % 4 = row r's bytes n[i+1], n[i+3], n[i],
+///   n[i+2] (the order the kernel's two-term products need).
+pub const QX_GROUP_ROWS: usize = 8;
+/// The block of the `linear_qx_tex` layout.
+pub const QX_BLOCK: usize = 64;
+
+/// Texels of one block in a group row: the codes, the scales, the sums.
+pub fn qx_block_texels(format: Format) -> usize {
+    QX_BLOCK * QX_GROUP_ROWS * format.bits() / 128 + 2
+}
+
+/// Bytes of one group row of a matrix of `cols` inputs.
+pub fn qx_group_row_bytes(format: Format, cols: usize) -> usize {
+    cols / QX_BLOCK * qx_block_texels(format) * 16
+}
+
+/// Group rows (see [`QX_GROUP_ROWS`]) from `rows` rows of a `format`/64
+/// matrix in [`RowLayout`]; a last group short of 8 rows is padded with
+/// zero rows.
+pub fn qx_groups(format: Format, layout_rows: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
+    let layout = RowLayout::new(Scheme { format, block: QX_BLOCK }, cols);
+    let rb = layout.row_bytes();
+    if !cols.is_multiple_of(QX_BLOCK) || layout_rows.len() != rows * rb {
+        return Err(Error::InvalidArgument(format!(
+            "{format} groups of [{rows}, {cols}]: {} bytes in rows of {rb}",
+            layout_rows.len()
+        )));
+    }
+    let groups = rows.div_ceil(QX_GROUP_ROWS);
+    let gb = qx_group_row_bytes(format, cols);
+    let code_bytes = QX_BLOCK * QX_GROUP_ROWS * format.bits() / 8;
+    let mut out = vec![0u8; groups * gb];
+    for (g, grow) in out.chunks_exact_mut(gb).enumerate() {
+        for r in 0..QX_GROUP_ROWS.min(rows - g * QX_GROUP_ROWS) {
+            let row = &layout_rows[(g * QX_GROUP_ROWS + r) * rb..][..rb];
+            for (b, blk) in grow.chunks_exact_mut(qx_block_texels(format) * 16).enumerate() {
+                let mut sum = 0u16;
+                for i in 0..QX_BLOCK {
+                    let k = b * QX_BLOCK + i;
+                    match format {
+                        Format::Q4 => {
+                            let n = (row[k / 2] >> (4 * (k % 2))) & 15;
+                            sum += n as u16;
+                            // Word i (texel i / 4, word i % 4), nibble r.
+                            blk[4 * i + r / 2] |= n << (4 * (r % 2));
+                        }
+                        Format::Int8 => {
+                            let n = row[k] ^ 0x80; // code + 128
+                            sum += n as u16;
+                            // Step i / 4: texel 2 (i / 4) + r / 4, word r % 4,
+                            // byte [1, 3, 0, 2][i % 4] holds n[i].
+                            let byte = [2, 0, 3, 1][i % 4];
+                            blk[(2 * (i / 4) + r / 4) * 16 + (r % 4) * 4 + byte] = n;
+                        }
+                    }
+                }
+                let scale = layout.code_bytes + 2 * b;
+                blk[code_bytes + 2 * r..code_bytes + 2 * r + 2].copy_from_slice(&row[scale..scale + 2]);
+                blk[code_bytes + 16 + 2 * r..code_bytes + 18 + 2 * r].copy_from_slice(&sum.to_le_bytes());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// x quantized as `linear_qx_tex.wgsl` quantizes it for weights in
+/// `format`, per block of 64 (as llama.cpp's Q8_0): each block's scale
+/// `max |x| / L` (1 for a zero block) and codes `round(x / scale)` (to even;
+/// the kernel multiplies by the f32 reciprocal, as here) in −L..=L, L = 127
+/// (8 bits) for Q4 weights and 63 (7 bits) for int8, whose two-term integer
+/// products need the room. The CPU reference of the kernel's products:
+/// `x @ W.T` there is `Σ_blocks scale · sw · Σ code · c`.
+pub fn quantize_x(format: Format, x: &[f32]) -> (Vec<i32>, Vec<f32>) {
+    let levels = match format {
+        Format::Int8 => 63,
+        Format::Q4 => 127,
+    };
+    let mut codes = Vec::with_capacity(x.len());
+    let mut scales = Vec::with_capacity(x.len().div_ceil(QX_BLOCK));
+    for blk in x.chunks(QX_BLOCK) {
+        let m = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if m == 0.0 { 1.0 } else { m / levels as f32 };
+        let inv = 1.0 / s;
+        codes.extend(blk.iter().map(|v| ((v * inv).round_ties_even() as i32).clamp(-levels, levels)));
+        scales.push(s);
+    }
+    (codes, scales)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,6 +693,53 @@ mod tests {
         let s = Scheme { format: Format::Q4, block: 32 };
         assert_eq!(quantize_bytes(s, Dtype::F16, &bytes, rows, cols).unwrap(), quantize(s, &wide, rows, cols).unwrap());
         assert!(quantize_bytes(s, Dtype::F16, &bytes[2..], rows, cols).is_err());
+    }
+
+    /// The `linear_qx_tex` group rows read back, by the layout its docs
+    /// state, as the codes, scales and code sums of each row (the last group
+    /// padded with zero rows).
+    #[test]
+    fn qx_groups_hold_codes_scales_and_sums() {
+        let (rows, cols) = (13, 128);
+        let w = weights(rows * cols, 5);
+        for format in [Format::Int8, Format::Q4] {
+            let q = quantize(Scheme { format, block: QX_BLOCK }, &w, rows, cols).unwrap();
+            let g = qx_groups(format, &q.gpu_rows().unwrap(), rows, cols).unwrap();
+            let gb = qx_group_row_bytes(format, cols);
+            assert_eq!(g.len(), 2 * gb, "{format}: two groups of 8 rows");
+            let bt = qx_block_texels(format) * 16;
+            for r in 0..16 {
+                let grow = &g[(r / 8) * gb..][..gb];
+                let rr = r % 8;
+                for b in 0..cols / QX_BLOCK {
+                    let blk = &grow[b * bt..(b + 1) * bt];
+                    let mut sum = 0u16;
+                    for i in 0..QX_BLOCK {
+                        let n = match format {
+                            Format::Q4 => (blk[4 * i + rr / 2] >> (4 * (rr % 2))) & 15,
+                            Format::Int8 => {
+                                let word = &blk[(2 * (i / 4) + rr / 4) * 16 + (rr % 4) * 4..][..4];
+                                word[[2, 0, 3, 1][i % 4]]
+                            }
+                        };
+                        sum += n as u16;
+                        let code = if r < rows { q.code(r * cols + b * QX_BLOCK + i) } else { 0 };
+                        let want = match format {
+                            Format::Q4 => code,
+                            Format::Int8 if r < rows => code ^ 0x80,
+                            Format::Int8 => 0,
+                        };
+                        assert_eq!(n, want, "{format} row {r} input {}", b * QX_BLOCK + i);
+                    }
+                    let at = bt - 32;
+                    let scale = f16::from_le_bytes([blk[at + 2 * rr], blk[at + 2 * rr + 1]]);
+                    let want = if r < rows { q.scales[r * (cols / QX_BLOCK) + b] } else { f16::ZERO };
+                    assert_eq!(scale, want, "{format} row {r} block {b} scale");
+                    assert_eq!(u16::from_le_bytes([blk[at + 16 + 2 * rr], blk[at + 17 + 2 * rr]]), sum);
+                }
+            }
+        }
+        assert!(qx_groups(Format::Q4, &[0; 10], 1, 64).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rwkv_wgpu::gpu::{
     GpuBuffer, GpuContext, ParamArena, Pipeline, Recorder, WeightStore, Workspace, STORAGE, X_WINDOW_BYTES,
 };
 use rwkv_wgpu::ops::{record_wkv5, record_wkv7, WkvTextures};
-use rwkv_wgpu::quant::{quantize, Format, Scheme};
+use rwkv_wgpu::quant::{self, quantize, Encoding, Format, Scheme};
 use rwkv_wgpu::reference::{layer_norm, sigmoid};
 use rwkv_wgpu::Dtype;
 use rwkv_wgpu::Matrix;
@@ -340,11 +340,23 @@ fn linear_quantized_kernels() {
                     let (xb, yb) = (x_buffer(&ctx, &x, windowed), ctx.storage_f32("y", &y0).unwrap());
                     run(&ctx, &ws, |rec| m.linear(rec, &xb, x_off, &yb, 5, n, act, accumulate).unwrap());
                     let got = ctx.read_f32(&yb).unwrap();
+                    // linear_qx_tex quantizes x per block of 64 first: its
+                    // reference product is with those x values.
+                    let qx = store == WeightStore::Texture && ctx.plan().qx_groups(Encoding::Blocks(scheme));
+                    let xr: Vec<f64> = if qx {
+                        let mut xr = f64s(&x[..x_off]);
+                        for row in x[x_off..].chunks(d_in) {
+                            let (codes, scales) = quant::quantize_x(format, row);
+                            xr.extend(codes.iter().enumerate().map(|(i, &c)| c as f64 * scales[i / 64] as f64));
+                        }
+                        xr
+                    } else {
+                        f64s(&x)
+                    };
                     let mut want = f64s(&y0);
                     for t in 0..n {
                         for o in 0..d_out {
-                            let acc: f64 =
-                                (0..d_in).map(|i| wv[o * d_in + i] as f64 * x[x_off + t * d_in + i] as f64).sum();
+                            let acc: f64 = (0..d_in).map(|i| wv[o * d_in + i] as f64 * xr[x_off + t * d_in + i]).sum();
                             let v = act_ref(act, acc);
                             let yi = 5 + t * d_out + o;
                             want[yi] = if accumulate { want[yi] + v } else { v };

@@ -236,6 +236,7 @@ const CASES: &[Case] = &[
     case!("linear_tex.wgsl", LINEAR_TEX, Subgroup),
     case!("linear_q.wgsl", LINEAR, Either),
     case!("linear_q_tex.wgsl", LINEAR_TEX, Subgroup),
+    case!("linear_qx_tex.wgsl", LINEAR_TEX, Subgroup),
     case!("v7_prep.wgsl", V7_PREP, Either),
     case!("wkv7.wgsl", WKV7, Either),
     case!("wkv7_tex.wgsl", WKV7, Subgroup),

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 
 use common::*;
-use rwkv_wgpu::quant::{self, Format, Scheme};
+use rwkv_wgpu::quant::{self, Encoding, Format, Scheme};
 use rwkv_wgpu::{Engine, EngineOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile, Tokenizer};
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -91,17 +91,23 @@ fn quantized_austen_perplexity_within_the_bars() {
 /// generation; fp32, fp16 and bf16 checkpoints) quantized at load, from the
 /// float64 golden logits at every position. The fixtures' weights are
 /// random (no trained model's outliers and smooth rows), which 4 bits
-/// represent coarsely: measured on lavapipe, int8 6.6e-3 .. 1.19e-2 and q4
-/// 9.9e-2 .. 2.08e-1 (v5.0 fp16 the worst of both). The bounds are those
+/// represent coarsely. Measured on lavapipe with x in f32 (the kernels of
+/// buffers and other adapters): int8 6.6e-3 .. 1.19e-2, q4 9.9e-2 ..
+/// 2.08e-1. With `linear_qx_tex.wgsl` (lavapipe's, which quantizes x per
+/// block of 64 too: 7 bits for int8, 8 for q4): int8 1.67e-2 .. 3.86e-2, q4
+/// 9.9e-2 .. 2.07e-1 (v5.0 fp16 the worst throughout). The bounds are those
 /// maxima with a quarter of headroom; a kernel or layout error gives
 /// differences of order 1.
 const INT8_FIXTURE_REL_L2: f64 = 1.5e-2;
+const INT8_7BIT_X_FIXTURE_REL_L2: f64 = 4.8e-2;
 const Q4_FIXTURE_REL_L2: f64 = 2.6e-1;
 
 #[test]
 fn quantized_fixture_logits_stay_close_and_batch_equals_single() {
     let Some(ctx) = gpu() else { return };
-    for (format, bound) in [(Format::Int8, INT8_FIXTURE_REL_L2), (Format::Q4, Q4_FIXTURE_REL_L2)] {
+    let int8_x = Encoding::Blocks(Scheme { format: Format::Int8, block: 64 });
+    let int8 = if ctx.plan().qx_groups(int8_x) { INT8_7BIT_X_FIXTURE_REL_L2 } else { INT8_FIXTURE_REL_L2 };
+    for (format, bound) in [(Format::Int8, int8), (Format::Q4, Q4_FIXTURE_REL_L2)] {
         let mut worst = 0f64;
         for name in ALL_FIXTURES {
             let opts = LoadOptions { quant: Some(format), ..Default::default() };
@@ -109,7 +115,7 @@ fn quantized_fixture_logits_stay_close_and_batch_equals_single() {
             let info = engine.info().clone();
             assert_eq!(info.quant, Some(format));
             assert!(
-                info.matrix_bytes.iter().any(|(e, _)| matches!(e, quant::Encoding::Blocks(s) if s.format == format)),
+                info.matrix_bytes.iter().any(|(e, _)| matches!(e, Encoding::Blocks(s) if s.format == format)),
                 "{name}: no matrix was quantized to {format}: {:?}",
                 info.matrix_bytes
             );
@@ -139,10 +145,19 @@ fn quantized_fixture_logits_stay_close_and_batch_equals_single() {
 
 /// The Austen model quantized on the GPU at load (`--quant`, blocks of 64)
 /// computes what the round-tripped f32 checkpoint of the same weights does:
-/// the perplexities differ only by f32 summation order (measured equal to
-/// 4 decimals: int8 44.8165, q4 44.9035; 1e-4 relative allows for the
-/// order and catches any weight read wrong, which moves the third decimal).
+/// where x stays f32 the perplexities differ only by f32 summation order
+/// (measured equal to 4 decimals: int8 44.8165, q4 44.9035 on buffers; 1e-4
+/// relative allows for the order and catches any weight read wrong, which
+/// moves the third decimal).
 const SAME_WEIGHTS_PPL: f64 = 1e-4;
+/// The same where the matrices run `linear_qx_tex.wgsl` (textures,
+/// subgroups of 8: lavapipe), which also quantizes x per block of 64 (7 bits
+/// for int8 weights, 8 for Q4): measured int8 44.8140 against 44.8165
+/// (−5.6e-5) and q4 44.9004 against 44.9035 (−6.9e-5); 8-bit x moved q4 by
+/// +1.6e-4 on the f64 reference (`docs/performance.md`). 3e-4 allows for
+/// these (the kernel itself is held to 1e-5 of each output by
+/// `tests/kernels.rs`).
+const SAME_WEIGHTS_8BIT_X_PPL: f64 = 3e-4;
 
 #[test]
 fn quantized_at_load_austen_perplexity() {
@@ -156,7 +171,9 @@ fn quantized_at_load_austen_perplexity() {
         let round_trip = perplexity(&ctx, fake_quantized(Some(scheme)), &ids);
         eprintln!("{format} at load: perplexity {p:.4} (round-tripped weights: {round_trip:.4})");
         assert!(p <= max, "{format}: perplexity {p:.3} > {max}");
-        assert!((p / round_trip - 1.0).abs() <= SAME_WEIGHTS_PPL, "{format}: {p} vs {round_trip}");
+        let bound =
+            if ctx.plan().qx_groups(Encoding::Blocks(scheme)) { SAME_WEIGHTS_8BIT_X_PPL } else { SAME_WEIGHTS_PPL };
+        assert!((p / round_trip - 1.0).abs() <= bound, "{format}: {p} vs {round_trip}");
     }
 }
 

@@ -26,6 +26,7 @@ pub enum Kernel {
     LinearTex,
     LinearQ,
     LinearQTex,
+    LinearQxTex,
     V7Prep,
     Wkv7,
     Wkv7Tex,
@@ -57,6 +58,7 @@ impl Kernel {
             Kernel::LinearTex => include_str!("../../shaders/linear_tex.wgsl"),
             Kernel::LinearQ => include_str!("../../shaders/linear_q.wgsl"),
             Kernel::LinearQTex => include_str!("../../shaders/linear_q_tex.wgsl"),
+            Kernel::LinearQxTex => include_str!("../../shaders/linear_qx_tex.wgsl"),
             Kernel::V7Prep => include_str!("../../shaders/v7_prep.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Wkv7Tex => include_str!("../../shaders/wkv7_tex.wgsl"),
@@ -173,6 +175,14 @@ pub enum Pipeline {
         tile: TexTile,
         x: XSource,
     },
+    /// `linear_qx_tex.wgsl`: int8 or Q4 in blocks of 64 in row groups, x
+    /// quantized in the kernel, integer sums (subgroups of 8). `Decode`: 1
+    /// token; otherwise LINEAR_QX_TOKENS per workgroup.
+    LinearQxTex {
+        format: Format,
+        tile: TexTile,
+        x: XSource,
+    },
 }
 
 impl Pipeline {
@@ -203,14 +213,17 @@ impl Pipeline {
             Pipeline::LinearQ { .. } => Kernel::LinearQ,
             Pipeline::LinearTex { weights: Encoding::Float(_), .. } => Kernel::LinearTex,
             Pipeline::LinearTex { weights: Encoding::Blocks(_), .. } => Kernel::LinearQTex,
+            Pipeline::LinearQxTex { .. } => Kernel::LinearQxTex,
         }
     }
 
     /// The WGSL entry point.
     pub fn entry(self) -> &'static str {
         match self {
-            Pipeline::LinearTex { tile: TexTile::Decode, .. } | Pipeline::Wkv7Tex(WkvEntry::Decode) => "decode",
-            Pipeline::LinearTex { .. } => "prefill",
+            Pipeline::LinearTex { tile: TexTile::Decode, .. }
+            | Pipeline::LinearQxTex { tile: TexTile::Decode, .. }
+            | Pipeline::Wkv7Tex(WkvEntry::Decode) => "decode",
+            Pipeline::LinearTex { .. } | Pipeline::LinearQxTex { .. } => "prefill",
             _ => "main",
         }
     }
@@ -256,6 +269,12 @@ impl Pipeline {
                 ("QF", qf(scheme.format) as f64),
                 ("QB", scheme.block as f64),
             ],
+            Pipeline::LinearQxTex { format, x, .. } => {
+                if need_sg()? != 8 {
+                    return Err(Error::Gpu(format!("{self:?} needs subgroups of 8")));
+                }
+                vec![("WG", 8.0), ("XU", (x == XSource::Window) as u32 as f64), ("QF", qf(format) as f64)]
+            }
             _ => Vec::new(),
         })
     }
@@ -281,6 +300,8 @@ pub const LINEAR_TEX_PREFILL_LANE_ROWS: u32 = 16;
 /// subgroup size rows (its `PR` override; 16 otherwise).
 pub const LINEAR_TEX_PREFILL_LANE_ROWS_SMALL: u32 = 8;
 pub const LINEAR_TEX_TOKENS: u32 = 8;
+/// Tokens per `prefill` workgroup of `linear_qx_tex.wgsl` (its `QT`).
+pub const LINEAR_QX_TOKENS: u32 = 4;
 /// Largest head size the WKV kernels hold in registers (`MAX_N` in WGSL).
 pub const MAX_HEAD_SIZE: usize = 64;
 

@@ -10,7 +10,7 @@ use super::kernels::{
     Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
     LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, X_WINDOW_BYTES,
 };
-use crate::quant::Encoding;
+use crate::quant::{Encoding, Scheme, QX_BLOCK};
 use crate::tensor::Dtype;
 
 /// Where matrix weights are stored, chosen per adapter.
@@ -163,7 +163,13 @@ impl KernelPlan {
     /// weights always take the 8-row tile: `linear_q_tex.wgsl`'s prefill
     /// holds 8 rows by 8 tokens (its per-block sums take the registers a
     /// 16-row tile would need).
+    /// Blocks of 64 with subgroups of 8 take `linear_qx_tex.wgsl` instead
+    /// ([`KernelPlan::qx_groups`]).
     pub fn texture_linear(&self, weights: Encoding, rows: usize, n_tokens: usize, x: XSource) -> Pipeline {
+        if let (true, Encoding::Blocks(scheme)) = (self.qx_groups(weights), weights) {
+            let tile = if n_tokens == 1 { TexTile::Decode } else { TexTile::Prefill };
+            return Pipeline::LinearQxTex { format: scheme.format, tile, x };
+        }
         let tile = if n_tokens == 1 {
             TexTile::Decode
         } else if self.small_rows(rows) || matches!(weights, Encoding::Blocks(_)) {
@@ -172,6 +178,19 @@ impl KernelPlan {
             TexTile::Prefill
         };
         Pipeline::LinearTex { weights, tile, x }
+    }
+
+    /// Whether a texture matrix in `weights` is stored in the row groups of
+    /// `linear_qx_tex.wgsl` ([`crate::quant::QX_GROUP_ROWS`]): int8 or Q4 in
+    /// blocks of 64 where subgroups are 8 lanes (lavapipe on AVX2). That
+    /// kernel quantizes x per block and sums codes as integers, two products
+    /// per u32 operation: on llvmpipe, which is bound by operations, not
+    /// bytes, about 1.5 (int8) and 2 (Q4) times the speed of decoding each
+    /// code to f32 (`docs/performance.md`).
+    pub fn qx_groups(&self, weights: Encoding) -> bool {
+        self.matrix_kernel() == MatrixKernel::Texture
+            && self.subgroup_size == Some(8)
+            && matches!(weights, Encoding::Blocks(Scheme { block: QX_BLOCK, .. }))
     }
 
     /// Whether a `rows`-row matrix is small enough for the 8-row prefill
