@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
+use rwkv_wgpu::quant::Format;
 use rwkv_wgpu::{Engine, EngineOptions, KvDtype, LoadOptions, LogitsMode, Model, SafeTensorsFile};
 
 /// The fixtures README's bar: relative L2 of the logits at every position.
@@ -306,4 +307,47 @@ fn kv_reserve_truncate_and_fill() {
     let logits = engine.forward(&mut state, &[&[3], &[4]], LogitsMode::Last).unwrap();
     assert!(logits[1].iter().all(|v| v.is_finite()));
     assert_eq!(state.context_len(1), 301);
+}
+
+/// Transformers quantized at load (`--quant`), every matrix the block
+/// format's columns allow (the rest stay in floats: the F344 fixture's down
+/// projection, 344 wide, is no multiple of 32): relative L2 of the logits from
+/// the float64 golden at every position, and batch == single bit for bit.
+/// The fixtures' weights are random, which quantization represents coarsely;
+/// measured on lavapipe (`linear_qx_tex`, x quantized too): int8 2.26e-2 ..
+/// 4.89e-2, q4 1.43e-1 .. 2.89e-1 (the Qwen2 and the 3-layer bf16 Llama the
+/// worst). The bounds are those maxima with a quarter of headroom; a kernel
+/// or layout error gives order 1.
+const INT8_TRANSFORMER_REL_L2: f64 = 6.1e-2;
+const Q4_TRANSFORMER_REL_L2: f64 = 3.6e-1;
+
+#[test]
+fn quantized_transformers_stay_close_and_batch_equals_single() {
+    let Some(ctx) = gpu() else { return };
+    for (format, bound) in [(Format::Int8, INT8_TRANSFORMER_REL_L2), (Format::Q4, Q4_TRANSFORMER_REL_L2)] {
+        let mut worst = 0f64;
+        for name in TRANSFORMER_FIXTURES {
+            let opts = LoadOptions { quant: Some(format), kv_cache: KvDtype::F32, ..Default::default() };
+            let m = Arc::new(Model::load(&ctx, folder(name), &opts).unwrap());
+            assert_eq!(m.info().quant, Some(format));
+            let g = golden(name);
+            let mut engine = Engine::new(m.clone(), &EngineOptions::default()).unwrap();
+            let mut state = m.new_state(1).unwrap();
+            let logits = engine.forward(&mut state, &[&g.tokens], LogitsMode::All).unwrap().remove(0);
+            let err = rel_l2(&logits, &g.logits);
+            eprintln!("{name} {format}: rel L2 {err:.3e} from the golden logits");
+            assert!(err <= bound, "{name} {format}: rel L2 {err:.3e} > {bound:e}");
+            worst = worst.max(err);
+            let seqs: [&[u32]; 3] = [&g.tokens, &g.tokens[..5], &g.tokens[..1]];
+            let mut batch_state = m.new_state(seqs.len()).unwrap();
+            let batched = engine.forward(&mut batch_state, &seqs, LogitsMode::Last).unwrap();
+            for (i, s) in seqs.iter().enumerate() {
+                let mut solo_state = m.new_state(1).unwrap();
+                let solo = engine.forward(&mut solo_state, &[s], LogitsMode::Last).unwrap().remove(0);
+                let same = solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name} {format}: sequence {i} of the batch differs from its own run");
+            }
+        }
+        eprintln!("{format}: worst rel L2 {worst:.3e}");
+    }
 }
