@@ -193,8 +193,15 @@ impl Matrix {
         // Layers of at most max_part_bytes, but whole tiles of both kernels
         // (a tile never straddles two layers).
         let tile = ctx.plan().texture_tile_rows();
+        // As few layers as fit, of equal rows (whole tiles): the last layer
+        // is allocated whole, however few rows it holds.
         let fit = (max_part_bytes as usize / row_bytes).min(max_dim * group);
-        let layer_rows = if rows <= fit { rows.next_multiple_of(group) } else { (fit / tile * tile).max(tile) };
+        let layer_rows = if rows <= fit {
+            rows.next_multiple_of(group)
+        } else {
+            let most = (fit / tile * tile).max(tile);
+            rows.div_ceil(rows.div_ceil(most)).next_multiple_of(tile)
+        };
         if layer_rows > max_dim * group || rows.div_ceil(layer_rows) > max_layers {
             return Ok(None);
         }
