@@ -130,14 +130,7 @@ fn quantized_fixture_logits_stay_close_and_batch_equals_single() {
             // lengths in one step, each against its own run.
             let lens = [g.tokens.len(), 5, 1];
             let seqs: Vec<&[u32]> = lens.iter().map(|&n| &g.tokens[..n]).collect();
-            let mut batch_state = engine.new_state(seqs.len()).unwrap();
-            let batched = engine.forward(&mut batch_state, &seqs, LogitsMode::Last).unwrap();
-            for (i, s) in seqs.iter().enumerate() {
-                let mut solo_state = engine.new_state(1).unwrap();
-                let solo = engine.forward(&mut solo_state, &[s], LogitsMode::Last).unwrap().remove(0);
-                let same = solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{name} {format}: sequence {i} of the batch differs from its own run");
-            }
+            assert_batch_is_single(&mut engine, &seqs, &format!("{name} {format}"));
         }
         eprintln!("{format}: worst rel L2 {worst:.3e}");
     }

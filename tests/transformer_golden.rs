@@ -339,14 +339,7 @@ fn quantized_transformers_stay_close_and_batch_equals_single() {
             assert!(err <= bound, "{name} {format}: rel L2 {err:.3e} > {bound:e}");
             worst = worst.max(err);
             let seqs: [&[u32]; 3] = [&g.tokens, &g.tokens[..5], &g.tokens[..1]];
-            let mut batch_state = m.new_state(seqs.len()).unwrap();
-            let batched = engine.forward(&mut batch_state, &seqs, LogitsMode::Last).unwrap();
-            for (i, s) in seqs.iter().enumerate() {
-                let mut solo_state = m.new_state(1).unwrap();
-                let solo = engine.forward(&mut solo_state, &[s], LogitsMode::Last).unwrap().remove(0);
-                let same = solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{name} {format}: sequence {i} of the batch differs from its own run");
-            }
+            assert_batch_is_single(&mut engine, &seqs, &format!("{name} {format}"));
         }
         eprintln!("{format}: worst rel L2 {worst:.3e}");
     }

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use rwkv_wgpu::{Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, Model, SafeTensorsFile, Tokenizer};
+use rwkv_wgpu::{
+    Engine, EngineOptions, GpuContext, GpuOptions, LoadOptions, LogitsMode, Model, SafeTensorsFile, Tokenizer,
+};
 
 /// An fp32 implementation lands around 1e-7..1e-6 on these fixtures; the
 /// fixtures README sets 1e-5 as the bar for fp32 compute, and the common bugs
@@ -137,6 +139,20 @@ fn raw_u32(file: &SafeTensorsFile, name: &str) -> Vec<u32> {
 }
 
 /// ‖a − b‖₂ / ‖b‖₂ in f64.
+/// Batch == single, bit for bit: `seqs` in one step, each against its own
+/// run from a fresh state (last-token logits).
+#[allow(dead_code)]
+pub fn assert_batch_is_single(engine: &mut Engine, seqs: &[&[u32]], what: &str) {
+    let mut batch_state = engine.new_state(seqs.len()).unwrap();
+    let batched = engine.forward(&mut batch_state, seqs, LogitsMode::Last).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        let mut solo_state = engine.new_state(1).unwrap();
+        let solo = engine.forward(&mut solo_state, &[s], LogitsMode::Last).unwrap().remove(0);
+        let same = solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{what}: sequence {i} of the batch differs from its own run");
+    }
+}
+
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let (mut num, mut den) = (0f64, 0f64);
