@@ -10,7 +10,7 @@ use super::kernels::{
     Pipeline, TexTile, WkvEntry, XSource, LINEAR_TEX_DECODE_LANE_ROWS, LINEAR_TEX_PREFILL_LANE_ROWS,
     LINEAR_TEX_PREFILL_LANE_ROWS_SMALL, LINEAR_TEX_TOKENS, LINEAR_TN, X_WINDOW_BYTES,
 };
-use crate::quant::{Encoding, Scheme, QX_BLOCK};
+use crate::quant::{Encoding, Format, Scheme, QX_BLOCK};
 use crate::tensor::Dtype;
 
 /// Where matrix weights are stored, chosen per adapter.
@@ -307,6 +307,13 @@ impl fmt::Display for KernelPlan {
             MatrixKernel::Subgroup => format!("linear_sg (weights in buffers; 16-row tiles, 1 or {LINEAR_TN} tokens)"),
             MatrixKernel::Plain => "linear (weights in buffers; 64 lanes)".into(),
         };
+        let quantized = if self.qx_groups(Encoding::Blocks(Scheme { format: Format::Q4, block: QX_BLOCK })) {
+            "linear_qx_tex (8-row groups; x quantized per block, integer sums)"
+        } else if self.matrix_kernel() == MatrixKernel::Texture {
+            "linear_q_tex (codes widened to f32)"
+        } else {
+            "linear_q (codes widened to f32)"
+        };
         let wkv = if self.wkv_textures(64) { "wkv7_tex/wkv5_tex (head size 64), else buffers" } else { "buffers" };
         let attention = if self.attention_by_lanes() {
             "attention_lanes (lanes own keys; attention for an f16 cache whose head dim is not a multiple of 8)"
@@ -315,7 +322,8 @@ impl fmt::Display for KernelPlan {
         };
         write!(
             f,
-            "{sg}; matrices: {matrix}; WKV: {wkv}; attention: {attention}; element-wise: {} token(s) per invocation",
+            "{sg}; matrices: {matrix}; quantized matrices: {quantized}; WKV: {wkv}; attention: {attention}; \
+             element-wise: {} token(s) per invocation",
             self.elementwise_tokens()
         )
     }
