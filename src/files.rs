@@ -4,9 +4,11 @@
 //!   forever, a directory gives a confusing OS error ([`open_regular`]).
 //! - Outputs are written to a temporary file in the target folder and renamed
 //!   into place only once complete, so a failed write never leaves a
-//!   truncated file; an output that is the same file as an input (compared by
-//!   device and inode, so `./x`, `$PWD/x`, symlinks and hard links are caught)
-//!   is refused before anything is written ([`write_atomic`]).
+//!   truncated file. On Linux that file is an `O_TMPFILE`, named only when
+//!   complete, so a killed command leaves nothing either. An output that is
+//!   the same file as an input (compared by device and inode, so `./x`,
+//!   `$PWD/x`, symlinks and hard links are caught) is refused before
+//!   anything is written ([`write_atomic`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -106,10 +108,11 @@ pub enum Overwrite {
 }
 
 /// Writes `out` atomically: `write` writes the whole content to the path it
-/// is given, a new temporary file in `out`'s folder, which is synced and
-/// renamed over `out` only when `write` succeeded; on any error the
-/// temporary file is removed and `out` is untouched. `out` must not be the
-/// same file as any of `inputs`.
+/// is given, a new temporary file in `out`'s folder (on Linux an unnamed
+/// `O_TMPFILE` reached through `/proc/self/fd`), which is synced and renamed
+/// over `out` only when `write` succeeded; on any error the temporary file
+/// is removed and `out` is untouched. `out` must not be the same file as
+/// any of `inputs`.
 pub fn write_atomic(
     out: &Path,
     inputs: &[&Path],
@@ -128,6 +131,10 @@ pub fn write_atomic(
         }
     }
     let tmp = temp_beside(out)?;
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    if let Some(unnamed) = UnnamedOutput::open(&tmp) {
+        return unnamed.write(out, &tmp, write);
+    }
     let result = (|| {
         // Created here, new, so no other file is ever written through `tmp`.
         std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
@@ -139,6 +146,63 @@ pub fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// An output being written as an `O_TMPFILE` in its folder (Linux): it has
+/// no name until it is complete, so nothing is left behind however the
+/// process ends (killed, out of memory, Ctrl-C) while it is written. The
+/// writer reaches it through `/proc/self/fd/N`; once written and synced it
+/// is linked to the temporary name and renamed over the output, a window of
+/// two system calls.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+struct UnnamedOutput {
+    file: File,
+    proc_path: PathBuf,
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+impl UnnamedOutput {
+    /// `None` where the folder's file system has no `O_TMPFILE` or `/proc`
+    /// is not mounted (the caller then writes to the named temporary file).
+    fn open(tmp: &Path) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let file = unnamed_tmpfile(tmp.parent()?, 0o666)?;
+        let proc_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        proc_path.exists().then_some(Self { file, proc_path })
+    }
+
+    fn write(self, out: &Path, tmp: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        write(&self.proc_path)?;
+        self.file.sync_all().map_err(io(out))?;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| Error::Io {
+                path: p.to_path_buf(),
+                error: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })
+        };
+        let (from, to) = (c(&self.proc_path)?, c(tmp)?);
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+        };
+        if rc != 0 {
+            return Err(Error::Io { path: tmp.to_path_buf(), error: std::io::Error::last_os_error() });
+        }
+        std::fs::rename(tmp, out).map_err(io(out)).inspect_err(|_| {
+            let _ = std::fs::remove_file(tmp);
+        })
+    }
+}
+
+/// An `O_TMPFILE` in `dir` with `mode` (less the umask), or `None` where its
+/// file system has none.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn unnamed_tmpfile(dir: &Path, mode: u32) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_TMPFILE: __O_TMPFILE | O_DIRECTORY (x86-64 values).
+    const O_TMPFILE: i32 = 0o20_000_000 | 0o200_000;
+    std::fs::OpenOptions::new().read(true).write(true).mode(mode).custom_flags(O_TMPFILE).open(dir).ok()
 }
 
 /// A name for a temporary file in `out`'s folder (so the rename stays on one
@@ -161,14 +225,8 @@ fn temp_beside(out: &Path) -> Result<PathBuf> {
 pub fn unnamed_file(dir: &Path) -> Result<File> {
     // O_TMPFILE's value differs by architecture (O_DIRECTORY does): x86-64 only.
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // O_TMPFILE: __O_TMPFILE | O_DIRECTORY.
-        const O_TMPFILE: i32 = 0o20_000_000 | 0o200_000;
-        let f = std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(O_TMPFILE).open(dir);
-        if let Ok(f) = f {
-            return Ok(f);
-        }
+    if let Some(f) = unnamed_tmpfile(dir, 0o600) {
+        return Ok(f);
     }
     let path = temp_beside(&dir.join("unnamed"))?;
     let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io(&path))?;

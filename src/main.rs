@@ -1000,8 +1000,7 @@ fn compare(cli: &Cli) -> Result<()> {
         // Never over a model file the run read.
         let inputs: Vec<&Path> = [rwkv.as_str(), transformer.as_str()].into_iter().map(Path::new).collect();
         rwkv_wgpu::files::write_atomic(path, &inputs, rwkv_wgpu::files::Overwrite::Replace, |tmp| {
-            std::fs::write(tmp, chart.as_bytes())
-                .map_err(|e| rwkv_wgpu::Error::Io { path: tmp.to_path_buf(), error: e })
+            std::fs::write(tmp, chart.as_bytes()).map_err(|e| rwkv_wgpu::Error::Io { path: path.clone(), error: e })
         })?;
         eprintln!("wrote the chart to {}", path.display());
     }

@@ -726,3 +726,64 @@ fn a_failed_chat_turn_is_undone_and_the_chat_goes_on() {
     assert!(stderr(&o).contains("[turn 2:"), "the next turn runs: {}", stderr(&o));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A command killed (SIGKILL: no handler runs) while it writes its output
+/// leaves nothing in the output's folder, neither a partial output nor a
+/// temporary file: outputs are written as an `O_TMPFILE` and named only when
+/// complete (`files::write_atomic`, Linux x86-64). The test waits until the
+/// `rwkv quantize` child holds a file in the folder other than its input
+/// (that is, while it writes), then kills it; a run that finishes first is
+/// tried again, at most ATTEMPTS times.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn a_command_killed_while_writing_leaves_nothing() {
+    const ATTEMPTS: usize = 5;
+    let dir = TempDir::new("killed-write");
+    let model = dir.0.as_path().join("m.safetensors");
+    let out = dir.0.as_path().join("q.safetensors");
+    let shape = "L2-D512-V65536".parse().unwrap();
+    rwkv_wgpu::synthetic::write_v7(&model, shape, rwkv_wgpu::Dtype::F16, 1).unwrap();
+    let input_sha = sha256(&model);
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(dir.0.as_path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        v.sort();
+        v
+    };
+    for _ in 0..ATTEMPTS {
+        let mut child = bin()
+            .args(["quantize"])
+            .arg(&model)
+            .arg(&out)
+            .args(["--to", "int8"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
+        let start = Instant::now();
+        let mut caught = false;
+        while !caught && start.elapsed() < LIMIT && child.try_wait().unwrap().is_none() {
+            caught = std::fs::read_dir(&fds)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir.0.as_path()) && t != model));
+            if !caught {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        if caught {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert_eq!(listing(), vec!["m.safetensors".to_string()], "left behind by a killed quantize");
+            assert_eq!(sha256(&model), input_sha);
+            return;
+        }
+        child.kill().ok();
+        child.wait().unwrap();
+        let _ = std::fs::remove_file(&out);
+    }
+    panic!("rwkv quantize was never caught writing its output in {ATTEMPTS} runs");
+}
