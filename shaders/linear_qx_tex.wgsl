@@ -136,6 +136,11 @@ struct Block {
     acc: vec4<u32>,
 }
 
+// Q4: the 16-bit halves of acc added to the per-row sums, acc emptied.
+fn flush(r: Block) -> Block {
+    return Block(r.lo + (r.acc & vec4<u32>(0xFFFFu)), r.hi + (r.acc >> vec4<u32>(16u)), vec4<u32>(0u));
+}
+
 // Q4: rows j and j + 4 of the group (j = 0..3) of code word q, in 16-bit halves.
 fn nib(q: u32) -> vec4<u32> {
     return (vec4<u32>(q) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(0x000F000Fu);
@@ -158,11 +163,11 @@ fn lane_step(r: Block, k: u32, g: u32, l: u32, la: u32, a: vec4<u32>, b: vec4<u3
     if (QF == 1u) {
         var acc = tdot(wt(k + 2u * la, g, l), a, r.acc);
         acc = tdot(wt(k + 2u * la + 1u, g, l), b, acc);
+        let o = Block(r.lo, r.hi, acc);
         if ((la & 1u) == 0u) {
-            return Block(r.lo, r.hi, acc);
+            return o;
         }
-        let z = vec4<u32>(0u);
-        return Block(r.lo + (acc & vec4<u32>(0xFFFFu)), r.hi + (acc >> vec4<u32>(16u)), z);
+        return flush(o);
     }
     let t = k + 4u * la;
     let lo = r.lo + pdot(wt(t, g, l), a.x, a.y) + pdot(wt(t + 2u, g, l), a.z, a.w);
@@ -240,54 +245,13 @@ struct Block4 {
     t3: Block,
 }
 
-// Q4: code texel q (decoded once) against the x' of its 4 inputs for 4 tokens.
-fn tdot4(q: vec4<u32>, x0: vec4<u32>, x1: vec4<u32>, x2: vec4<u32>, x3: vec4<u32>, r: Block4) -> Block4 {
-    let m0 = nib(q.x);
-    let m1 = nib(q.y);
-    let m2 = nib(q.z);
-    let m3 = nib(q.w);
-    var o = r;
-    o.t0.acc += m0 * x0.x + m1 * x0.y + m2 * x0.z + m3 * x0.w;
-    o.t1.acc += m0 * x1.x + m1 * x1.y + m2 * x1.z + m3 * x1.w;
-    o.t2.acc += m0 * x2.x + m1 * x2.y + m2 * x2.z + m3 * x2.w;
-    o.t3.acc += m0 * x3.x + m1 * x3.y + m2 * x3.z + m3 * x3.w;
-    return o;
-}
-
-fn flush(r: Block) -> Block {
-    return Block(r.lo + (r.acc & vec4<u32>(0xFFFFu)), r.hi + (r.acc >> vec4<u32>(16u)), vec4<u32>(0u));
-}
-
-// int8: the two-term dots of 4 rows' words q with the x' pairs (xa<t>, xb<t>) of 4 tokens.
-fn pdot4(q: vec4<u32>, x0: vec2<u32>, x1: vec2<u32>, x2: vec2<u32>, x3: vec2<u32>) -> array<vec4<u32>, 4> {
-    let m = vec4<u32>(0x00FF00FFu);
-    let a = q & m;
-    let b = (q >> vec4<u32>(8u)) & m;
-    let s = vec4<u32>(16u);
-    return array<vec4<u32>, 4>(((a * x0.x) >> s) + ((b * x0.y) >> s), ((a * x1.x) >> s) + ((b * x1.y) >> s),
-                               ((a * x2.x) >> s) + ((b * x2.y) >> s), ((a * x3.x) >> s) + ((b * x3.y) >> s));
-}
-
-// As lane_step for 4 tokens, given lane la's codes of each (a<t>, b<t>).
+// lane_step for 4 tokens, given lane la's codes of each (a<t>, b<t>). Each
+// token's step reads the same texels and decodes the same codes: the
+// compiler shares those among the four.
 fn lane_step4(r: Block4, k: u32, g: u32, l: u32, la: u32, a0: vec4<u32>, a1: vec4<u32>, a2: vec4<u32>, a3: vec4<u32>,
               b0: vec4<u32>, b1: vec4<u32>, b2: vec4<u32>, b3: vec4<u32>) -> Block4 {
-    if (QF == 1u) {
-        var o = tdot4(wt(k + 2u * la, g, l), a0, a1, a2, a3, r);
-        o = tdot4(wt(k + 2u * la + 1u, g, l), b0, b1, b2, b3, o);
-        if ((la & 1u) == 1u) {
-            o = Block4(flush(o.t0), flush(o.t1), flush(o.t2), flush(o.t3));
-        }
-        return o;
-    }
-    let t = k + 4u * la;
-    var o = r;
-    let lo0 = pdot4(wt(t, g, l), a0.xy, a1.xy, a2.xy, a3.xy);
-    let lo1 = pdot4(wt(t + 2u, g, l), a0.zw, a1.zw, a2.zw, a3.zw);
-    let hi0 = pdot4(wt(t + 1u, g, l), a0.xy, a1.xy, a2.xy, a3.xy);
-    let hi1 = pdot4(wt(t + 3u, g, l), a0.zw, a1.zw, a2.zw, a3.zw);
-    o.t0.lo += lo0[0] + lo1[0]; o.t1.lo += lo0[1] + lo1[1]; o.t2.lo += lo0[2] + lo1[2]; o.t3.lo += lo0[3] + lo1[3];
-    o.t0.hi += hi0[0] + hi1[0]; o.t1.hi += hi0[1] + hi1[1]; o.t2.hi += hi0[2] + hi1[2]; o.t3.hi += hi0[3] + hi1[3];
-    return o;
+    return Block4(lane_step(r.t0, k, g, l, la, a0, b0), lane_step(r.t1, k, g, l, la, a1, b1),
+                  lane_step(r.t2, k, g, l, la, a2, b2), lane_step(r.t3, k, g, l, la, a3, b3));
 }
 
 // QT tokens n .. n + QT - 1 (tokens past the end re-read the last one, never written).

@@ -179,12 +179,15 @@ impl Matrix {
         let (max_dim, max_layers) = ctx.max_texture_dims();
         let (max_dim, max_layers) = (max_dim as usize, max_layers as usize);
         let row_bytes = encoding.row_bytes(cols);
-        // Rows of W per texture row, and bytes of a texture row.
-        let (group, tex_row_bytes) = match encoding {
-            Encoding::Blocks(s) if ctx.plan().qx_groups(encoding) => {
-                (QX_GROUP_ROWS, qx_group_row_bytes(s.format, cols))
-            }
-            _ => (1, row_bytes),
+        // The format regrouped for linear_qx_tex, if any; rows of W per
+        // texture row, and bytes of a texture row.
+        let qx = match encoding {
+            Encoding::Blocks(s) if ctx.plan().qx_groups(encoding) => Some(s.format),
+            _ => None,
+        };
+        let (group, tex_row_bytes) = match qx {
+            Some(f) => (QX_GROUP_ROWS, qx_group_row_bytes(f, cols)),
+            None => (1, row_bytes),
         };
         let texels = tex_row_bytes / 16;
         if rows == 0 || !cols.is_multiple_of(64) || texels > max_dim {
@@ -220,12 +223,12 @@ impl Matrix {
                 let n = slice_rows.min(layer_end - r0);
                 let src = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
                 let grouped;
-                let data = match encoding {
-                    Encoding::Blocks(s) if group > 1 => {
-                        grouped = qx_groups(s.format, src, n, cols)?;
+                let data = match qx {
+                    Some(f) => {
+                        grouped = qx_groups(f, src, n, cols)?;
                         &grouped[..]
                     }
-                    _ => src,
+                    None => src,
                 };
                 ctx.queue().write_texture(
                     wgpu::TexelCopyTextureInfo {
